@@ -1,0 +1,151 @@
+"""Semantic checks on the model: the mistakes Istio users actually hit.
+
+Each check is a small function over one service or over an environment's
+services, reporting into `Diagnostics` at the span of the value at fault.
+None of them change the model.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+
+from compiler import model as m
+from compiler.diagnostics import Diagnostics, Note
+from compiler.values import human_duration
+
+# RE2 (what Envoy and Istio use) has no look-around and no back-references.
+_NOT_RE2 = re.compile(r"\(\?<?[=!]|\\[1-9]|\(\?P=")
+
+
+def service(svc: m.Service, diags: Diagnostics) -> None:
+    """Every per-service check."""
+    for check in (_ports, _versions_referenced, _weights, _header_regexes, _tcp_only, _retry_budget):
+        check(svc, diags)
+
+
+def _ports(svc: m.Service, diags: Diagnostics) -> None:
+    for attr, what in (("number", "port"), ("name", "port name")):
+        seen: dict = {}
+        for i, port in enumerate(svc.ports):
+            value = getattr(port, attr)
+            if value in seen:
+                field = "port" if attr == "number" else "name"
+                first = svc.spans.at(("ports", seen[value], field))
+                diags.error("ports.duplicate", f"{what} {value} is listed twice", svc.spans.at(("ports", i, field)), Note("first listed here", first))
+            seen.setdefault(value, i)
+
+
+def _versions_referenced(svc: m.Service, diags: Diagnostics) -> None:
+    t = svc.traffic
+    defined = [v.name for v in svc.versions]
+    refs: list[tuple[str, tuple]] = []
+    if t.shape is m.TrafficShape.SPLIT:
+        refs = [(w.version, ("traffic", "split", w.version, "\0key")) for w in t.weights]
+    elif t.shape in (m.TrafficShape.STABLE, m.TrafficShape.CANARY):
+        refs = [(t.weights[0].version, ("traffic", "stable"))]
+        if t.canary:
+            refs.append((t.canary.version, ("traffic", "canary", "version")))
+    for name, path in refs:
+        if svc.version(name) is None:
+            span = svc.spans.key_at(path[:-1]) if path[-1] == "\0key" else svc.spans.at(path)
+            diags.error("traffic.unknown-version", f"version {name!r} is not defined in `versions`{_hint(name, defined)}", span)
+    if t.canary and t.canary.version == t.stable:
+        diags.error("traffic.canary-is-stable", f"the canary version {t.stable!r} is also the stable version", svc.spans.at(("traffic", "canary", "version")))
+
+
+def _hint(name: str, defined: list[str]) -> str:
+    if not defined:
+        return " (this service defines no versions)"
+    return suggest(name, defined) or f"; defined: {', '.join(defined)}"
+
+
+def suggest(word: str, choices) -> str:
+    """`"; did you mean 'x'?"` for the closest of `choices`, or ""."""
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.5)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def _weights(svc: m.Service, diags: Diagnostics) -> None:
+    t = svc.traffic
+    if t.shape is m.TrafficShape.SPLIT:
+        total = sum(w.weight for w in t.weights)
+        if total != 100:
+            parts = " + ".join(f"{w.version} {w.weight}" for w in t.weights)
+            diags.error("traffic.split-sum", f"split weights must sum to 100, but {parts} = {total}", svc.spans.key_at(("traffic", "split")))
+
+
+def _header_regexes(svc: m.Service, diags: Diagnostics) -> None:
+    for h in svc.traffic.match:
+        if h.kind is not m.MatchKind.REGEX:
+            continue
+        span = svc.spans.at(("traffic", "canary", "match", "headers", h.header, "regex"))
+        try:
+            re.compile(h.value)
+        except re.error as exc:
+            diags.error("match.regex", f"header {h.header!r}: regex {h.value!r} does not compile: {exc.msg} at position {exc.pos}", span)
+            continue
+        if _NOT_RE2.search(h.value):
+            diags.error("match.regex", f"header {h.header!r}: regex {h.value!r} uses look-around or back-references, which RE2 (Envoy's engine) does not support", span)
+
+
+_HTTP_ONLY = (
+    (("timeout",), lambda s: s.timeout_ms is not None, "a request timeout"),
+    (("retries",), lambda s: s.retries is not None, "retries"),
+    (("traffic", "canary", "match"), lambda s: bool(s.traffic.match), "a header match"),
+    (("loadBalancer",), lambda s: bool(s.load_balancer and s.load_balancer.consistent_hash and s.load_balancer.consistent_hash.on is not m.HashOn.SOURCE_IP), "hashing on a header or cookie"),
+    (("connectionPool", "http"), lambda s: bool(s.connection_pool and _http_pool_set(s.connection_pool)), "HTTP connection-pool settings"),
+    (("ingress",), lambda s: s.ingress is not None, "an HTTP ingress"),
+)
+
+
+def _http_pool_set(cp: m.ConnectionPool) -> bool:
+    return any(v is not None for v in (cp.http1_max_pending_requests, cp.http2_max_requests, cp.max_requests_per_connection, cp.max_retries))
+
+
+def _tcp_only(svc: m.Service, diags: Diagnostics) -> None:
+    if svc.http_ports:
+        return
+    for path, is_set, what in _HTTP_ONLY:
+        if is_set(svc):
+            diags.error(
+                "tcp.http-setting",
+                f"{what} applies to HTTP traffic only, but every port of this service is TCP",
+                svc.spans.key_at(path),
+                Note("ports declared here", svc.spans.key_at(("ports",))),
+            )
+
+
+def _retry_budget(svc: m.Service, diags: Diagnostics) -> None:
+    r = svc.retries
+    if svc.timeout_ms is None or r is None or r.per_try_timeout_ms is None or r.attempts == 0:
+        return
+    total = r.attempts * r.per_try_timeout_ms
+    if svc.timeout_ms < total:
+        diags.warning(
+            "retries.budget",
+            f"timeout {human_duration(svc.timeout_ms)} is shorter than attempts × perTryTimeout "
+            f"({r.attempts} × {human_duration(r.per_try_timeout_ms)} = {human_duration(total)}): "
+            "the request times out before its retries can run",
+            svc.spans.at(("timeout",)),
+            Note("retries set here", svc.spans.key_at(("retries",))),
+        )
+
+
+def ingress_hosts(services: tuple[m.Service, ...], env: str, diags: Diagnostics) -> None:
+    """Two services must not claim the same ingress host in one environment."""
+    owner: dict[str, tuple[m.Service, int]] = {}
+    for svc in services:
+        if svc.ingress is None:
+            continue
+        for i, host in enumerate(svc.ingress.hosts):
+            if host in owner:
+                first, j = owner[host]
+                diags.error(
+                    "ingress.host-conflict",
+                    f"ingress host {host!r} is claimed by both {first.key} and {svc.key} in environment {env!r}",
+                    svc.spans.at(("ingress", "hosts", i)),
+                    Note(f"{first.key} claims it here", first.spans.at(("ingress", "hosts", j))),
+                )
+            else:
+                owner[host] = (svc, i)

@@ -1,0 +1,127 @@
+"""The command line: arguments → pipeline → diagnostics printed, exit code.
+
+Exit codes: 0 success; 1 invalid policy, or `--check` found `rendered/`
+stale; 2 usage error. A user's mistake never ends in a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from pathlib import Path
+
+from compiler import __version__
+from compiler.emit import stale_files, write_rendered
+from compiler.load import source_from_dir
+from compiler.pipeline import CompileResult, UnknownEnvironment, compile_source
+
+EXIT_OK, EXIT_INVALID, EXIT_USAGE = 0, 1, 2
+
+# Modules that add their own subcommands with `add_parsers(subparsers)`.
+COMMAND_MODULES: tuple[str, ...] = ()
+
+
+class UsageError(Exception):
+    pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except UsageError as exc:
+        print(f"meshc: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="meshc", description="Compile service-mesh traffic policy into Istio resources and Envoy xDS snapshots.")
+    parser.add_argument("--version", action="version", version=f"meshc {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    validate = sub.add_parser("validate", help="check policies and environments; write nothing")
+    _repo_and_envs(validate)
+    validate.set_defaults(func=run_validate)
+
+    comp = sub.add_parser("compile", help="compile every environment into rendered/<env>/")
+    _repo_and_envs(comp)
+    comp.add_argument("--out", type=Path, help="output directory (default: <repo>/rendered)")
+    comp.add_argument("--check", action="store_true", help="write nothing; exit 1 if the output directory is stale")
+    comp.add_argument("--jobs", type=int, help="worker processes (default: one per environment, up to the CPU count)")
+    comp.set_defaults(func=run_compile)
+
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).add_parsers(sub)
+    return parser
+
+
+def _repo_and_envs(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--repo", type=Path, default=Path("."), help="policy repository (default: current directory)")
+    p.add_argument("--env", action="append", dest="envs", metavar="NAME", help="only this environment (repeatable; default: all)")
+
+
+def _compile(args) -> CompileResult:
+    repo: Path = args.repo
+    if not repo.is_dir():
+        raise UsageError(f"--repo {repo}: not a directory")
+    try:
+        source = source_from_dir(repo)
+    except OSError as exc:
+        raise UsageError(f"cannot read {repo}: {exc.strerror or exc}") from exc
+    if not source.environment_paths():
+        raise UsageError(f"{repo}: no environments/*.yaml to compile")
+    try:
+        result = compile_source(source, args.envs, jobs=getattr(args, "jobs", None))
+    except UnknownEnvironment as exc:
+        raise UsageError(str(exc)) from exc
+    for d in result.diagnostics:
+        print(d.render(), file=sys.stderr)
+    return result
+
+
+def _summary(result: CompileResult) -> str:
+    services = max((len(mesh.services) for mesh in result.meshes.values()), default=0)
+    envs = ", ".join(sorted(result.meshes))
+    return f"{services} services × {len(result.meshes)} environments ({envs})"
+
+
+def run_validate(args) -> int:
+    result = _compile(args)
+    if not result.ok:
+        return EXIT_INVALID
+    print(f"meshc: valid: {_summary(result)}", file=sys.stderr)
+    return EXIT_OK
+
+
+def run_compile(args) -> int:
+    result = _compile(args)
+    if not result.ok:
+        errors = sum(1 for d in result.diagnostics if d.is_error)
+        print(f"meshc: {errors} error{'s' * (errors != 1)}; nothing written", file=sys.stderr)
+        return EXIT_INVALID
+    out: Path = args.out or args.repo / "rendered"
+    every_env = not args.envs
+    if args.check:
+        stale = stale_files(out, result.outputs, every_env)
+        for line in stale:
+            print(f"meshc: stale: {line}", file=sys.stderr)
+        if stale:
+            print("meshc: rendered output is stale; run `meshc compile` and commit the result", file=sys.stderr)
+            return EXIT_INVALID
+        print(f"meshc: {out} is current: {_summary(result)}", file=sys.stderr)
+        return EXIT_OK
+    try:
+        write_rendered(out, result.outputs, prune=every_env)
+    except OSError as exc:
+        print(f"meshc: error: cannot write {out}: {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_INVALID
+    print(f"meshc: compiled {_summary(result)} into {out}", file=sys.stderr)
+    return EXIT_OK
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

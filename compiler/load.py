@@ -1,0 +1,205 @@
+"""Loading: find the policy and environment files, parse YAML with positions.
+
+The only stage that reads the repository. Files come in through a `Source`
+(a mapping of repo-relative POSIX paths to bytes) so the same pipeline runs
+on a working tree or on a git commit's blobs.
+
+YAML is composed with ruamel.yaml's C parser (libyaml): nodes carry line and
+column at C speed, and we build plain values plus a `SpanMap` ourselves. That
+keeps precise positions without the round-trip loader, and it means no YAML
+tag is ever constructed: anything but the core schema's tags is refused.
+Scalars resolve by YAML 1.2 rules (`on`, `yes` stay strings).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Mapping
+
+from ruamel.yaml import CSafeLoader
+from ruamel.yaml.error import MarkedYAMLError, YAMLError
+from ruamel.yaml.nodes import MappingNode, ScalarNode, SequenceNode
+
+from compiler.diagnostics import Diagnostics, Span, SpanMap
+
+POLICY_DIR = "policies"
+ENVIRONMENT_DIR = "environments"
+YAML_SUFFIXES = (".yaml", ".yml")
+
+_CORE = "tag:yaml.org,2002:"
+
+
+@dataclass(frozen=True)
+class Source:
+    """The input files: repo-relative POSIX path → bytes (policies and environments only)."""
+
+    files: Mapping[str, bytes] = field(default_factory=dict)
+
+    def policy_paths(self) -> list[str]:
+        return sorted(p for p in self.files if p.startswith(POLICY_DIR + "/") and p.endswith(YAML_SUFFIXES))
+
+    def environment_paths(self) -> list[str]:
+        return sorted(
+            p
+            for p in self.files
+            if p.startswith(ENVIRONMENT_DIR + "/") and p.count("/") == 1 and p.endswith(YAML_SUFFIXES)
+        )
+
+
+def is_input_path(path: str) -> bool:
+    """Whether a repo-relative path is one the compiler reads."""
+    if not path.endswith(YAML_SUFFIXES):
+        return False
+    return path.startswith(POLICY_DIR + "/") or (path.startswith(ENVIRONMENT_DIR + "/") and path.count("/") == 1)
+
+
+def source_from_dir(repo: Path) -> Source:
+    """Read the inputs of a working tree. Symlinks are not followed out of the repo."""
+    repo = Path(repo)
+    files: dict[str, bytes] = {}
+    for top in (POLICY_DIR, ENVIRONMENT_DIR):
+        for path in _walk(repo / top):
+            rel = path.relative_to(repo).as_posix()
+            if is_input_path(rel):
+                files[rel] = path.read_bytes()
+    return Source(files)
+
+
+def _walk(root: Path) -> Iterator[Path]:
+    if not root.is_dir():
+        return
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            if not name.startswith("."):
+                yield Path(dirpath) / name
+
+
+@dataclass(frozen=True)
+class Document:
+    """One parsed YAML file: plain values (dict/list/str/int/float/bool/None) and where each came from."""
+
+    path: str
+    data: object
+    spans: SpanMap
+    sha: str  # SHA-256 of the file's bytes
+
+
+def parse(path: str, content: bytes, diags: Diagnostics) -> Document | None:
+    """Parse one single-document YAML file; report problems into `diags` and return None on any."""
+    sha = hashlib.sha256(content).hexdigest()
+    try:
+        text = content.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        diags.error("yaml.encoding", f"file is not UTF-8 ({exc.reason} at byte {exc.start})", Span(path, 1, 1))
+        return None
+    loader = CSafeLoader(text)
+    try:
+        node = loader.get_single_node()
+    except MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        span = Span(path, mark.line + 1, mark.column + 1) if mark else Span(path, 1, 1)
+        problem = exc.problem or exc.context or "invalid YAML"
+        if exc.context and exc.problem:
+            problem = f"{exc.problem} ({exc.context})"
+        diags.error("yaml.syntax", f"YAML syntax error: {problem}", span)
+        return None
+    except YAMLError as exc:  # reader errors (control characters, ...) carry no mark
+        diags.error("yaml.syntax", f"YAML error: {exc}", Span(path, 1, 1))
+        return None
+    finally:
+        loader.dispose()
+    if node is None:
+        diags.error("yaml.empty", "file is empty; expected one YAML document", Span(path, 1, 1))
+        return None
+    spans: dict = {}
+    before = len(diags)
+    data = _Builder(path, spans, diags).value(node, ())
+    if len(diags) > before:
+        return None
+    return Document(path, data, SpanMap(spans), sha)
+
+
+class _Builder:
+    """Turns composed nodes into plain values, recording a span per path."""
+
+    def __init__(self, path: str, spans: dict, diags: Diagnostics):
+        self.path, self.spans, self.diags = path, spans, diags
+
+    def span(self, node) -> Span:
+        return Span(self.path, node.start_mark.line + 1, node.start_mark.column + 1)
+
+    def value(self, node, path: tuple):
+        self.spans[path] = self.span(node)
+        tag = node.tag or ""
+        if isinstance(node, MappingNode):
+            if tag != _CORE + "map":
+                return self.refuse(node, tag)
+            return self.mapping(node, path)
+        if isinstance(node, SequenceNode):
+            if tag != _CORE + "seq":
+                return self.refuse(node, tag)
+            return [self.value(item, path + (i,)) for i, item in enumerate(node.value)]
+        return self.scalar(node, tag)
+
+    def mapping(self, node: MappingNode, path: tuple) -> dict:
+        out: dict = {}
+        for key_node, value_node in node.value:
+            if key_node.tag == _CORE + "merge":
+                self.diags.error("yaml.merge-key", "YAML merge keys (<<) are not supported; write the keys out", self.span(key_node))
+                continue
+            if not isinstance(key_node, ScalarNode) or key_node.tag not in (_CORE + "str", _CORE + "int"):
+                self.diags.error("yaml.key", "mapping keys must be plain strings", self.span(key_node))
+                continue
+            key = key_node.value
+            if key in out:
+                first = self.spans[path + (key, SpanMap.KEY)]
+                self.diags.error("yaml.duplicate-key", f"duplicate key {key!r} (first defined at line {first.line})", self.span(key_node))
+                continue
+            self.spans[path + (key, SpanMap.KEY)] = self.span(key_node)
+            out[key] = self.value(value_node, path + (key,))
+        return out
+
+    def scalar(self, node: ScalarNode, tag: str):
+        text = node.value
+        if tag == _CORE + "str":
+            return text
+        if tag == _CORE + "int":
+            return _int(text)
+        if tag == _CORE + "float":
+            return _float(text)
+        if tag == _CORE + "bool":
+            return text.lower() == "true"
+        if tag == _CORE + "null":
+            return None
+        return self.refuse(node, tag)
+
+    def refuse(self, node, tag: str):
+        shown = tag.replace(_CORE, "!!")
+        self.diags.error("yaml.tag", f"YAML tag {shown!r} is not allowed; only plain mappings, lists and scalars are", self.span(node))
+        return None
+
+
+def _int(text: str) -> int:
+    t = text.replace("_", "")
+    sign = -1 if t.startswith("-") else 1
+    t = t.lstrip("+-")
+    if t[:2] in ("0x", "0X"):
+        return sign * int(t[2:], 16)
+    if t[:2] in ("0o", "0O"):
+        return sign * int(t[2:], 8)
+    return sign * int(t, 10)
+
+
+def _float(text: str) -> float:
+    t = text.replace("_", "").lower()
+    if t in (".inf", "+.inf"):
+        return float("inf")
+    if t == "-.inf":
+        return float("-inf")
+    if t == ".nan":
+        return float("nan")
+    return float(t)

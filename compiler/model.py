@@ -1,0 +1,270 @@
+"""The mesh model: what every target lowers, and nothing target-shaped.
+
+Values are frozen dataclasses holding tuples, built once per environment by
+`compiler.build` from the effective (overlaid, validated) policies. Durations
+are whole milliseconds. Each `Service` keeps the source spans of its fields
+(`spans`, excluded from equality) so that semantic checks can point at the
+line that set a value.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from compiler.diagnostics import SpanMap
+from compiler.values import is_ip
+
+
+class Protocol(StrEnum):
+    HTTP = "HTTP"
+    HTTP2 = "HTTP2"
+    GRPC = "GRPC"
+    TCP = "TCP"
+
+
+class SimpleLb(StrEnum):
+    ROUND_ROBIN = "ROUND_ROBIN"
+    LEAST_REQUEST = "LEAST_REQUEST"
+    RANDOM = "RANDOM"
+    PASSTHROUGH = "PASSTHROUGH"
+
+
+class HashOn(StrEnum):
+    HEADER = "header"
+    COOKIE = "cookie"
+    SOURCE_IP = "sourceIp"
+
+
+class TlsMode(StrEnum):
+    DISABLE = "DISABLE"
+    SIMPLE = "SIMPLE"
+    MUTUAL = "MUTUAL"
+    ISTIO_MUTUAL = "ISTIO_MUTUAL"
+
+
+class MatchKind(StrEnum):
+    EXACT = "exact"
+    PREFIX = "prefix"
+    REGEX = "regex"
+
+
+class TrafficShape(StrEnum):
+    NONE = "none"  # no `traffic`: every request goes to the service as a whole
+    STABLE = "stable"  # stable only
+    CANARY = "canary"  # stable plus a weighted (and optionally matched) canary
+    SPLIT = "split"  # explicit weights per version
+
+
+@dataclass(frozen=True)
+class Port:
+    name: str
+    number: int
+    target_port: int
+    protocol: Protocol
+
+    @property
+    def is_http(self) -> bool:
+        return self.protocol is not Protocol.TCP
+
+
+@dataclass(frozen=True)
+class Version:
+    name: str
+    labels: tuple[tuple[str, str], ...]
+
+
+@dataclass(frozen=True)
+class HeaderMatch:
+    header: str
+    kind: MatchKind
+    value: str
+
+
+@dataclass(frozen=True)
+class WeightedVersion:
+    version: str
+    weight: int
+
+
+@dataclass(frozen=True)
+class Traffic:
+    """Where requests go. `weights` is the one list every target lowers.
+
+    Order of `weights`: stable then canary for a canary; version name order
+    for a split. Zero weights are kept here (a 0% canary is a real state a
+    reviewer wants to see); targets drop them where their format forbids.
+    """
+
+    shape: TrafficShape = TrafficShape.NONE
+    weights: tuple[WeightedVersion, ...] = ()
+    match: tuple[HeaderMatch, ...] = ()  # requests matching all of these go to `match_version`
+    match_version: str | None = None
+
+    @property
+    def stable(self) -> str | None:
+        return self.weights[0].version if self.shape in (TrafficShape.STABLE, TrafficShape.CANARY) else None
+
+    @property
+    def canary(self) -> WeightedVersion | None:
+        return self.weights[1] if self.shape is TrafficShape.CANARY else None
+
+
+@dataclass(frozen=True)
+class Retries:
+    attempts: int
+    per_try_timeout_ms: int | None = None
+    retry_on: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ConsistentHash:
+    on: HashOn
+    header: str | None = None
+    cookie: str | None = None
+    cookie_ttl_ms: int | None = None
+    cookie_path: str | None = None
+
+
+@dataclass(frozen=True)
+class LoadBalancer:
+    simple: SimpleLb | None = None
+    consistent_hash: ConsistentHash | None = None
+
+
+@dataclass(frozen=True)
+class ConnectionPool:
+    max_connections: int | None = None
+    connect_timeout_ms: int | None = None
+    http1_max_pending_requests: int | None = None
+    http2_max_requests: int | None = None
+    max_requests_per_connection: int | None = None
+    max_retries: int | None = None
+
+
+@dataclass(frozen=True)
+class OutlierDetection:
+    consecutive_5xx_errors: int | None = None
+    interval_ms: int | None = None
+    base_ejection_time_ms: int | None = None
+    max_ejection_percent: int | None = None
+
+
+@dataclass(frozen=True)
+class Tls:
+    mode: TlsMode
+    credential_name: str | None = None  # Kubernetes secret with the client cert (SIMPLE/MUTUAL)
+    sni: str | None = None
+    subject_alt_names: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Ingress:
+    hosts: tuple[str, ...]
+    port: int
+
+
+@dataclass(frozen=True)
+class Address:
+    """An endpoint: an IP address or a DNS name, and a port."""
+
+    host: str
+    port: int
+
+    @property
+    def is_ip(self) -> bool:
+        return is_ip(self.host)
+
+
+@dataclass(frozen=True)
+class Endpoints:
+    """Addresses behind a service in one environment.
+
+    `by_version` maps a version name to its addresses (sorted by version);
+    `unversioned` holds the addresses of a service without versions.
+    """
+
+    by_version: tuple[tuple[str, tuple[Address, ...]], ...] = ()
+    unversioned: tuple[Address, ...] = ()
+
+    def all(self) -> tuple[Address, ...]:
+        return self.unversioned + tuple(a for _, addrs in self.by_version for a in addrs)
+
+    def of(self, version: str) -> tuple[Address, ...]:
+        return dict(self.by_version).get(version, ())
+
+
+@dataclass(frozen=True)
+class Service:
+    name: str
+    namespace: str
+    fqdn: str
+    selector: tuple[tuple[str, str], ...]
+    ports: tuple[Port, ...]
+    versions: tuple[Version, ...] = ()
+    traffic: Traffic = Traffic()
+    timeout_ms: int | None = None
+    retries: Retries | None = None
+    load_balancer: LoadBalancer | None = None
+    connection_pool: ConnectionPool | None = None
+    outlier_detection: OutlierDetection | None = None
+    tls: Tls | None = None
+    ingress: Ingress | None = None
+    endpoints: Endpoints = Endpoints()
+    spans: SpanMap = field(default_factory=SpanMap, compare=False, repr=False)
+
+    @property
+    def key(self) -> str:
+        """`namespace/name`, the key environments use for overrides and endpoints."""
+        return f"{self.namespace}/{self.name}"
+
+    @property
+    def http_ports(self) -> tuple[Port, ...]:
+        return tuple(p for p in self.ports if p.is_http)
+
+    def version(self, name: str) -> Version | None:
+        return next((v for v in self.versions if v.name == name), None)
+
+
+@dataclass(frozen=True)
+class PatchTarget:
+    kind: str
+    namespace: str | None
+    name: str
+
+
+@dataclass(frozen=True)
+class Patch:
+    """An RFC 6902 patch on generated objects (applied by the Istio target)."""
+
+    index: int  # position in the environment's `patches` list, for messages
+    target: PatchTarget
+    ops: tuple  # the JSON-Patch operations, as loaded (dicts of plain values)
+    spans: SpanMap = field(default_factory=SpanMap, compare=False, repr=False)
+
+
+@dataclass(frozen=True)
+class EnvoyOptions:
+    listener_address: str = "0.0.0.0"  # where the sidecar/edge listeners bind
+
+
+@dataclass(frozen=True)
+class Environment:
+    name: str
+    cluster_domain: str = "cluster.local"
+    gateway_selector: tuple[tuple[str, str], ...] = (("istio", "ingressgateway"),)
+    patches: tuple[Patch, ...] = ()
+    envoy: EnvoyOptions = EnvoyOptions()
+    spans: SpanMap = field(default_factory=SpanMap, compare=False, repr=False)
+
+
+@dataclass(frozen=True)
+class Mesh:
+    """One environment's services, sorted by (namespace, name)."""
+
+    environment: Environment
+    services: tuple[Service, ...]
+
+    def service(self, key: str) -> Service | None:
+        return next((s for s in self.services if s.key == key), None)
+

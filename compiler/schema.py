@@ -1,0 +1,553 @@
+"""Schemas for TrafficPolicy and Environment documents, and their validation.
+
+The schemas are cerberus schemas, and cerberus is the authority for every
+message a user sees. Cerberus costs ~2.6 ms per policy, though, which alone
+would blow the compile budget for a thousand services; so a valid document
+is first tried by `_fast_ok`, a small interpreter of the very same schema
+dicts (the subset of rules used here) at ~50× the speed. Only a document the
+fast path rejects goes through cerberus for its errors. Both read the same
+dicts and share the `check_with` functions, and a test holds them to the
+same verdict on the whole bad-input corpus.
+
+Error paths are mapped back to spans through the document's `SpanMap`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from typing import Callable
+
+import cerberus
+from cerberus import errors as cerrors
+
+from compiler.diagnostics import Diagnostics, Note, SpanMap
+from compiler.values import is_ip, parse_duration
+
+API_VERSION = "meshc.dev/v1"
+
+DNS1123_LABEL = r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?"
+DNS1123_SUBDOMAIN = rf"{DNS1123_LABEL}(\.{DNS1123_LABEL})*"
+LABEL_KEY = r"([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?"
+LABEL_VALUE = r"([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?"
+HEADER_NAME = r"[a-z0-9!#$%&'*+.^_`|~-]+"
+HOSTNAME = rf"(\*\.)?{DNS1123_SUBDOMAIN}"
+SERVICE_KEY = rf"{DNS1123_LABEL}/{DNS1123_LABEL}"
+
+# Envoy's retry_on conditions (x-envoy-retry-on and x-envoy-retry-grpc-on), as Istio passes them through.
+RETRY_ON = (
+    "5xx", "gateway-error", "reset", "reset-before-request", "connect-failure", "envoy-ratelimited",
+    "retriable-4xx", "refused-stream", "retriable-status-codes", "retriable-headers",
+    "http3-post-connect-failure", "cancelled", "deadline-exceeded", "internal",
+    "resource-exhausted", "unavailable",
+)  # fmt: skip
+SIMPLE_LB = ("ROUND_ROBIN", "LEAST_REQUEST", "RANDOM", "PASSTHROUGH")
+PROTOCOLS = ("HTTP", "HTTP2", "GRPC", "TCP")
+TLS_MODES = ("DISABLE", "SIMPLE", "MUTUAL", "ISTIO_MUTUAL")
+PATCH_OPS = ("add", "remove", "replace", "move", "copy", "test")
+PATCH_KINDS = ("Service", "DestinationRule", "VirtualService", "Gateway")
+
+
+# -- check_with functions: value → error message or None --------------------------------
+
+
+def _check_duration(value) -> str | None:
+    return parse_duration(value)[1] if isinstance(value, str) else None
+
+
+def _check_load_balancer(value) -> str | None:
+    if isinstance(value, str):
+        return None if value in SIMPLE_LB else _not_one_of(value, SIMPLE_LB)
+    if set(value) != {"consistentHash"}:
+        return "expected one of " + ", ".join(SIMPLE_LB) + " or {consistentHash: {header | cookie | sourceIp}}"
+    ch = value["consistentHash"]
+    if not isinstance(ch, dict) or len(ch) != 1 or next(iter(ch)) not in ("header", "cookie", "sourceIp"):
+        return "consistentHash takes exactly one of: header: NAME, cookie: {name, ttl}, sourceIp: true"
+    kind, arg = next(iter(ch.items()))
+    if kind == "header" and not (isinstance(arg, str) and re.fullmatch(HEADER_NAME, arg)):
+        return "consistentHash.header must be a lower-case HTTP header name"
+    if kind == "sourceIp" and arg is not True:
+        return "consistentHash.sourceIp must be true"
+    if kind == "cookie":
+        if not isinstance(arg, dict) or not isinstance(arg.get("name"), str) or set(arg) - {"name", "ttl", "path"}:
+            return "consistentHash.cookie takes {name: NAME, ttl: DURATION, path: PATH}"
+        if "ttl" in arg:
+            return _check_duration(arg["ttl"]) if isinstance(arg["ttl"], str) else "cookie ttl must be a duration"
+    return None
+
+
+def _check_endpoints(value) -> str | None:
+    lists = value.values() if isinstance(value, dict) else [value]
+    for addrs in lists:
+        if not isinstance(addrs, list) or not addrs:
+            return "expected a non-empty list of HOST:PORT addresses (or a mapping of version to such lists)"
+        for a in addrs:
+            problem = _address_problem(a)
+            if problem:
+                return problem
+    if isinstance(value, dict):
+        bad = [k for k in value if not isinstance(k, str) or not re.fullmatch(DNS1123_LABEL, k)]
+        if bad:
+            return f"version name {bad[0]!r} is not a DNS-1123 label"
+    return None
+
+
+def _address_problem(addr) -> str | None:
+    if not isinstance(addr, str) or ":" not in addr:
+        return f"address {addr!r} must be HOST:PORT"
+    host, _, port = addr.rpartition(":")
+    host = host.strip("[]")
+    if not port.isdigit() or not 1 <= int(port) <= 65535:
+        return f"address {addr!r}: port must be 1..65535"
+    if not (re.fullmatch(DNS1123_SUBDOMAIN, host) or is_ip(host)):
+        return f"address {addr!r}: host must be an IP address or a DNS name"
+    return None
+
+
+def _check_ip(value) -> str | None:
+    return None if isinstance(value, str) and is_ip(value) else f"{value!r} is not an IP address"
+
+
+CHECKS: dict[str, Callable[[object], str | None]] = {
+    "duration": _check_duration,
+    "load_balancer": _check_load_balancer,
+    "endpoints": _check_endpoints,
+    "ip": _check_ip,
+}
+
+
+# -- schemas ------------------------------------------------------------------------------
+
+_duration = {"type": "string", "check_with": "duration"}
+_labels = {
+    "type": "dict",
+    "keysrules": {"type": "string", "regex": LABEL_KEY, "meta": {"what": "a label key"}},
+    "valuesrules": {"type": "string", "regex": LABEL_VALUE, "meta": {"what": "a label value (63 characters: letters, digits, '-', '_', '.')"}},
+}
+_label = {"type": "string", "regex": DNS1123_LABEL, "meta": {"what": "a DNS-1123 label (lower-case letters, digits and '-', at most 63)"}}
+_port = {"type": "integer", "min": 1, "max": 65535}
+_count = {"type": "integer", "min": 0}
+_positive = {"type": "integer", "min": 1}
+
+SPEC = {
+    "selector": {**_labels, "required": True, "minlength": 1},
+    "ports": {
+        "type": "list",
+        "required": True,
+        "minlength": 1,
+        "schema": {
+            "type": "dict",
+            "schema": {
+                "name": {**_label, "required": True},
+                "port": {**_port, "required": True},
+                "targetPort": _port,
+                "protocol": {"type": "string", "allowed": PROTOCOLS},
+            },
+        },
+    },
+    "versions": {
+        "type": "dict",
+        "keysrules": _label,
+        "valuesrules": {"type": "dict", "schema": {"labels": {**_labels, "required": True, "minlength": 1}}},
+    },
+    "traffic": {
+        "type": "dict",
+        "schema": {
+            "stable": _label,
+            "canary": {
+                "type": "dict",
+                "schema": {
+                    "version": {**_label, "required": True},
+                    "weight": {"type": "integer", "required": True, "min": 0, "max": 100},
+                    "match": {
+                        "type": "dict",
+                        "schema": {
+                            "headers": {
+                                "type": "dict",
+                                "required": True,
+                                "minlength": 1,
+                                "keysrules": {"type": "string", "regex": HEADER_NAME, "meta": {"what": "a lower-case HTTP header name"}},
+                                "valuesrules": {
+                                    "type": "dict",
+                                    "minlength": 1,
+                                    "maxlength": 1,
+                                    "schema": {"exact": {"type": "string"}, "prefix": {"type": "string"}, "regex": {"type": "string"}},
+                                },
+                            }
+                        },
+                    },
+                },
+            },
+            "split": {"type": "dict", "minlength": 1, "keysrules": _label, "valuesrules": {"type": "integer", "min": 0, "max": 100}},
+        },
+    },
+    "timeout": _duration,
+    "retries": {
+        "type": "dict",
+        "schema": {
+            "attempts": {"type": "integer", "required": True, "min": 0},
+            "perTryTimeout": _duration,
+            "retryOn": {"type": "list", "schema": {"type": "string", "allowed": RETRY_ON}},
+        },
+    },
+    "loadBalancer": {"type": ["string", "dict"], "check_with": "load_balancer"},
+    "connectionPool": {
+        "type": "dict",
+        "schema": {
+            "tcp": {"type": "dict", "schema": {"maxConnections": _positive, "connectTimeout": _duration}},
+            "http": {
+                "type": "dict",
+                "schema": {
+                    "http1MaxPendingRequests": _positive,
+                    "http2MaxRequests": _positive,
+                    "maxRequestsPerConnection": _count,
+                    "maxRetries": _count,
+                },
+            },
+        },
+    },
+    "outlierDetection": {
+        "type": "dict",
+        "schema": {
+            "consecutive5xxErrors": _count,
+            "interval": _duration,
+            "baseEjectionTime": _duration,
+            "maxEjectionPercent": {"type": "integer", "min": 0, "max": 100},
+        },
+    },
+    "tls": {
+        "type": "dict",
+        "schema": {
+            "mode": {"type": "string", "required": True, "allowed": TLS_MODES},
+            "credentialName": {"type": "string", "regex": DNS1123_SUBDOMAIN, "meta": {"what": "a Kubernetes secret name"}},
+            "sni": {"type": "string", "regex": HOSTNAME, "meta": {"what": "a host name"}},
+            "subjectAltNames": {"type": "list", "schema": {"type": "string"}},
+        },
+    },
+    "ingress": {
+        "type": "dict",
+        "schema": {
+            "hosts": {
+                "type": "list",
+                "required": True,
+                "minlength": 1,
+                "schema": {"type": "string", "regex": HOSTNAME, "meta": {"what": "a host name such as shop.example.com or *.example.com"}},
+            },
+            "port": _port,
+        },
+    },
+}
+
+
+def _partial(schema: dict) -> dict:
+    """The schema of a fragment merged over a spec: nothing required, `null` allowed (it removes a key)."""
+    out = {}
+    for name, rules in schema.items():
+        rules = {k: v for k, v in rules.items() if k != "required"}
+        rules["nullable"] = True
+        if isinstance(rules.get("schema"), dict) and rules.get("type") == "dict":
+            rules["schema"] = _partial(rules["schema"])
+        if rules.get("type") == "dict" and "valuesrules" in rules and isinstance(rules["valuesrules"].get("schema"), dict):
+            rules["valuesrules"] = {**rules["valuesrules"], "nullable": True, "schema": _partial(rules["valuesrules"]["schema"])}
+        out[name] = rules
+    return out
+
+
+PARTIAL_SPEC = _partial(SPEC)
+
+_metadata_named = {"name": {**_label, "required": True}}
+
+POLICY = {
+    "apiVersion": {"type": "string", "required": True, "allowed": (API_VERSION,)},
+    "kind": {"type": "string", "required": True, "allowed": ("TrafficPolicy",)},
+    "metadata": {
+        "type": "dict",
+        "required": True,
+        "schema": {**_metadata_named, "namespace": {**_label, "required": True}},
+    },
+    "spec": {"type": "dict", "required": True, "schema": SPEC},
+}
+
+ENVIRONMENT = {
+    "apiVersion": {"type": "string", "required": True, "allowed": (API_VERSION,)},
+    "kind": {"type": "string", "required": True, "allowed": ("Environment",)},
+    "metadata": {"type": "dict", "required": True, "schema": _metadata_named},
+    "spec": {
+        "type": "dict",
+        "required": True,
+        "schema": {
+            "clusterDomain": {"type": "string", "regex": DNS1123_SUBDOMAIN, "meta": {"what": "a DNS domain such as cluster.local"}},
+            "defaults": {"type": "dict", "schema": PARTIAL_SPEC},
+            "overrides": {
+                "type": "dict",
+                "keysrules": {"type": "string", "regex": SERVICE_KEY, "meta": {"what": "a service key NAMESPACE/NAME"}},
+                "valuesrules": {"type": "dict", "schema": PARTIAL_SPEC},
+            },
+            "patches": {
+                "type": "list",
+                "schema": {
+                    "type": "dict",
+                    "schema": {
+                        "target": {
+                            "type": "dict",
+                            "required": True,
+                            "schema": {
+                                "kind": {"type": "string", "required": True, "allowed": PATCH_KINDS},
+                                "namespace": _label,
+                                "name": {"type": "string", "required": True},
+                            },
+                        },
+                        "ops": {
+                            "type": "list",
+                            "required": True,
+                            "minlength": 1,
+                            "schema": {
+                                "type": "dict",
+                                "schema": {
+                                    "op": {"type": "string", "required": True, "allowed": PATCH_OPS},
+                                    "path": {"type": "string", "required": True},
+                                    "from": {"type": "string"},
+                                    "value": {"nullable": True},
+                                },
+                            },
+                        },
+                    },
+                },
+            },
+            "endpoints": {
+                "type": "dict",
+                "keysrules": {"type": "string", "regex": SERVICE_KEY, "meta": {"what": "a service key NAMESPACE/NAME"}},
+                "valuesrules": {"type": ["list", "dict"], "check_with": "endpoints"},
+            },
+            "gateway": {"type": "dict", "schema": {"selector": {**_labels, "minlength": 1}}},
+            "envoy": {"type": "dict", "schema": {"listenerAddress": {"type": "string", "check_with": "ip"}}},
+        },
+    },
+}
+
+
+# -- the fast path ----------------------------------------------------------------------
+
+_TYPES = {
+    "string": lambda v: isinstance(v, str),
+    "integer": lambda v: isinstance(v, int) and not isinstance(v, bool),
+    "boolean": lambda v: isinstance(v, bool),
+    "dict": lambda v: isinstance(v, dict),
+    "list": lambda v: isinstance(v, list),
+}
+_regex_cache: dict[str, re.Pattern] = {}
+
+
+def _fast_ok(value, rules: dict) -> bool:
+    """Whether cerberus would accept `value` under `rules` (the subset of rules used above)."""
+    if value is None:
+        return rules.get("nullable", False)
+    kind = rules.get("type")
+    if kind is not None:
+        kinds = kind if isinstance(kind, list) else (kind,)
+        if not any(_TYPES[k](value) for k in kinds):
+            return False
+    if "allowed" in rules and value not in rules["allowed"]:
+        return False
+    if "regex" in rules:
+        pattern = _regex_cache.get(rules["regex"]) or _regex_cache.setdefault(rules["regex"], re.compile(rules["regex"]))
+        if not pattern.fullmatch(value):
+            return False
+    if "min" in rules and value < rules["min"] or "max" in rules and value > rules["max"]:
+        return False
+    if "minlength" in rules and len(value) < rules["minlength"] or "maxlength" in rules and len(value) > rules["maxlength"]:
+        return False
+    if "check_with" in rules and CHECKS[rules["check_with"]](value) is not None:
+        return False
+    sub = rules.get("schema")
+    if sub is not None:
+        if isinstance(value, dict):
+            if not _fast_mapping_ok(value, sub):
+                return False
+        elif not all(_fast_ok(item, sub) for item in value):
+            return False
+    if "keysrules" in rules and not all(_fast_ok(k, rules["keysrules"]) for k in value):
+        return False
+    if "valuesrules" in rules and not all(_fast_ok(v, rules["valuesrules"]) for v in value.values()):
+        return False
+    return True
+
+
+def _fast_mapping_ok(mapping: dict, schema: dict) -> bool:
+    for key, value in mapping.items():
+        rules = schema.get(key)
+        if rules is None or not _fast_ok(value, rules):
+            return False
+    return all(key in mapping for key, rules in schema.items() if rules.get("required"))
+
+
+# -- cerberus, for the messages -----------------------------------------------------------
+
+
+class _Validator(cerberus.Validator):
+    # cerberus counts booleans as integers; YAML users mean `weight: true` as a mistake.
+    types_mapping = {
+        **cerberus.Validator.types_mapping,
+        "integer": cerberus.TypeDefinition("integer", (int,), (bool,)),
+    }
+
+    def _check_with_duration(self, field, value):
+        self._report(field, CHECKS["duration"](value))
+
+    def _check_with_load_balancer(self, field, value):
+        self._report(field, CHECKS["load_balancer"](value))
+
+    def _check_with_endpoints(self, field, value):
+        self._report(field, CHECKS["endpoints"](value))
+
+    def _check_with_ip(self, field, value):
+        self._report(field, CHECKS["ip"](value))
+
+    def _report(self, field, message):
+        if message:
+            self._error(field, message)
+
+    def _validate_meta(self, constraint, field, value):
+        """{'type': 'dict'}"""  # schema for cerberus' own schema check: meta carries our wording
+
+
+def validate(data: dict, schema: dict, spans: SpanMap, diags: Diagnostics, note: Callable | None = None) -> bool:
+    """Validate one document; report every problem with its span. True when valid.
+
+    `note(path) -> Note | None` adds a note to each diagnostic (used for overlays:
+    where the policy set the value an environment overrides).
+    """
+    if _fast_mapping_ok(data, schema):
+        return True
+    validator = _Validator(schema)
+    validator.validate(data)
+    for error in _leaves(validator._errors):
+        _report(error, schema, spans, diags, note)
+    return False
+
+
+def _leaves(errors):
+    for error in errors:
+        if error.is_group_error:
+            yield from _leaves(error.child_errors)
+        else:
+            yield error
+
+
+def _report(error, schema: dict, spans: SpanMap, diags: Diagnostics, note: Callable | None) -> None:
+    path = tuple(error.document_path)
+    field = path[-1] if path else ""
+    notes = [n for n in [note(path)] if n] if note else []
+    code = error.code
+    if code == cerrors.UNKNOWN_FIELD.code:
+        known = _known_fields(schema, path[:-1])
+        message = f"unknown field {field!r}" + _did_you_mean(str(field), known)
+        diags.error("schema.unknown-field", message, spans.key_at(path), *notes)
+    elif code == cerrors.REQUIRED_FIELD.code:
+        where = f"{_name(path[:-1])}: " if len(path) > 1 else ""
+        diags.error("schema.missing-field", f"{where}missing required field {field!r}", spans.key_at(path[:-1]), *notes)
+    elif code == cerrors.BAD_TYPE.code:
+        diags.error("schema.type", f"{_name(path)}: expected {_type_words(error.constraint)}, got {_describe(error.value)}", spans.at(path), *notes)
+    elif code == cerrors.UNALLOWED_VALUE.code:
+        message = _not_one_of(error.value, error.constraint)
+        diags.error("schema.value", f"{_name(path)}: {message}", spans.at(path), *notes)
+    elif code in (cerrors.MIN_VALUE.code, cerrors.MAX_VALUE.code):
+        rules = _rules_at(schema, path)
+        bounds = f"between {rules['min']} and {rules['max']}" if "min" in rules and "max" in rules else (f"at least {rules['min']}" if "min" in rules else f"at most {rules.get('max')}")
+        diags.error("schema.range", f"{_name(path)}: {error.value} is out of range: must be {bounds}", spans.at(path), *notes)
+    elif code in (cerrors.MIN_LENGTH.code, cerrors.MAX_LENGTH.code):
+        what = "must not be empty" if code == cerrors.MIN_LENGTH.code else f"takes at most {error.constraint} entry"
+        diags.error("schema.length", f"{_name(path)}: {what}", spans.at(path), *notes)
+    elif code == cerrors.REGEX_MISMATCH.code:
+        what = _meta_what(schema, error.schema_path)
+        diags.error("schema.format", f"{_name(path)}: {error.value!r} is not {what or 'valid'}", _regex_span(error, spans, path), *notes)
+    elif code == cerrors.CUSTOM.code:
+        diags.error("schema.value", f"{_name(path)}: {error.info[0] if error.info else 'invalid value'}", spans.at(path), *notes)
+    elif code == cerrors.NOT_NULLABLE.code:
+        diags.error("schema.null", f"{_name(path)}: must not be null", spans.at(path), *notes)
+    else:
+        diags.error("schema.invalid", f"{_name(path)}: invalid value ({error.rule})", spans.at(path), *notes)
+
+
+def _regex_span(error, spans: SpanMap, path: tuple):
+    # A keysrules failure is about the key itself: point at the key, not its value.
+    if "keysrules" in error.schema_path:
+        return spans.key_at(path)
+    return spans.at(path)
+
+
+def _name(path: tuple) -> str:
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "document"
+
+
+def _rules_at(schema: dict, path: tuple) -> dict:
+    """The rules that apply at a document path (best effort: for messages only)."""
+    rules: dict = {"type": "dict", "schema": schema}
+    for part in path:
+        if isinstance(part, int):
+            rules = rules.get("schema", {})
+        elif isinstance(rules.get("schema"), dict) and part in rules["schema"]:
+            rules = rules["schema"][part]
+        elif "valuesrules" in rules:
+            rules = rules["valuesrules"]
+        else:
+            return {}
+    return rules
+
+
+def _known_fields(schema: dict, path: tuple) -> list[str]:
+    rules = _rules_at(schema, path)
+    sub = rules.get("schema")
+    if isinstance(sub, dict) and rules.get("type") != "list":
+        return sorted(sub)
+    return []
+
+
+def _meta_what(schema: dict, schema_path: tuple) -> str | None:
+    """The `meta.what` wording beside the rule a regex error came from."""
+    node: object = schema
+    for part in schema_path[:-1]:  # the last part is "regex" itself
+        node = node.get(part) if isinstance(node, dict) else None
+    return node.get("meta", {}).get("what") if isinstance(node, dict) else None
+
+
+def _did_you_mean(word: str, choices) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    if close:
+        return f"; did you mean {close[0]!r}?"
+    if choices:
+        return "; expected one of: " + ", ".join(choices)
+    return ""
+
+
+def _not_one_of(value, allowed) -> str:
+    hint = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1, cutoff=0.5)
+    suffix = f"; did you mean {hint[0]!r}?" if hint else ""
+    return f"{value!r} is not one of {', '.join(map(str, allowed))}{suffix}"
+
+
+def _type_words(constraint) -> str:
+    words = {"string": "a string", "integer": "an integer", "boolean": "true or false", "dict": "a mapping", "list": "a list"}
+    kinds = constraint if isinstance(constraint, (list, tuple)) else [constraint]
+    return " or ".join(words.get(k, k) for k in kinds)
+
+
+def _describe(value) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return f"a boolean ({str(value).lower()})"
+    if isinstance(value, str):
+        return f"a string ({value!r})"
+    if isinstance(value, int):
+        return f"an integer ({value})"
+    if isinstance(value, float):
+        return f"a number ({value})"
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    return type(value).__name__

@@ -1,0 +1,34 @@
+"""Targets lower one environment's `Mesh` into output files.
+
+Each target is a module with `NAME` and `lower(mesh) -> Lowered`; adding a
+target is a new module plus one line in `TARGETS`. Targets never import one
+another. Paths in `Lowered.files` are relative to `rendered/<env>/`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from compiler.diagnostics import Diagnostic
+
+
+@dataclass(frozen=True)
+class OutputFile:
+    """One file to write: YAML documents (a list) or one JSON value."""
+
+    path: str
+    content: object
+    format: str  # "yaml" (content is a list of documents) | "json"
+
+
+@dataclass(frozen=True)
+class Lowered:
+    files: tuple[OutputFile, ...]
+    diagnostics: tuple[Diagnostic, ...] = field(default=())
+
+
+def registry():
+    """The targets, in the order they run. Imported lazily to keep start-up cheap."""
+    from compiler.targets import envoy, istio
+
+    return (istio, envoy)

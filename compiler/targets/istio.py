@@ -1,0 +1,304 @@
+"""The Istio target: model → Kubernetes Service, DestinationRule, VirtualService, Gateway.
+
+One file per service, `istio/<namespace>/<name>.yaml`, holding its documents
+in a fixed order (Service, DestinationRule, VirtualService, Gateway, ingress
+VirtualService), then the environment's JSON patches, then a
+`kustomization.yaml` listing every file so Argo CD and Flux apply exactly
+those. Field names follow networking.istio.io/v1:
+https://istio.io/latest/docs/reference/config/networking/
+"""
+
+from __future__ import annotations
+
+import jsonpatch
+
+from compiler import model as m
+from compiler.diagnostics import Diagnostics
+from compiler.targets import Lowered, OutputFile
+from compiler.values import format_duration
+
+NAME = "istio"
+NETWORKING = "networking.istio.io/v1"
+MANAGED_BY = {"app.kubernetes.io/managed-by": "meshc"}
+
+
+def lower(mesh: m.Mesh) -> Lowered:
+    diags = Diagnostics()
+    objects = {svc.key: service_objects(svc, mesh.environment) for svc in mesh.services}
+    for patch in mesh.environment.patches:
+        _apply_patch(patch, objects, diags)
+    files = [OutputFile(f"istio/{key}.yaml", docs, "yaml") for key, docs in objects.items()]
+    files.append(OutputFile("kustomization.yaml", [kustomization(f.path for f in files)], "yaml"))
+    return Lowered(tuple(files), tuple(diags))
+
+
+def service_objects(svc: m.Service, env: m.Environment) -> list[dict]:
+    """Every object of one service, in file order."""
+    docs = [kube_service(svc)]
+    dr = destination_rule(svc)
+    if dr:
+        docs.append(dr)
+    if svc.ports:
+        docs.append(virtual_service(svc))
+    if svc.ingress:
+        docs += [gateway(svc, env), ingress_virtual_service(svc)]
+    return docs
+
+
+def _meta(name: str, namespace: str) -> dict:
+    return {"name": name, "namespace": namespace, "labels": dict(MANAGED_BY)}
+
+
+# -- Service -------------------------------------------------------------------------------
+
+
+def kube_service(svc: m.Service) -> dict:
+    # appProtocol is how Istio learns a port's protocol without naming conventions.
+    ports = [
+        {"name": p.name, "port": p.number, "targetPort": p.target_port, "protocol": "TCP", "appProtocol": p.protocol.value.lower()}
+        for p in svc.ports
+    ]
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _meta(svc.name, svc.namespace),
+        "spec": {"selector": dict(svc.selector), "ports": ports},
+    }
+
+
+# -- DestinationRule -----------------------------------------------------------------------
+
+
+def destination_rule(svc: m.Service) -> dict | None:
+    spec: dict = {"host": svc.fqdn}
+    policy = traffic_policy(svc)
+    if policy:
+        spec["trafficPolicy"] = policy
+    if svc.versions:
+        spec["subsets"] = [{"name": v.name, "labels": dict(v.labels)} for v in svc.versions]
+    if len(spec) == 1:
+        return None
+    return {"apiVersion": NETWORKING, "kind": "DestinationRule", "metadata": _meta(svc.name, svc.namespace), "spec": spec}
+
+
+def traffic_policy(svc: m.Service) -> dict:
+    policy: dict = {}
+    if svc.load_balancer:
+        policy["loadBalancer"] = _load_balancer(svc.load_balancer)
+    if svc.connection_pool:
+        policy["connectionPool"] = _connection_pool(svc.connection_pool)
+    if svc.outlier_detection:
+        policy["outlierDetection"] = _outlier_detection(svc.outlier_detection)
+    if svc.tls:
+        policy["tls"] = _tls(svc.tls)
+    return policy
+
+
+def _load_balancer(lb: m.LoadBalancer) -> dict:
+    if lb.simple:
+        return {"simple": lb.simple.value}
+    ch = lb.consistent_hash
+    if ch.on is m.HashOn.HEADER:
+        return {"consistentHash": {"httpHeaderName": ch.header}}
+    if ch.on is m.HashOn.COOKIE:
+        cookie = _drop_none({"name": ch.cookie, "path": ch.cookie_path, "ttl": _dur(ch.cookie_ttl_ms)})
+        return {"consistentHash": {"httpCookie": cookie}}
+    return {"consistentHash": {"useSourceIp": True}}
+
+
+def _connection_pool(cp: m.ConnectionPool) -> dict:
+    tcp = _drop_none({"maxConnections": cp.max_connections, "connectTimeout": _dur(cp.connect_timeout_ms)})
+    http = _drop_none(
+        {
+            "http1MaxPendingRequests": cp.http1_max_pending_requests,
+            "http2MaxRequests": cp.http2_max_requests,
+            "maxRequestsPerConnection": cp.max_requests_per_connection,
+            "maxRetries": cp.max_retries,
+        }
+    )
+    return _drop_none({"tcp": tcp or None, "http": http or None})
+
+
+def _outlier_detection(od: m.OutlierDetection) -> dict:
+    return _drop_none(
+        {
+            "consecutive5xxErrors": od.consecutive_5xx_errors,
+            "interval": _dur(od.interval_ms),
+            "baseEjectionTime": _dur(od.base_ejection_time_ms),
+            "maxEjectionPercent": od.max_ejection_percent,
+        }
+    )
+
+
+def _tls(tls: m.Tls) -> dict:
+    return _drop_none(
+        {
+            "mode": tls.mode.value,
+            "credentialName": tls.credential_name,
+            "sni": tls.sni,
+            "subjectAltNames": list(tls.subject_alt_names) or None,
+        }
+    )
+
+
+# -- VirtualService ------------------------------------------------------------------------
+
+
+def virtual_service(svc: m.Service) -> dict:
+    spec: dict = {"hosts": [svc.fqdn]}
+    http = [route for port in svc.http_ports for route in http_routes(svc, port, len(svc.http_ports) > 1)]
+    tcp = [tcp_route(svc, port, len(svc.ports) > 1) for port in svc.ports if not port.is_http]
+    if http:
+        spec["http"] = http
+    if tcp:
+        spec["tcp"] = tcp
+    return {"apiVersion": NETWORKING, "kind": "VirtualService", "metadata": _meta(svc.name, svc.namespace), "spec": spec}
+
+
+def http_routes(svc: m.Service, port: m.Port | None, by_port: bool) -> list[dict]:
+    """The header-match canary route first, then the weighted default route.
+
+    With several HTTP ports each gets its own routes, matched by port, so a
+    destination never leaves its port to Istio's guess.
+    """
+    suffix = f"-{port.number}" if by_port else ""
+    port_match = {"port": port.number} if by_port else {}
+    extras = _drop_none({"timeout": _dur(svc.timeout_ms), "retries": _retries(svc.retries)})
+    routes = []
+    t = svc.traffic
+    if t.match:
+        headers = {h.header: {h.kind.value: h.value} for h in t.match}
+        routes.append(
+            {
+                "name": f"canary-match{suffix}",
+                "match": [{"headers": headers, **port_match}],
+                "route": [{"destination": _destination(svc, t.match_version, port if by_port else None)}],
+                **extras,
+            }
+        )
+    default: dict = {"name": f"default{suffix}"}
+    if port_match:
+        default["match"] = [port_match]
+    default["route"] = _weighted(svc, port if by_port else None)
+    routes.append({**default, **extras})
+    return routes
+
+
+def tcp_route(svc: m.Service, port: m.Port, by_port: bool) -> dict:
+    route: dict = {"route": _weighted(svc, port)}
+    if by_port:
+        route["match"] = [{"port": port.number}]
+    return route
+
+
+def _weighted(svc: m.Service, port: m.Port | None) -> list[dict]:
+    """Route destinations by weight; a 0% entry is left out (Envoy's weighted clusters refuse zero)."""
+    t = svc.traffic
+    if t.shape is m.TrafficShape.NONE:
+        return [{"destination": _destination(svc, None, port)}]
+    live = [w for w in t.weights if w.weight > 0]
+    if len(live) == 1:
+        return [{"destination": _destination(svc, live[0].version, port)}]
+    return [{"destination": _destination(svc, w.version, port), "weight": w.weight} for w in live]
+
+
+def _destination(svc: m.Service, version: str | None, port: m.Port | None) -> dict:
+    dest: dict = {"host": svc.fqdn}
+    if version:
+        dest["subset"] = version
+    if port:
+        dest["port"] = {"number": port.number}
+    return dest
+
+
+def _retries(r: m.Retries | None) -> dict | None:
+    if r is None:
+        return None
+    return _drop_none(
+        {
+            "attempts": r.attempts,
+            "perTryTimeout": _dur(r.per_try_timeout_ms),
+            "retryOn": ",".join(r.retry_on) or None,
+        }
+    )
+
+
+# -- ingress -------------------------------------------------------------------------------
+
+
+def gateway_name(svc: m.Service) -> str:
+    return f"{svc.name}-gateway"
+
+
+def gateway(svc: m.Service, env: m.Environment) -> dict:
+    port = svc.ingress.port
+    server = {"port": {"number": port, "name": f"http-{port}", "protocol": "HTTP"}, "hosts": list(svc.ingress.hosts)}
+    return {
+        "apiVersion": NETWORKING,
+        "kind": "Gateway",
+        "metadata": _meta(gateway_name(svc), svc.namespace),
+        "spec": {"selector": dict(env.gateway_selector), "servers": [server]},
+    }
+
+
+def ingress_virtual_service(svc: m.Service) -> dict:
+    """The routes of the mesh VirtualService, bound to the gateway for the ingress hosts.
+
+    A multi-port service is reached through the gateway on its first HTTP port.
+    """
+    routes = http_routes(svc, None, False)
+    if len(svc.ports) > 1:
+        for route in routes:
+            for dest in route["route"]:
+                dest["destination"]["port"] = {"number": svc.http_ports[0].number}
+    return {
+        "apiVersion": NETWORKING,
+        "kind": "VirtualService",
+        "metadata": _meta(f"{svc.name}-ingress", svc.namespace),
+        "spec": {"hosts": list(svc.ingress.hosts), "gateways": [gateway_name(svc)], "http": routes},
+    }
+
+
+# -- patches and kustomization -------------------------------------------------------------
+
+
+def _apply_patch(patch: m.Patch, objects: dict[str, list[dict]], diags: Diagnostics) -> None:
+    t = patch.target
+    hits = [
+        (key, i)
+        for key, docs in objects.items()
+        for i, doc in enumerate(docs)
+        if doc["kind"] == t.kind and doc["metadata"]["name"] == t.name and (t.namespace is None or doc["metadata"]["namespace"] == t.namespace)
+    ]
+    where = f"{t.kind} {t.namespace + '/' if t.namespace else ''}{t.name}"
+    if not hits:
+        diags.error("patch.no-target", f"patch {patch.index + 1}: no generated object is {where}", patch.spans.at(("target",)))
+        return
+    if len(hits) > 1:
+        diags.error("patch.ambiguous-target", f"patch {patch.index + 1}: {where} matches objects in several namespaces; add `namespace`", patch.spans.at(("target",)))
+        return
+    key, i = hits[0]
+    doc = objects[key][i]
+    for n, op in enumerate(patch.ops):
+        try:
+            doc = jsonpatch.JsonPatch([op]).apply(doc)
+        except (jsonpatch.JsonPatchException, jsonpatch.JsonPointerException) as exc:
+            diags.error(
+                "patch.op-failed",
+                f"patch {patch.index + 1}, op {n + 1} ({op['op']} {op['path']}) on {where} failed: {exc}",
+                patch.spans.at(("ops", n)),
+            )
+            return
+    objects[key][i] = doc
+
+
+def kustomization(paths) -> dict:
+    return {"apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization", "resources": sorted(paths)}
+
+
+def _dur(ms: int | None) -> str | None:
+    return format_duration(ms) if ms is not None else None
+
+
+def _drop_none(d: dict) -> dict:
+    return {k: v for k, v in d.items() if v is not None}
