@@ -8,7 +8,7 @@ the model cannot represent is a diagnostic at the span that caused it.
 from __future__ import annotations
 
 from compiler import model as m
-from compiler.diagnostics import Diagnostics, SpanMap
+from compiler.diagnostics import Diagnostics, Note, SpanMap
 from compiler.values import duration_ms, split_address
 
 
@@ -48,10 +48,14 @@ def _traffic(t: dict | None, spans: SpanMap, diags: Diagnostics) -> m.Traffic:
     if "split" in t:
         for other in ("stable", "canary"):
             if other in t:
+                # At the split: when an override switches a policy to a split, that is the line to fix.
+                split_at, other_at = spans.key_at(("traffic", "split")), spans.key_at(("traffic", other))
+                hint = f" (an override removes it with `{other}: null`)" if split_at and other_at and split_at.path != other_at.path else ""
                 diags.error(
                     "traffic.shape",
-                    f"traffic takes either `split` or `stable` (with an optional `canary`), not both; remove `{other}`",
-                    spans.key_at(("traffic", other)),
+                    f"traffic takes either `split` or `stable` (with an optional `canary`), not both; remove `{other}`{hint}",
+                    split_at,
+                    Note(f"`{other}` is set here", other_at),
                 )
         weights = tuple(m.WeightedVersion(v, w) for v, w in sorted(t["split"].items()))
         return m.Traffic(m.TrafficShape.SPLIT, weights)

@@ -139,7 +139,15 @@ def ingress_hosts(services: tuple[m.Service, ...], env: str, diags: Diagnostics)
         if svc.ingress is None:
             continue
         for i, host in enumerate(svc.ingress.hosts):
-            if host in owner:
+            if host in owner and owner[host][0] is svc:
+                j = owner[host][1]
+                diags.error(
+                    "ingress.host-conflict",
+                    f"ingress host {host!r} is listed twice",
+                    svc.spans.at(("ingress", "hosts", i)),
+                    Note("first listed here", svc.spans.at(("ingress", "hosts", j))),
+                )
+            elif host in owner:
                 first, j = owner[host]
                 diags.error(
                     "ingress.host-conflict",
@@ -149,3 +157,21 @@ def ingress_hosts(services: tuple[m.Service, ...], env: str, diags: Diagnostics)
                 )
             else:
                 owner[host] = (svc, i)
+
+
+def generated_names(services: tuple[m.Service, ...], diags: Diagnostics) -> None:
+    """An ingress's VirtualService `<name>-ingress` must not be another service's own VirtualService.
+
+    Kustomize and the API server refuse two objects of one kind, namespace and
+    name; the ingress objects' generated names are the only ones that can meet.
+    """
+    keys = {s.key: s for s in services}
+    for svc in services:
+        other = keys.get(f"{svc.namespace}/{svc.name}-ingress") if svc.ingress else None
+        if other is not None:
+            diags.error(
+                "istio.duplicate-object",
+                f"VirtualService {svc.namespace}/{svc.name}-ingress, generated for the ingress of {svc.key}, "
+                f"is also the name of {other.key}'s own VirtualService; rename one of the services",
+                svc.spans.key_at(("ingress",)),
+            )

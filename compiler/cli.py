@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from compiler import __version__
+from compiler.cache import CACHE_DIR, Cache
 from compiler.emit import stale_files, write_rendered
 from compiler.load import source_from_dir
 from compiler.pipeline import CompileResult, UnknownEnvironment, compile_source
@@ -62,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _repo_and_envs(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repo", type=Path, default=Path("."), help="policy repository (default: current directory)")
     p.add_argument("--env", action="append", dest="envs", metavar="NAME", help="only this environment (repeatable; default: all)")
+    p.add_argument("--no-cache", action="store_true", help=f"ignore and do not update {CACHE_DIR}/ (the re-compile cache)")
 
 
 def _compile(args) -> CompileResult:
@@ -75,7 +77,8 @@ def _compile(args) -> CompileResult:
     if not source.environment_paths():
         raise UsageError(f"{repo}: no environments/*.yaml to compile")
     try:
-        result = compile_source(source, args.envs, jobs=getattr(args, "jobs", None))
+        cache = None if args.no_cache else Cache(repo / CACHE_DIR)
+        result = compile_source(source, args.envs, jobs=getattr(args, "jobs", None), cache=cache, models=False)
     except UnknownEnvironment as exc:
         raise UsageError(str(exc)) from exc
     for d in result.diagnostics:
@@ -84,9 +87,7 @@ def _compile(args) -> CompileResult:
 
 
 def _summary(result: CompileResult) -> str:
-    services = max((len(mesh.services) for mesh in result.meshes.values()), default=0)
-    envs = ", ".join(sorted(result.meshes))
-    return f"{services} services × {len(result.meshes)} environments ({envs})"
+    return f"{result.services} services × {len(result.outputs)} environments ({', '.join(sorted(result.outputs))})"
 
 
 def run_validate(args) -> int:

@@ -43,6 +43,7 @@ class SpanMap:
     """
 
     KEY = "\0key"
+    REMOVED = "\0removed"  # where an overlay's explicit null removed the key at this path
     __slots__ = ("_spans",)
 
     def __init__(self, spans: Mapping[Path, Span] | None = None):
@@ -60,6 +61,9 @@ class SpanMap:
         """The span of the mapping key that names `path` (else the value's)."""
         return self._spans.get(tuple(path) + (self.KEY,)) or self.at(path)
 
+    def removed_at(self, path: Path) -> Span | None:
+        return self._spans.get(tuple(path) + (self.REMOVED,))
+
     def exact(self, path: Path) -> Span | None:
         return self._spans.get(tuple(path))
 
@@ -71,6 +75,16 @@ class SpanMap:
         n = len(prefix)
         prefix = tuple(prefix)
         return SpanMap({p[n:]: s for p, s in self._spans.items() if p[:n] == prefix})
+
+    def children(self, prefix: Path) -> dict[object, "SpanMap"]:
+        """`under(prefix + (k,))` for every key k below `prefix`, in one pass over the spans."""
+        n = len(prefix)
+        prefix = tuple(prefix)
+        groups: dict[object, dict] = {}
+        for p, s in self._spans.items():
+            if len(p) > n and p[:n] == prefix:
+                groups.setdefault(p[n], {})[p[n + 1 :]] = s
+        return {k: SpanMap(v) for k, v in groups.items()}
 
     def __len__(self) -> int:
         return len(self._spans)

@@ -44,6 +44,7 @@ def _merge(base: dict, over: dict, path: tuple, spans: dict, over_spans: SpanMap
         if value is None:
             out.pop(key, None)
             _drop(spans, here)
+            spans[here + (SpanMap.REMOVED,)] = over_spans.at(here)
         elif isinstance(value, dict) and isinstance(out.get(key), dict):
             out[key] = _merge(out[key], value, here, spans, over_spans)
         else:
@@ -76,17 +77,24 @@ def overlay_note(eff: Effective):
     """A `note(path)` for diagnostics on an effective spec: points at the policy's own value."""
 
     def note(path: tuple) -> Note | None:
-        here = eff.spans.at(path)
-        if here is None or here.path == _policy_file(eff):
+        # A key an overlay's null removed has no span of its own: the null's span says who removed it.
+        here = eff.spans.removed_at(path) or eff.spans.at(path)
+        if here is None or here.path == _file_of(eff.policy_spans):
             return None
-        exact = eff.policy_spans.exact(path)
-        if exact is not None:
-            return Note("the policy's own value, overridden by the environment", exact)
-        return Note("in the policy this applies to", eff.policy_spans.at(()))
+        return policy_note(eff.policy_spans, path)
 
     return note
 
 
-def _policy_file(eff: Effective) -> str | None:
-    root = eff.policy_spans.at(())
+def policy_note(policy_spans: SpanMap, path: tuple) -> Note | None:
+    """A note at the policy's own value at `path` (spec-relative), else at the policy itself."""
+    exact = policy_spans.exact(path)
+    if exact is not None:
+        return Note("the policy's own value, overridden by the environment", exact)
+    root = policy_spans.at(())
+    return Note("in the policy this applies to", root) if root else None
+
+
+def _file_of(spans: SpanMap) -> str | None:
+    root = spans.at(())
     return root.path if root else None

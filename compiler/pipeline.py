@@ -1,49 +1,65 @@
 """The pipeline: load → validate → merge overlays → model → check → lower → emit.
 
 `compile_source` runs the stages in order over a `Source` and stops after any
-stage that reported an error. Environments are independent once the inputs
-are loaded, so a large repo compiles them in parallel worker processes.
-Nothing here touches the file system; the CLI writes what it returns.
+stage that reported an error. The unit of work is one service in one
+environment (overlay, model, checks, each target's per-service fragment);
+environment-wide work (cross-service checks, assembling each target's files)
+follows. Units are independent, so a large repo computes them in forked
+worker processes, and a `Cache` lets a re-compile skip every unit whose
+policy and environment files did not change. Nothing here writes files.
 """
 
 from __future__ import annotations
 
 import os
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from functools import cached_property
 from multiprocessing import get_context
 from pathlib import PurePosixPath
 from typing import Sequence
 
 from compiler import build, check, schema
 from compiler import model as m
-from compiler.diagnostics import Diagnostic, Diagnostics, Note, SpanMap, sorted_unique
-from compiler.emit import serialize
+from compiler.cache import Cache, file_key, unit_key
+from compiler.diagnostics import Diagnostic, Diagnostics, Note, Span, SpanMap, sorted_unique
+from compiler.emit import Serializer
 from compiler.load import Document, Source, parse
-from compiler.overlay import Layer, effective, overlay_note
+from compiler.overlay import Layer, effective, overlay_note, policy_note
 from compiler.targets import registry
 
-# Below this many service×environment pairs, worker processes cost more than they save.
+# Below this many units to compute, worker processes cost more than they save.
 PARALLEL_THRESHOLD = 400
 
 
-@dataclass(frozen=True)
+@dataclass
 class Policy:
-    """A loaded, schema-valid policy file."""
+    """A schema-valid policy file. `doc` is parsed on demand when the cache knew the file."""
 
-    doc: Document
+    path: str
+    content: bytes
+    key: str  # namespace/name
+    name_span: Span
+    file_key: bytes
+    doc: Document | None = None
 
-    @property
-    def key(self) -> str:
-        meta = self.doc.data["metadata"]
-        return f"{meta['namespace']}/{meta['name']}"
+    def document(self) -> Document:
+        if self.doc is None:
+            self.doc = parse(self.path, self.content, Diagnostics())
+        return self.doc
 
-    @property
+    @cached_property
     def has_http_port(self) -> bool:
-        return any(p.get("protocol", "HTTP") != "TCP" for p in self.doc.data["spec"]["ports"])
+        return any(p.get("protocol", "HTTP") != "TCP" for p in self.document().data["spec"]["ports"])
 
+    @cached_property
     def layer(self) -> Layer:
-        return Layer(self.doc.data["spec"], self.doc.spans.under(("spec",)))
+        doc = self.document()
+        return Layer(doc.data["spec"], doc.spans.under(("spec",)))
+
+    @property
+    def metadata(self) -> dict:
+        return self.document().data["metadata"]
 
 
 @dataclass(frozen=True)
@@ -52,12 +68,13 @@ class EnvironmentFile:
 
     name: str
     doc: Document
+    file_key: bytes
 
     @property
     def spec(self) -> dict:
         return self.doc.data["spec"]
 
-    @property
+    @cached_property
     def spans(self) -> SpanMap:
         return self.doc.spans.under(("spec",))
 
@@ -68,6 +85,7 @@ class CompileResult:
     outputs: dict[str, dict[str, bytes]] = field(default_factory=dict)  # env → rendered/<env>/ path → bytes
     meshes: dict[str, m.Mesh] = field(default_factory=dict)
     environments: tuple[str, ...] = ()  # every environment the source defines
+    services: int = 0  # valid policies
 
     @property
     def ok(self) -> bool:
@@ -78,16 +96,53 @@ class UnknownEnvironment(ValueError):
     """`--env` named an environment that has no file: a usage error."""
 
 
-def compile_source(source: Source, envs: Sequence[str] | None = None, jobs: int | None = None) -> CompileResult:
+@dataclass(frozen=True)
+class Unit:
+    """One service in one environment, compiled: each target's fragment.
+
+    `service` is the model when this run built it, None when the unit came
+    from the cache (which stores only clean units, as JSON).
+    """
+
+    key: str
+    service: m.Service | None
+    ingress_hosts: tuple[str, ...]
+    fragments: dict  # target NAME → what its `lower_service` returned (JSON-able)
+    diagnostics: tuple[Diagnostic, ...] = ()
+
+    def to_json(self) -> dict:
+        return {"ingress_hosts": list(self.ingress_hosts), "fragments": self.fragments}
+
+    @classmethod
+    def from_json(cls, key: str, value: dict) -> "Unit":
+        return cls(key, None, tuple(value["ingress_hosts"]), value["fragments"])
+
+
+def compile_source(
+    source: Source,
+    envs: Sequence[str] | None = None,
+    jobs: int | None = None,
+    cache: Cache | None = None,
+    models: bool = True,
+) -> CompileResult:
     """Compile every environment (or those in `envs`) of `source`.
 
     Raises `UnknownEnvironment` when `envs` names one that does not exist.
-    Diagnostics come back sorted by file and line, each once.
+    Diagnostics come back sorted by file and line, each once. Any error is
+    reported from a run without the cache, so a cache never shapes a message.
+    `models=False` skips `result.meshes` (the CLI's compile does not need them).
     """
+    result = _compile(source, envs, jobs, cache, models)
+    if cache is not None and not result.ok:
+        result = _compile(source, envs, jobs, None, models)
+    return result
+
+
+def _compile(source: Source, envs: Sequence[str] | None, jobs: int | None, cache: Cache | None, models: bool) -> CompileResult:
     diags = Diagnostics()
-    policies = load_policies(source, diags)
-    environments = load_environments(source, diags)
-    result = CompileResult(environments=tuple(sorted(e.name for e in environments)))
+    policies = load_policies(source, diags, cache)
+    environments = load_environments(source, diags, {p.key: p for p in policies} if cache is None else None, cache)
+    result = CompileResult(environments=tuple(sorted(e.name for e in environments)), services=len(policies))
     if envs:
         unknown = sorted(set(envs) - set(result.environments))
         if unknown:
@@ -97,128 +152,267 @@ def compile_source(source: Source, envs: Sequence[str] | None = None, jobs: int 
     if diags.has_errors:
         result.diagnostics = sorted_unique(diags)
         return result
-    for name, mesh, files, env_diags in _run(environments, policies, jobs):
-        diags.extend(env_diags)
-        if mesh is not None:
-            result.meshes[name] = mesh
-            result.outputs[name] = files
+    serializer = Serializer(cache.yaml if cache else {})
+    contexts = [_EnvContext.of(e, policies, diags) for e in environments]
+    units = _units(contexts, policies, jobs, cache, serializer)
+    for ctx in contexts:
+        files = _assemble(ctx, [units[(ctx.env.name, p.key)] for p in policies], serializer, diags)
+        if files is not None:
+            result.outputs[ctx.env.name] = files
+            if models:
+                result.meshes[ctx.env.name] = _mesh(ctx, policies, units)
     result.diagnostics = sorted_unique(diags)
     if not result.ok:
         result.outputs = {}
+    elif cache is not None:
+        cache.put_yaml(serializer.new)
+        cache.save()
     return result
 
 
 # -- load and validate ---------------------------------------------------------------------
 
 
-def load_policies(source: Source, diags: Diagnostics) -> list[Policy]:
-    """Parse and schema-check every policy; report duplicates. Sorted by key."""
+def load_policies(source: Source, diags: Diagnostics, cache: Cache | None = None) -> list[Policy]:
+    """Parse and schema-check every policy; report duplicates. Sorted by key.
+
+    A file the cache has seen valid is not parsed here at all.
+    """
     policies: dict[str, Policy] = {}
     for path in source.policy_paths():
-        doc = parse(path, source.files[path], diags)
-        if doc is None or not _validate_top(doc, schema.POLICY, diags):
-            continue
-        policy = Policy(doc)
+        content = source.files[path]
+        fkey = file_key(path, content)
+        known = cache.get(b"policy:" + fkey) if cache else None
+        if known is not None:
+            policy = Policy(path, content, known[0], known[1], fkey)
+        else:
+            doc = parse(path, content, diags)
+            if doc is None or not _validate_top(doc, schema.POLICY, diags):
+                continue
+            meta = doc.data["metadata"]
+            policy = Policy(path, content, f"{meta['namespace']}/{meta['name']}", doc.spans.at(("metadata", "name")), fkey, doc)
+            if cache:
+                cache.put(b"policy:" + fkey, (policy.key, policy.name_span))
         first = policies.get(policy.key)
         if first is not None:
             diags.error(
                 "policy.duplicate",
                 f"a second policy for {policy.key}",
-                doc.spans.at(("metadata", "name")),
-                Note(f"the first policy for {policy.key}", first.doc.spans.at(("metadata", "name"))),
+                policy.name_span,
+                Note(f"the first policy for {policy.key}", first.name_span),
             )
             continue
         policies[policy.key] = policy
     return [policies[k] for k in sorted(policies)]
 
 
-def load_environments(source: Source, diags: Diagnostics) -> list[EnvironmentFile]:
+def load_environments(source: Source, diags: Diagnostics, policies: dict[str, Policy] | None, cache: Cache | None = None) -> list[EnvironmentFile]:
+    """Parse and schema-check every environment.
+
+    With `policies`, an error inside an override carries a note at the policy's line.
+    A file the cache has seen valid comes from the cache, parsed.
+    """
     out = []
     for path in source.environment_paths():
-        doc = parse(path, source.files[path], diags)
-        if doc is None or not _validate_top(doc, schema.ENVIRONMENT, diags):
-            continue
+        fkey = file_key(path, source.files[path])
+        doc = cache.get(b"environment:" + fkey) if cache else None
+        if doc is None:
+            doc = parse(path, source.files[path], diags)
+            if doc is None or not _validate_top(doc, schema.ENVIRONMENT, diags, _override_note(policies) if policies else None):
+                continue
+            if cache:
+                cache.put(b"environment:" + fkey, doc)
         stem = PurePosixPath(path).stem
         name = doc.data["metadata"]["name"]
         if name != stem:
             diags.error("environment.name", f"environment {name!r} must live in environments/{name}.yaml, not {path}", doc.spans.at(("metadata", "name")))
             continue
-        out.append(EnvironmentFile(name, doc))
+        out.append(EnvironmentFile(name, doc, fkey))
     return out
 
 
-def _validate_top(doc: Document, top_schema: dict, diags: Diagnostics) -> bool:
+def _validate_top(doc: Document, top_schema: dict, diags: Diagnostics, note=None) -> bool:
     if not isinstance(doc.data, dict):
         diags.error("schema.type", "expected a mapping with apiVersion, kind, metadata and spec", doc.spans.at(()))
         return False
-    return schema.validate(doc.data, top_schema, doc.spans, diags)
+    return schema.validate(doc.data, top_schema, doc.spans, diags, note)
 
 
-# -- one environment ------------------------------------------------------------------------
+def _override_note(policies: dict[str, Policy]):
+    """For a problem at spec.overrides[KEY].PATH: a note at the policy's own PATH."""
+
+    def note(path: tuple) -> Note | None:
+        if len(path) < 3 or path[:2] != ("spec", "overrides") or path[2] not in policies:
+            return None
+        return policy_note(policies[path[2]].layer.spans, tuple(path[3:]))
+
+    return note
 
 
-def _run(environments: list[EnvironmentFile], policies: list[Policy], jobs: int | None):
-    work = len(environments) * len(policies)
-    jobs = jobs if jobs is not None else min(len(environments), os.cpu_count() or 1)
-    if jobs <= 1 or len(environments) <= 1 or work < PARALLEL_THRESHOLD:
-        return [compile_environment(e, policies) for e in environments]
-    global _POLICIES
-    _POLICIES = policies  # inherited by the forked workers: no pickling of the inputs
+# -- units: one service in one environment ---------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _EnvContext:
+    """What every unit of one environment reads: its model, its overlay layers."""
+
+    file: EnvironmentFile
+    env: m.Environment
+    layers: "_EnvLayers"
+
+    @classmethod
+    def of(cls, env_file: EnvironmentFile, policies: list[Policy], diags: Diagnostics) -> "_EnvContext":
+        spec, spans = env_file.spec, env_file.spans
+        _check_keys(spec, spans, {p.key for p in policies}, diags)
+        return cls(env_file, build.environment(env_file.name, spec, spans), _EnvLayers.of(spec, spans))
+
+
+def _units(contexts: list[_EnvContext], policies: list[Policy], jobs: int | None, cache: Cache | None, serializer) -> dict:
+    """Every (environment, policy) unit, from the cache where it holds one."""
+    units: dict[tuple[str, str], Unit] = {}
+    todo: list[tuple[int, int]] = []
+    for ci, ctx in enumerate(contexts):
+        for pi, policy in enumerate(policies):
+            cached = cache.get_json(unit_key(policy.file_key, ctx.file.file_key)) if cache else None
+            if cached is not None:
+                units[(ctx.env.name, policy.key)] = Unit.from_json(policy.key, cached)
+            else:
+                todo.append((ci, pi))
+    for (ci, pi), unit in zip(todo, _compute(contexts, policies, todo, jobs, serializer, keep_spans=cache is None)):
+        units[(contexts[ci].env.name, policies[pi].key)] = unit
+        if cache is not None and unit.service is not None and not unit.diagnostics and all(hasattr(t, "lower_service") for t in registry()):
+            cache.put_json(unit_key(policies[pi].file_key, contexts[ci].file.file_key), unit.to_json())
+    return units
+
+
+def _compute(contexts, policies, todo, jobs, serializer, keep_spans: bool) -> list[Unit]:
+    jobs = jobs if jobs is not None else (os.cpu_count() or 1)
+    for _, pi in todo:
+        policies[pi].document()  # parse in the parent: workers inherit it
+    if jobs <= 1 or len(todo) < PARALLEL_THRESHOLD:
+        return [_unit(contexts[ci], policies[pi], serializer, keep_spans) for ci, pi in todo]
+    global _WORK
+    _WORK = (contexts, policies, serializer, keep_spans)  # inherited by the forked workers, not pickled
+    chunks = [todo[i::jobs] for i in range(jobs)]
     try:
         with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("fork")) as pool:
-            return list(pool.map(_compile_in_worker, environments))
+            results = list(pool.map(_compute_chunk, chunks))
     finally:
-        _POLICIES = None
+        _WORK = None
+    by_item = {}
+    for chunk, (units, new_yaml) in zip(chunks, results):
+        serializer.learn(new_yaml)
+        by_item.update(zip(chunk, units))
+    return [by_item[item] for item in todo]
 
 
-_POLICIES: list[Policy] | None = None
+_WORK = None
 
 
-def _compile_in_worker(env: EnvironmentFile):
-    return compile_environment(env, _POLICIES)
+def _compute_chunk(chunk):
+    contexts, policies, serializer, keep_spans = _WORK
+    units = [_unit(contexts[ci], policies[pi], serializer, keep_spans) for ci, pi in chunk]
+    return units, serializer.new
 
 
-def compile_environment(env_file: EnvironmentFile, policies: list[Policy]):
-    """One environment: overlays, model, checks, targets. → (name, mesh | None, files, diagnostics)."""
+def _unit(ctx: _EnvContext, policy: Policy, serializer, keep_spans: bool) -> Unit:
     diags = Diagnostics()
-    spec, spans = env_file.spec, env_file.spans
-    env = build.environment(env_file.name, spec, spans)
-    known = {p.key: p for p in policies}
-    _check_keys(spec, spans, known, diags)
-    defaults = Layer(spec["defaults"], spans.under(("defaults",))) if "defaults" in spec else None
-    overrides = spec.get("overrides", {})
-    services = []
-    for policy in policies:
-        layer_defaults = defaults if defaults is None or policy.has_http_port else _without_http_only(defaults)
-        override = Layer(overrides[policy.key], spans.under(("overrides", policy.key))) if policy.key in overrides else None
-        svc = _service(env, policy, layer_defaults, override, spec.get("endpoints", {}), spans, diags)
-        if svc is not None:
-            services.append(svc)
-    check.ingress_hosts(tuple(services), env.name, diags)
-    if diags.has_errors:
-        return env.name, None, {}, list(diags)
-    mesh = m.Mesh(env, tuple(services))
-    files: dict[str, bytes] = {}
+    svc = _service(ctx.env, policy, ctx.layers, diags)
+    if svc is None:
+        return Unit(policy.key, None, (), {}, tuple(diags))
+    fragments = {}
     for target in registry():
-        lowered = target.lower(mesh)
+        if not hasattr(target, "lower_service"):  # TRANSITION: envoy gains lower_service shortly
+            fragments[target.NAME] = svc
+            continue
+        fragments[target.NAME] = fragment = target.lower_service(svc, ctx.env)
+        if getattr(target, "FRAGMENT_IS_YAML", False):
+            serializer.warm(fragment)
+    if not keep_spans:
+        svc = replace(svc, spans=SpanMap())
+    return Unit(policy.key, svc, svc.ingress.hosts if svc.ingress else (), fragments, tuple(diags))
+
+
+def _assemble(ctx: _EnvContext, units: list[Unit], serializer, diags: Diagnostics):
+    """The environment's files from its units (in mesh order). → files | None on error."""
+    for unit in units:
+        diags.extend(unit.diagnostics)
+    units = [u for u in units if u.fragments]
+    if all(u.service is not None for u in units):
+        services = tuple(u.service for u in units)
+        check.ingress_hosts(services, ctx.env.name, diags)
+        check.generated_names(services, diags)
+    elif _ingress_clash(units):
+        # Cached units carry no spans; an error makes compile_source re-run uncached for the message.
+        diags.error("ingress.conflict", "ingress hosts or names clash", None)
+    if diags.has_errors:
+        return None
+    files: dict[str, bytes] = {}
+    errors = diags.error_count
+    for target in registry():
+        if not hasattr(target, "assemble"):  # TRANSITION
+            lowered = target.lower(m.Mesh(ctx.env, tuple(u.fragments[target.NAME] for u in units)))
+        else:
+            lowered = target.assemble(ctx.env, [u.fragments[target.NAME] for u in units])
         diags.extend(lowered.diagnostics)
         for f in lowered.files:
-            files[f.path] = serialize(f)
-    if diags.has_errors:
-        return env.name, None, {}, list(diags)
-    return env.name, mesh, dict(sorted(files.items())), list(diags)
+            files[f.path] = serializer.serialize(f)
+    if diags.error_count > errors:
+        return None
+    return dict(sorted(files.items()))
 
 
-def _service(env, policy: Policy, defaults, override, endpoints: dict, env_spans: SpanMap, diags: Diagnostics) -> m.Service | None:
-    eff = effective(defaults, policy.layer(), override)
+def _ingress_clash(units: list[Unit]) -> bool:
+    """Whether `check.ingress_hosts` or `check.generated_names` would fail (decided without spans)."""
+    hosts = [h for u in units for h in u.ingress_hosts]
+    keys = {u.key for u in units}
+    return len(hosts) != len(set(hosts)) or any(u.ingress_hosts and f"{u.key}-ingress" in keys for u in units)
+
+
+def _mesh(ctx: _EnvContext, policies: list[Policy], units: dict) -> m.Mesh:
+    """The environment's model; services the cache supplied are rebuilt (cheap: no checks, no lowering)."""
+    services = []
+    for policy in policies:
+        unit = units[(ctx.env.name, policy.key)]
+        svc = unit.service or _service(ctx.env, policy, ctx.layers, Diagnostics())
+        if svc is not None:
+            services.append(svc)
+    return m.Mesh(ctx.env, tuple(services))
+
+
+@dataclass(frozen=True)
+class _EnvLayers:
+    """An environment's overlay layers and endpoint entries, with their spans, split out once."""
+
+    defaults: Layer | None
+    tcp_defaults: Layer | None  # `defaults` without the HTTP-only keys, for TCP-only services
+    overrides: dict[str, Layer]
+    endpoints: dict[str, tuple[object, SpanMap]]
+
+    @classmethod
+    def of(cls, spec: dict, spans: SpanMap) -> "_EnvLayers":
+        defaults = Layer(spec["defaults"], spans.under(("defaults",))) if "defaults" in spec else None
+        override_spans = spans.children(("overrides",))
+        endpoint_spans = spans.children(("endpoints",))
+        return cls(
+            defaults=defaults,
+            tcp_defaults=_without_http_only(defaults) if defaults else None,
+            overrides={k: Layer(v, override_spans[k]) for k, v in spec.get("overrides", {}).items()},
+            endpoints={k: (v, endpoint_spans[k]) for k, v in spec.get("endpoints", {}).items()},
+        )
+
+
+def _service(env: m.Environment, policy: Policy, layers: _EnvLayers, diags: Diagnostics) -> m.Service | None:
+    defaults = layers.defaults if policy.has_http_port else layers.tcp_defaults
+    eff = effective(defaults, policy.layer, layers.overrides.get(policy.key))
     if not schema.validate(eff.spec, schema.SPEC, eff.spans, diags, note=overlay_note(eff)):
         return None
     errors = diags.error_count
-    raw_endpoints = endpoints.get(policy.key)
-    svc = build.service(policy.doc.data["metadata"], eff.spec, eff.spans, env, build.endpoints(raw_endpoints), diags)
+    raw_endpoints, endpoint_spans = layers.endpoints.get(policy.key, (None, None))
+    svc = build.service(policy.metadata, eff.spec, eff.spans, env, build.endpoints(raw_endpoints), diags)
     check.service(svc, diags)
     if raw_endpoints is not None:
-        _check_endpoints(svc, raw_endpoints, env_spans.under(("endpoints", policy.key)), diags)
+        _check_endpoints(svc, raw_endpoints, endpoint_spans, diags)
     return svc if diags.error_count == errors else None
 
 
@@ -231,7 +425,7 @@ def _without_http_only(defaults: Layer) -> Layer:
     return Layer(data, defaults.spans)
 
 
-def _check_keys(spec: dict, spans: SpanMap, known: dict, diags: Diagnostics) -> None:
+def _check_keys(spec: dict, spans: SpanMap, known: set[str], diags: Diagnostics) -> None:
     """Override and endpoint keys must name a policy."""
     for section in ("overrides", "endpoints"):
         for key in spec.get(section, {}):

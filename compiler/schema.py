@@ -27,6 +27,7 @@ from compiler.values import is_ip, parse_duration
 API_VERSION = "meshc.dev/v1"
 
 DNS1123_LABEL = r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?"
+DNS1035_LABEL = r"[a-z]([-a-z0-9]{0,61}[a-z0-9])?"  # what Kubernetes requires of a Service name
 DNS1123_SUBDOMAIN = rf"{DNS1123_LABEL}(\.{DNS1123_LABEL})*"
 LABEL_KEY = r"([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?"
 LABEL_VALUE = r"([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?"
@@ -263,7 +264,12 @@ POLICY = {
     "metadata": {
         "type": "dict",
         "required": True,
-        "schema": {**_metadata_named, "namespace": {**_label, "required": True}},
+        "schema": {
+            # The name becomes a Kubernetes Service name, which must also start with a letter.
+            "name": {"type": "string", "required": True, "regex": DNS1035_LABEL,
+                     "meta": {"what": "a DNS-1035 label (lower-case letters, digits and '-', starting with a letter, at most 63)"}},
+            "namespace": {**_label, "required": True},
+        },
     },
     "spec": {"type": "dict", "required": True, "schema": SPEC},
 }
@@ -392,20 +398,31 @@ class _Validator(cerberus.Validator):
     }
 
     def _check_with_duration(self, field, value):
-        self._report(field, CHECKS["duration"](value))
+        self._check("duration", field, value)
 
     def _check_with_load_balancer(self, field, value):
-        self._report(field, CHECKS["load_balancer"](value))
+        self._check("load_balancer", field, value)
 
     def _check_with_endpoints(self, field, value):
-        self._report(field, CHECKS["endpoints"](value))
+        self._check("endpoints", field, value)
 
     def _check_with_ip(self, field, value):
-        self._report(field, CHECKS["ip"](value))
+        self._check("ip", field, value)
 
-    def _report(self, field, message):
-        if message:
-            self._error(field, message)
+    def _check(self, name, field, value):
+        # cerberus runs check_with even on a null (nullable or not); the nullable rule has
+        # answered for it already, as in the fast path. CHECKS functions take non-null values.
+        if value is not None:
+            message = CHECKS[name](value)
+            if message:
+                self._error(field, message)
+
+    def _validate_regex(self, pattern, field, value):
+        """{'type': 'string'}"""
+        # cerberus matches with `pattern + "$"`, which lets a trailing newline through
+        # ("web\n"); the fast path and Kubernetes both need the whole string to match.
+        if isinstance(value, str) and not re.fullmatch(pattern, value):
+            self._error(field, cerrors.REGEX_MISMATCH)
 
     def _validate_meta(self, constraint, field, value):
         """{'type': 'dict'}"""  # schema for cerberus' own schema check: meta carries our wording
@@ -420,7 +437,9 @@ def validate(data: dict, schema: dict, spans: SpanMap, diags: Diagnostics, note:
     if _fast_mapping_ok(data, schema):
         return True
     validator = _Validator(schema)
-    validator.validate(data)
+    if validator.validate(data):
+        # Both read the same schema; a disagreement is a bug, never a silently dropped document.
+        raise AssertionError("schema fast path rejected a document cerberus accepts")
     for error in _leaves(validator._errors):
         _report(error, schema, spans, diags, note)
     return False
@@ -445,7 +464,11 @@ def _report(error, schema: dict, spans: SpanMap, diags: Diagnostics, note: Calla
         diags.error("schema.unknown-field", message, spans.key_at(path), *notes)
     elif code == cerrors.REQUIRED_FIELD.code:
         where = f"{_name(path[:-1])}: " if len(path) > 1 else ""
-        diags.error("schema.missing-field", f"{where}missing required field {field!r}", spans.key_at(path[:-1]), *notes)
+        removed = spans.removed_at(path)
+        if removed:
+            diags.error("schema.missing-field", f"{where}required field {field!r} is removed by this null", removed, *notes)
+        else:
+            diags.error("schema.missing-field", f"{where}missing required field {field!r}", spans.key_at(path[:-1]), *notes)
     elif code == cerrors.BAD_TYPE.code:
         diags.error("schema.type", f"{_name(path)}: expected {_type_words(error.constraint)}, got {_describe(error.value)}", spans.at(path), *notes)
     elif code == cerrors.UNALLOWED_VALUE.code:

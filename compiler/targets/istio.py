@@ -18,14 +18,28 @@ from compiler.targets import Lowered, OutputFile
 from compiler.values import format_duration
 
 NAME = "istio"
+FRAGMENT_IS_YAML = True  # a service's fragment is its YAML documents, emitted as they are unless patched
 NETWORKING = "networking.istio.io/v1"
 MANAGED_BY = {"app.kubernetes.io/managed-by": "meshc"}
 
 
 def lower(mesh: m.Mesh) -> Lowered:
+    return assemble(mesh.environment, [lower_service(svc, mesh.environment) for svc in mesh.services])
+
+
+def lower_service(svc: m.Service, env: m.Environment) -> list[dict]:
+    """One service's objects: a pure function of the service and its environment (cacheable)."""
+    return service_objects(svc, env)
+
+
+def assemble(env: m.Environment, fragments: list[list[dict]]) -> Lowered:
+    """The environment's files from each service's objects (in mesh order): patches, then kustomization.
+
+    Generated names never collide: `check.generated_names` refuses the one way they could.
+    """
     diags = Diagnostics()
-    objects = {svc.key: service_objects(svc, mesh.environment) for svc in mesh.services}
-    for patch in mesh.environment.patches:
+    objects = {f"{docs[0]['metadata']['namespace']}/{docs[0]['metadata']['name']}": docs for docs in fragments}
+    for patch in env.patches:
         _apply_patch(patch, objects, diags)
     files = [OutputFile(f"istio/{key}.yaml", docs, "yaml") for key, docs in objects.items()]
     files.append(OutputFile("kustomization.yaml", [kustomization(f.path for f in files)], "yaml"))
@@ -278,18 +292,27 @@ def _apply_patch(patch: m.Patch, objects: dict[str, list[dict]], diags: Diagnost
         diags.error("patch.ambiguous-target", f"patch {patch.index + 1}: {where} matches objects in several namespaces; add `namespace`", patch.spans.at(("target",)))
         return
     key, i = hits[0]
+    objects[key] = list(objects[key])  # fragments may be shared (cached); patch a copy
     doc = objects[key][i]
+    identity = _identity(doc)
     for n, op in enumerate(patch.ops):
         try:
             doc = jsonpatch.JsonPatch([op]).apply(doc)
         except (jsonpatch.JsonPatchException, jsonpatch.JsonPointerException) as exc:
-            diags.error(
-                "patch.op-failed",
-                f"patch {patch.index + 1}, op {n + 1} ({op['op']} {op['path']}) on {where} failed: {exc}",
-                patch.spans.at(("ops", n)),
-            )
+            problem = f"failed: {exc}"
+        else:
+            # The identity names the object's file and its entry in kustomization.yaml (and a later patch's target).
+            problem = None if _identity(doc) == identity else "would change its apiVersion, kind, metadata.name or metadata.namespace"
+        if problem:
+            diags.error("patch.op-failed", f"patch {patch.index + 1}, op {n + 1} ({op['op']} {op['path']}) on {where} {problem}", patch.spans.at(("ops", n)))
             return
     objects[key][i] = doc
+
+
+def _identity(doc) -> tuple | None:
+    if not isinstance(doc, dict) or not isinstance(doc.get("metadata"), dict):
+        return None
+    return doc.get("apiVersion"), doc.get("kind"), doc["metadata"].get("name"), doc["metadata"].get("namespace")
 
 
 def kustomization(paths) -> dict:

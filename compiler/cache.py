@@ -1,0 +1,126 @@
+"""A content-addressed cache for re-compiles: never a stale result.
+
+Two tables in one SQLite file (`<repo>/.meshc-cache/cache.sqlite`):
+
+- `units`: pickled values keyed by content: one service in one environment,
+  compiled (its model and each target's fragment), keyed by SHA-256 of the
+  compiler's fingerprint, the policy file's path and bytes and the
+  environment file's path and bytes, which is everything that service's
+  output depends on; and each valid input file, parsed, keyed by the
+  fingerprint, its path and its bytes. Only clean results are stored (no
+  errors), so a cached result never hides a diagnostic.
+- `yaml`: serialised YAML documents, keyed by SHA-256 of the document's
+  canonical JSON.
+
+The fingerprint hashes the compiler's own source and the versions of the
+libraries that shape the output bytes, so any change to either starts over.
+A corrupt or unreadable cache is treated as empty.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import pickle
+import sqlite3
+from functools import lru_cache
+from pathlib import Path
+
+import orjson
+import yaml
+
+import compiler
+
+CACHE_DIR = ".meshc-cache"
+
+
+@lru_cache(maxsize=1)
+def fingerprint() -> bytes:
+    h = hashlib.sha256()
+    root = Path(compiler.__file__).parent
+    for path in sorted(root.rglob("*.py")):
+        h.update(path.relative_to(root).as_posix().encode())
+        h.update(path.read_bytes())
+    h.update(f"pyyaml {yaml.__version__} orjson {orjson.__version__}".encode())
+    return h.digest()
+
+
+def file_key(path: str, content: bytes) -> bytes:
+    return hashlib.sha256(fingerprint() + path.encode() + b"\0" + content).digest()
+
+
+def unit_key(policy_key: bytes, env_key: bytes) -> bytes:
+    return hashlib.sha256(policy_key + env_key).digest()
+
+
+class Cache:
+    """The on-disk cache. Reads everything once; writes only what is new."""
+
+    def __init__(self, directory: Path):
+        self.directory = Path(directory)
+        self._db: sqlite3.Connection | None = None
+        self.units: dict[bytes, bytes] = {}
+        self.yaml: dict[bytes, bytes] = {}
+        self._new_units: dict[bytes, bytes] = {}
+        self._new_yaml: dict[bytes, bytes] = {}
+        self._open()
+
+    def _open(self) -> None:
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            ignore = self.directory / ".gitignore"
+            if not ignore.exists():
+                ignore.write_text("*\n")  # never committed, whatever the repo's own .gitignore says
+            self._db = sqlite3.connect(self.directory / "cache.sqlite", timeout=5)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("CREATE TABLE IF NOT EXISTS units (key BLOB PRIMARY KEY, value BLOB NOT NULL)")
+            self._db.execute("CREATE TABLE IF NOT EXISTS yaml (key BLOB PRIMARY KEY, value BLOB NOT NULL)")
+            self.units = dict(self._db.execute("SELECT key, value FROM units"))
+            self.yaml = dict(self._db.execute("SELECT key, value FROM yaml"))
+        except (OSError, sqlite3.Error):
+            self._db, self.units, self.yaml = None, {}, {}
+
+    def get(self, key: bytes):
+        raw = self.units.get(key)
+        if raw is None:
+            return None
+        try:
+            return pickle.loads(raw)
+        except Exception:  # a cache written by another version: recompute
+            return None
+
+    def get_json(self, key: bytes):
+        raw = self.units.get(key)
+        return orjson.loads(raw) if raw is not None else None
+
+    def put_json(self, key: bytes, value) -> None:
+        raw = orjson.dumps(value)
+        self.units[key] = raw
+        self._new_units[key] = raw
+
+    def put(self, key: bytes, value) -> None:
+        raw = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+        self.units[key] = raw
+        self._new_units[key] = raw
+
+    def put_yaml(self, entries: dict[bytes, bytes]) -> None:
+        for key, value in entries.items():
+            if key not in self.yaml:
+                self.yaml[key] = value
+                self._new_yaml[key] = value
+
+    def save(self) -> None:
+        if self._db is None or not (self._new_units or self._new_yaml):
+            return
+        try:
+            with self._db:
+                self._db.executemany("INSERT OR REPLACE INTO units VALUES (?, ?)", self._new_units.items())
+                self._db.executemany("INSERT OR REPLACE INTO yaml VALUES (?, ?)", self._new_yaml.items())
+        except sqlite3.Error:
+            pass  # a cache that cannot be written only costs time next run
+        self._new_units.clear()
+        self._new_yaml.clear()
+
+    def close(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None
