@@ -1,0 +1,66 @@
+"""Names, type URLs and small proto3-JSON builders shared by the Envoy lowering.
+
+Names follow istiod's conventions so a config dump reads like Istio's:
+cluster `outbound|PORT|SUBSET|FQDN`, route configuration `PORT` (gateway:
+`http.PORT`), listener `ADDRESS_PORT`.
+"""
+
+from __future__ import annotations
+
+from compiler.diagnostics import Span
+from compiler.model import Service, TrafficShape
+
+CLUSTER = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
+ENDPOINTS = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
+LISTENER = "type.googleapis.com/envoy.config.listener.v3.Listener"
+ROUTES = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
+
+HCM = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
+TCP_PROXY = "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy"
+ROUTER = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
+UPSTREAM_TLS = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext"
+HTTP_OPTIONS = "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+PREVIOUS_HOSTS = "type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate"
+
+#: The ConfigSource of every cross-reference: the same ADS stream, xDS v3.
+ADS = {"ads": {}, "resource_api_version": "V3"}
+
+
+def cluster_name(port: int, fqdn: str, version: str = "") -> str:
+    """`outbound|9080|v2|reviews.bookinfo.svc.cluster.local`; no version: the whole service."""
+    return f"outbound|{port}|{version}|{fqdn}"
+
+
+def listener_name(address: str, port: int) -> str:
+    return f"{address}_{port}"
+
+
+def gateway_route_name(port: int) -> str:
+    return f"http.{port}"
+
+
+def duration(ms: int) -> str:
+    """Whole milliseconds as a protobuf JSON Duration: 250 → "0.250s", 4000 → "4s"."""
+    seconds, millis = divmod(ms, 1000)
+    return f"{seconds}s" if not millis else f"{seconds}.{millis:03d}s"
+
+
+def span_of(service: Service, *path: str) -> Span | None:
+    """Where a policy field was set (spans are keyed relative to the effective spec)."""
+    return service.spans.at(path)
+
+
+def default_destinations(service: Service, port: int) -> tuple[tuple[str, int], ...]:
+    """Where a request that matches no header rule goes: (cluster, weight) pairs.
+
+    NONE: the whole service; STABLE: the stable version; CANARY and SPLIT:
+    every version with a non-zero weight, in the model's order (stable then
+    canary; version names). Zero weights are dropped, as istiod drops them.
+    """
+    traffic = service.traffic
+    if traffic.shape is TrafficShape.NONE:
+        return ((cluster_name(port, service.fqdn), 100),)
+    if traffic.shape is TrafficShape.STABLE:
+        return ((cluster_name(port, service.fqdn, traffic.stable), 100),)
+    return tuple((cluster_name(port, service.fqdn, w.version), w.weight)
+                 for w in traffic.weights if w.weight > 0)

@@ -1,0 +1,108 @@
+"""Listeners: `ADDRESS_PORT` per HTTP port, TCP port and ingress port.
+
+HTTP ports get an HTTP connection manager that fetches route configuration
+`PORT` over RDS; ingress ports get a gateway HTTP connection manager on
+`http.PORT`; a TCP port gets a TCP proxy to its service's clusters. All bind
+the environment's `envoy.listenerAddress`.
+https://www.envoyproxy.io/docs/envoy/latest/api-v3/extensions/filters/network/http_connection_manager/v3/http_connection_manager.proto
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+from compiler.diagnostics import Diagnostic, Severity
+from compiler.model import HashOn, Mesh, Service
+from compiler.targets.envoy.common import (ADS, HCM, LISTENER, ROUTER, TCP_PROXY, default_destinations,
+                                           gateway_route_name, listener_name, span_of)
+
+
+def lower(mesh: Mesh) -> tuple[list[dict], list[Diagnostic]]:
+    """Every listener (unsorted) and what could not be expressed."""
+    address = mesh.environment.envoy.listener_address
+    http, tcp, ingress = _ports(mesh)
+    listeners = [_http_listener(address, port, str(port), gateway=False) for port in sorted(http)]
+    problems = []
+    for port in sorted(tcp):
+        listener, found = _tcp_listener(address, port, tcp[port], http.get(port, []))
+        listeners += [listener] if listener else []
+        problems += found
+    for port in sorted(ingress):
+        if port in http or port in tcp:
+            problems += [_ingress_conflict(s, port) for s in ingress[port]]
+        else:
+            listeners.append(_http_listener(address, port, gateway_route_name(port), gateway=True))
+    return listeners, problems
+
+
+def _ports(mesh: Mesh) -> tuple[dict[int, list[Service]], ...]:
+    """Services by HTTP port, TCP port and ingress port, in mesh order."""
+    http, tcp, ingress = defaultdict(list), defaultdict(list), defaultdict(list)
+    for service in mesh.services:
+        for port in service.ports:
+            (http if port.is_http else tcp)[port.number].append(service)
+        if service.ingress is not None and service.http_ports:
+            ingress[service.ingress.port].append(service)
+    return http, tcp, ingress
+
+
+def _http_listener(address: str, port: int, route_config: str, *, gateway: bool) -> dict:
+    name = listener_name(address, port)
+    manager = {
+        "@type": HCM,
+        "stat_prefix": f"outbound_{name}",
+        "rds": {"config_source": ADS, "route_config_name": route_config},
+        "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {"@type": ROUTER}}],
+    }
+    if gateway:
+        manager["use_remote_address"] = True  # the gateway is the edge: trust no X-Forwarded-For
+    return _listener(name, address, port, "envoy.filters.network.http_connection_manager", manager)
+
+
+def _tcp_listener(address: str, port: int, services: list[Service],
+                  http_services: list[Service]) -> tuple[dict | None, list[Diagnostic]]:
+    """A TCP proxy to the one service on this port.
+
+    Without a service IP to tell them apart, a port that several services
+    (or an HTTP listener) claim cannot be proxied: reported, no listener.
+    """
+    claimants = [s.key for s in http_services + services]
+    if len(claimants) > 1:
+        return None, [Diagnostic(
+            "envoy.tcp-port-shared",
+            f"{service.key}: TCP port {port} is also used by "
+            f"{', '.join(k for k in claimants if k != service.key)}; the Envoy target binds one "
+            f"listener per port and cannot tell them apart, so it proxies no TCP traffic on it",
+            span_of(service, "ports"), Severity.WARNING) for service in services]
+    service = services[0]
+    destinations = default_destinations(service, port)
+    proxy: dict = {"@type": TCP_PROXY, "stat_prefix": destinations[0][0]}
+    if len(destinations) == 1:
+        proxy["cluster"] = destinations[0][0]
+    else:
+        proxy["weighted_clusters"] = {"clusters": [{"name": n, "weight": w} for n, w in destinations]}
+    hashing = service.load_balancer.consistent_hash if service.load_balancer else None
+    if hashing is not None and hashing.on is HashOn.SOURCE_IP:
+        # RING_HASH without a hash key picks a random host per connection.
+        proxy["hash_policy"] = [{"source_ip": {}}]
+    name = listener_name(address, port)
+    return _listener(name, address, port, "envoy.filters.network.tcp_proxy", proxy), []
+
+
+def _listener(name: str, address: str, port: int, filter_name: str, config: dict) -> dict:
+    return {
+        "@type": LISTENER,
+        "name": name,
+        "address": {"socket_address": {"address": address, "port_value": port}},
+        "filter_chains": [{"filters": [{"name": filter_name, "typed_config": config}]}],
+        "traffic_direction": "OUTBOUND",
+    }
+
+
+def _ingress_conflict(service: Service, port: int) -> Diagnostic:
+    return Diagnostic(
+        "envoy.ingress-port-conflict",
+        f"{service.key}: ingress port {port} is also a service port in this environment; "
+        "the Envoy target binds one listener per port on the same address, so it cannot "
+        "serve both the gateway and the services there: it leaves the gateway listener out",
+        span_of(service, "ingress", "port"), Severity.WARNING)

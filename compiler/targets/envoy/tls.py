@@ -1,0 +1,106 @@
+"""The upstream TLS transport socket of a cluster, from the policy's `tls`.
+
+Certificates are never inlined: they are named SDS secrets fetched over the
+same ADS stream, with istiod's names. ISTIO_MUTUAL uses the workload
+certificate `default` and the mesh root `ROOTCA`; SIMPLE and MUTUAL with a
+`credentialName` use `kubernetes://<name>` (client certificate, MUTUAL only)
+and `kubernetes://<name>-cacert` (the CA to verify the server with).
+https://www.envoyproxy.io/docs/envoy/latest/api-v3/extensions/transport_sockets/tls/v3/tls.proto
+"""
+
+from __future__ import annotations
+
+from compiler.diagnostics import Diagnostic
+from compiler.model import Port, Protocol, Service, Tls, TlsMode
+from compiler.targets.envoy.common import ADS, UPSTREAM_TLS, span_of
+
+#: Istio's "system" CA: the OS trust bundle, used for SIMPLE without a credentialName.
+SYSTEM_CA = "/etc/ssl/certs/ca-certificates.crt"
+_ALPN_MESH = ["istio-peer-exchange", "istio"]
+_ALPN_MESH_H2 = ["istio-peer-exchange", "istio", "h2"]
+
+
+def transport_socket(service: Service, port: Port, version: str) -> dict | None:
+    """The `transport_socket` of one cluster, or None for plaintext (no tls, DISABLE)."""
+    tls = service.tls
+    if tls is None or tls.mode is TlsMode.DISABLE:
+        return None
+    if tls.mode is TlsMode.ISTIO_MUTUAL:
+        context = _istio_mutual(tls, port, _istio_sni(port.number, version, service.fqdn))
+    else:
+        context = _simple_or_mutual(tls, port)
+    return {"name": "envoy.transport_sockets.tls", "typed_config": {"@type": UPSTREAM_TLS, **context}}
+
+
+def diagnostics(service: Service) -> list[Diagnostic]:
+    """What the Envoy target cannot express about this service's TLS."""
+    tls = service.tls
+    if tls is not None and tls.mode is TlsMode.MUTUAL and not tls.credential_name:
+        return [Diagnostic(
+            "envoy.tls-mutual-without-credential",
+            f"{service.key}: tls mode MUTUAL needs `credentialName` for the Envoy target "
+            "(the client certificate is delivered by SDS under that name)",
+            span_of(service, "tls", "mode"))]
+    return []
+
+
+def is_h2(port: Port) -> bool:
+    return port.protocol in (Protocol.HTTP2, Protocol.GRPC)
+
+
+def _istio_mutual(tls: Tls, port: Port, default_sni: str) -> dict:
+    common = {
+        "alpn_protocols": _ALPN_MESH_H2 if is_h2(port) else _ALPN_MESH,
+        "tls_certificate_sds_secret_configs": [_sds("default")],
+        "combined_validation_context": {
+            "default_validation_context": _san_matchers(tls.subject_alt_names),
+            "validation_context_sds_secret_config": _sds("ROOTCA"),
+        },
+    }
+    return {"common_tls_context": common, "sni": tls.sni or default_sni}
+
+
+def _simple_or_mutual(tls: Tls, port: Port) -> dict:
+    common: dict = {}
+    if is_h2(port):
+        common["alpn_protocols"] = ["h2"]
+    if tls.credential_name:
+        if tls.mode is TlsMode.MUTUAL:
+            common["tls_certificate_sds_secret_configs"] = [_sds(f"kubernetes://{tls.credential_name}")]
+        common["combined_validation_context"] = {
+            "default_validation_context": _san_matchers(tls.subject_alt_names),
+            "validation_context_sds_secret_config": _sds(f"kubernetes://{tls.credential_name}-cacert"),
+        }
+    else:
+        common["validation_context"] = {"trusted_ca": {"filename": SYSTEM_CA},
+                                        **_san_matchers(tls.subject_alt_names)}
+    context: dict = {"common_tls_context": common}
+    if tls.sni:
+        context["sni"] = tls.sni
+    return context
+
+
+def _sds(name: str) -> dict:
+    """An SDS secret over ADS.
+
+    istiod sets `initial_fetch_timeout: 0s` (wait for the secret forever)
+    because its node agent always answers; a proxy fed by `meshc serve` may
+    have no SDS source, and waiting forever would keep its listeners down.
+    Envoy's default (15 s) lets it start, with this cluster's TLS failing
+    until the secret arrives.
+    """
+    return {"name": name, "sds_config": ADS}
+
+
+def _san_matchers(names: tuple[str, ...]) -> dict:
+    """`match_typed_subject_alt_names` (the untyped field is deprecated): SPIFFE IDs are URIs."""
+    if not names:
+        return {}
+    return {"match_typed_subject_alt_names": [
+        {"san_type": "URI" if "://" in name else "DNS", "matcher": {"exact": name}} for name in names
+    ]}
+
+
+def _istio_sni(port: int, version: str, fqdn: str) -> str:
+    """istiod's in-mesh SNI, `outbound_.9080_.v1_.reviews.bookinfo.svc.cluster.local`."""
+    return f"outbound_.{port}_.{version}_.{fqdn}"
