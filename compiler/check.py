@@ -14,8 +14,10 @@ from compiler import model as m
 from compiler.diagnostics import Diagnostics, Note
 from compiler.values import human_duration
 
-# RE2 (what Envoy and Istio use) has no look-around and no back-references.
-_NOT_RE2 = re.compile(r"\(\?<?[=!]|\\[1-9]|\(\?P=")
+# What Python's `re` accepts but RE2 (Envoy's engine) refuses: https://github.com/google/re2/wiki/Syntax
+_RE2_GROUPS = (("(?=", "look-around"), ("(?!", "look-around"), ("(?<=", "look-around"), ("(?<!", "look-around"),
+               ("(?P=", "back-references"), ("(?>", "atomic groups"), ("(?(", "conditional groups"))  # fmt: skip
+_COUNTED = re.compile(r"\{\d*(,\d*)?\}")
 
 
 def service(svc: m.Service, diags: Diagnostics) -> None:
@@ -85,8 +87,50 @@ def _header_regexes(svc: m.Service, diags: Diagnostics) -> None:
         except re.error as exc:
             diags.error("match.regex", f"header {h.header!r}: regex {h.value!r} does not compile: {exc.msg} at position {exc.pos}", span)
             continue
-        if _NOT_RE2.search(h.value):
-            diags.error("match.regex", f"header {h.header!r}: regex {h.value!r} uses look-around or back-references, which RE2 (Envoy's engine) does not support", span)
+        lacking = re2_lacks(h.value)
+        if lacking:
+            diags.error("match.regex", f"header {h.header!r}: regex {h.value!r} uses {lacking}, which RE2 (Envoy's engine) does not support", span)
+
+
+def re2_lacks(pattern: str) -> str | None:
+    """The first construct of a (Python-valid) `pattern` that RE2 does not support, in words; else None.
+
+    A small scanner: escapes and character classes are skipped, so `\\(?=` or `[*+]+` raise nothing.
+    """
+    i, n = 0, len(pattern)
+    while i < n:
+        c = pattern[i]
+        if c == "\\":
+            nxt = pattern[i + 1 : i + 2]
+            if nxt and nxt in "123456789":
+                return "back-references"
+            if nxt == "Z":
+                return "\\Z (RE2 spells it \\z)"
+            i += 2
+            continue
+        if c == "[":
+            i = _class_end(pattern, i + 1)
+            continue
+        for opener, words in _RE2_GROUPS:
+            if pattern.startswith(opener, i):
+                return words
+        counted = _COUNTED.match(pattern, i) if c == "{" else None
+        end = counted.end() if counted else i + 1
+        if (counted or c in "*+?") and pattern[end : end + 1] == "+" and not pattern.startswith("(?", i - 1):
+            return "possessive quantifiers"
+        i = end
+    return None
+
+
+def _class_end(pattern: str, i: int) -> int:
+    """The index after the `]` that closes a character class whose body starts at `i`."""
+    if pattern[i : i + 1] == "^":
+        i += 1
+    if pattern[i : i + 1] == "]":  # a `]` first in the class is a literal
+        i += 1
+    while i < len(pattern) and pattern[i] != "]":
+        i += 2 if pattern[i] == "\\" else 1
+    return i + 1
 
 
 _HTTP_ONLY = (

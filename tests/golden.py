@@ -42,7 +42,7 @@ def read_tree(root: Path) -> dict[str, bytes]:
 
 
 def check_case(case_dir: Path, out: Path) -> None:
-    code, stderr = run_cli(["compile", "--repo", str(case_dir), "--out", str(out)])
+    code, stderr = run_cli(["compile", "--repo", str(case_dir), "--out", str(out), "--no-cache"])
     actual_text = f"exit: {code}\n{diagnostics_only(stderr)}"
     actual_tree = read_tree(out) if code == 0 else {}
     expected_txt, expected_dir = case_dir / "expected.txt", case_dir / "expected"

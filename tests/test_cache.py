@@ -1,0 +1,75 @@
+"""The re-compile cache never changes a result: same bytes, same diagnostics, with or without it."""
+
+from __future__ import annotations
+
+import shutil
+import sqlite3
+
+from compiler.cache import CACHE_DIR, Cache
+from compiler.load import source_from_dir
+from compiler.pipeline import compile_source
+
+from golden import run_cli
+
+
+def _compile(repo, cache_dir=None):
+    cache = Cache(cache_dir) if cache_dir else None
+    try:
+        return compile_source(source_from_dir(repo), cache=cache, models=False)
+    finally:
+        if cache:
+            cache.close()
+
+
+def _rendered(result):
+    return {env: dict(files) for env, files in result.outputs.items()}
+
+
+def test_cached_compile_equals_uncached_and_follows_edits(example_repo, tmp_path):
+    cache_dir = tmp_path / "cache"
+    cold = _compile(example_repo, cache_dir)
+    warm = _compile(example_repo, cache_dir)
+    assert _rendered(warm) == _rendered(cold) == _rendered(_compile(example_repo))
+    assert Cache(cache_dir).units, "the first compile filled the cache"
+
+    env = example_repo / "environments" / "prod.yaml"
+    env.write_text(env.read_text().replace("weight: 5}", "weight: 7}"))
+    policy = example_repo / "policies" / "bookinfo" / "details.yaml"
+    policy.write_text(policy.read_text().replace("timeout: 2s", "timeout: 3s"))
+    edited = _compile(example_repo, cache_dir)
+    assert _rendered(edited) == _rendered(_compile(example_repo))
+    assert b"weight: 7" in edited.outputs["prod"]["istio/bookinfo/reviews.yaml"]
+    assert b"timeout: 3s" in edited.outputs["dev"]["istio/bookinfo/details.yaml"]
+
+
+def test_errors_are_reported_the_same_with_a_warm_cache(example_repo, tmp_path):
+    cache_dir = tmp_path / "cache"
+    _compile(example_repo, cache_dir)
+    prod = example_repo / "environments" / "prod.yaml"
+    # Two services claiming one ingress host: a cross-service error over cached units.
+    prod.write_text(prod.read_text().replace("  overrides:\n", "  overrides:\n    bookinfo/details: {ingress: {hosts: [bookinfo.example.com]}}\n", 1))
+    cached = _compile(example_repo, cache_dir)
+    uncached = _compile(example_repo)
+    assert not cached.ok
+    assert [d.render() for d in cached.diagnostics] == [d.render() for d in uncached.diagnostics]
+    assert any(d.code == "ingress.host-conflict" and d.span is not None for d in cached.diagnostics)
+
+
+def test_a_damaged_cache_is_recomputed_not_trusted(example_repo, tmp_path):
+    cache_dir = tmp_path / "cache"
+    expected = _rendered(_compile(example_repo))
+    _compile(example_repo, cache_dir)
+    with sqlite3.connect(cache_dir / "cache.sqlite") as db:
+        db.execute("UPDATE units SET value = x'00ff'")  # undecodable entries
+    assert _rendered(_compile(example_repo, cache_dir)) == expected
+    (cache_dir / "cache.sqlite").write_bytes(b"not a database")
+    assert _rendered(_compile(example_repo, cache_dir)) == expected
+
+
+def test_cli_keeps_its_cache_out_of_git(example_repo):
+    code, _ = run_cli(["compile", "--repo", str(example_repo)])
+    assert code == 0
+    assert (example_repo / CACHE_DIR / ".gitignore").read_text() == "*\n"
+    shutil.rmtree(example_repo / CACHE_DIR)
+    code, _ = run_cli(["compile", "--repo", str(example_repo), "--no-cache"])
+    assert code == 0 and not (example_repo / CACHE_DIR).exists()
