@@ -31,6 +31,8 @@ import yaml
 import compiler
 
 CACHE_DIR = ".meshc-cache"
+PRUNE_SLACK = 1000  # unused unit entries tolerated beyond twice this run's
+YAML_LIMIT = 200_000  # documents; past this the memo starts over
 
 
 @lru_cache(maxsize=1)
@@ -61,6 +63,7 @@ class Cache:
         self.units: dict[bytes, bytes] = {}
         self.yaml: dict[bytes, bytes] = {}
         self._new_units: dict[bytes, bytes] = {}
+        self._used: set[bytes] = set()
         self._new_yaml: dict[bytes, bytes] = {}
         self._open()
 
@@ -80,6 +83,7 @@ class Cache:
             self._db, self.units, self.yaml = None, {}, {}
 
     def get(self, key: bytes):
+        self._used.add(key)
         raw = self.units.get(key)
         if raw is None:
             return None
@@ -89,15 +93,23 @@ class Cache:
             return None
 
     def get_json(self, key: bytes):
+        self._used.add(key)
         raw = self.units.get(key)
-        return orjson.loads(raw) if raw is not None else None
+        if raw is None:
+            return None
+        try:
+            return orjson.loads(raw)
+        except orjson.JSONDecodeError:  # a damaged entry: recompute
+            return None
 
     def put_json(self, key: bytes, value) -> None:
+        self._used.add(key)
         raw = orjson.dumps(value)
         self.units[key] = raw
         self._new_units[key] = raw
 
     def put(self, key: bytes, value) -> None:
+        self._used.add(key)
         raw = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
         self.units[key] = raw
         self._new_units[key] = raw
@@ -111,10 +123,15 @@ class Cache:
     def save(self) -> None:
         if self._db is None or not (self._new_units or self._new_yaml):
             return
+        stale = [(k,) for k in self.units if k not in self._used] if len(self.units) > 2 * len(self._used) + PRUNE_SLACK else []
         try:
             with self._db:
                 self._db.executemany("INSERT OR REPLACE INTO units VALUES (?, ?)", self._new_units.items())
                 self._db.executemany("INSERT OR REPLACE INTO yaml VALUES (?, ?)", self._new_yaml.items())
+                # Keep the cache near the size of one repo: entries this run did not use go once they dominate.
+                self._db.executemany("DELETE FROM units WHERE key = ?", stale)
+                if len(self.yaml) > YAML_LIMIT:
+                    self._db.execute("DELETE FROM yaml")
         except sqlite3.Error:
             pass  # a cache that cannot be written only costs time next run
         self._new_units.clear()

@@ -117,10 +117,22 @@ def parse(path: str, content: bytes, diags: Diagnostics) -> Document | None:
         return None
     spans: dict = {}
     before = len(diags)
-    data = _Builder(path, spans, diags).value(node, ())
+    try:
+        data = _Builder(path, spans, diags).value(node, ())
+    except _TooBig:
+        diags.error("yaml.too-big", f"the document expands to more than {MAX_VALUES:,} values (through aliases?)", Span(path, 1, 1))
+        return None
     if len(diags) > before:
         return None
     return Document(path, data, SpanMap(spans), sha)
+
+
+# Aliases let a few bytes expand into billions of values ("billion laughs"); no policy needs this many.
+MAX_VALUES = 100_000
+
+
+class _TooBig(Exception):
+    pass
 
 
 class _Builder:
@@ -128,11 +140,15 @@ class _Builder:
 
     def __init__(self, path: str, spans: dict, diags: Diagnostics):
         self.path, self.spans, self.diags = path, spans, diags
+        self.budget = MAX_VALUES
 
     def span(self, node) -> Span:
         return Span(self.path, node.start_mark.line + 1, node.start_mark.column + 1)
 
     def value(self, node, path: tuple):
+        self.budget -= 1
+        if self.budget < 0:
+            raise _TooBig
         self.spans[path] = self.span(node)
         tag = node.tag or ""
         if isinstance(node, MappingNode):

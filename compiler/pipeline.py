@@ -416,13 +416,30 @@ def _service(env: m.Environment, policy: Policy, layers: _EnvLayers, diags: Diag
     return svc if diags.error_count == errors else None
 
 
-# Environment defaults that only mean something for HTTP; a TCP-only service does not inherit them.
-HTTP_ONLY_DEFAULTS = ("timeout", "retries")
+# Environment defaults that only mean something for HTTP (see `check._HTTP_ONLY`): a
+# TCP-only service does not inherit them, where a policy of its own setting them is an error.
+HTTP_ONLY_DEFAULTS = (("timeout",), ("retries",), ("ingress",), ("connectionPool", "http"), ("traffic", "canary", "match"))
 
 
 def _without_http_only(defaults: Layer) -> Layer:
-    data = {k: v for k, v in defaults.data.items() if k not in HTTP_ONLY_DEFAULTS}
+    data = _drop_paths(defaults.data, HTTP_ONLY_DEFAULTS)
+    lb = data.get("loadBalancer")
+    if isinstance(lb, dict) and set(lb.get("consistentHash") or {}) & {"header", "cookie"}:
+        data = {k: v for k, v in data.items() if k != "loadBalancer"}
     return Layer(data, defaults.spans)
+
+
+def _drop_paths(data: dict, paths) -> dict:
+    out = dict(data)
+    for path in paths:
+        node = out
+        for key in path[:-1]:
+            if not isinstance(node.get(key), dict):
+                break
+            node[key] = node = dict(node[key])
+        else:
+            node.pop(path[-1], None)
+    return out
 
 
 def _check_keys(spec: dict, spans: SpanMap, known: set[str], diags: Diagnostics) -> None:
