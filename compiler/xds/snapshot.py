@@ -1,10 +1,10 @@
 """Snapshots: one environment's four emitted Envoy files, parsed strictly and checked.
 
 Owns loading `rendered/<env>/envoy/{clusters,endpoints,listeners,routes}.json`,
-the strict parse of every resource into its xds-protos type, the one
-consistency check (`consistency_errors`, also called by the compiler's Envoy
-target before it writes), and the wire bytes every response is assembled
-from, computed once per snapshot.
+the strict parse of every resource into its xds-protos type, the version
+rule (`content_version`), running the one consistency check (defined in
+`consistency`, re-exported here for the compiler's Envoy target), and the
+wire bytes every response is assembled from, computed once per snapshot.
 
 A snapshot is immutable. Loading either returns a complete `Snapshot` or
 raises `SnapshotError` carrying every problem found; there is no partial
@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator, Mapping, Sequence
+import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from google.protobuf import json_format
 from envoy.service.discovery.v3 import discovery_pb2
 
 from compiler.xds import protos
+from compiler.xds.consistency import consistency_errors
 
 __all__ = [
     "KINDS", "PUSH_ORDER", "TYPE_URLS", "WILDCARD_KINDS", "Resource", "Snapshot",
@@ -48,8 +50,6 @@ KINDS = PUSH_ORDER
 #: CDS and LDS are wildcard subscriptions; RDS and EDS name their resources.
 WILDCARD_KINDS = frozenset({"clusters", "listeners"})
 
-_HCM = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
-_TCP_PROXY = "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy"
 _MAX_FILE_BYTES = 64 * 1024 * 1024
 
 
@@ -125,20 +125,32 @@ def content_version(resources: Sequence[dict]) -> str:
 def environment_dirs(rendered: Path) -> list[Path]:
     """`rendered/<env>/envoy` for every environment, sorted; hidden names (a
     compiler's staging or old copy, `.prod.new-*`) are not environments."""
-    return [d for d in sorted(rendered.glob("*/envoy"))
-            if not d.parent.name.startswith(".") and d.is_dir()]
+    try:
+        names = sorted(entry.name for entry in os.scandir(rendered))
+    except OSError:         # the directory itself is gone or unreadable: no environments
+        return []
+    return [rendered / name / "envoy" for name in names
+            if not name.startswith(".") and (rendered / name / "envoy").is_dir()]
 
 
 def read_files(envoy_dir: Path) -> dict[str, bytes]:
-    """The raw bytes of the four files; OSError if one is missing or unreadable."""
+    """The raw bytes of the four files; OSError if one is missing or unreadable.
+
+    All four are read through one open handle on the directory, so a compile
+    that swaps `rendered/<env>` in the middle cannot hand us a mix of two trees.
+    """
     out = {}
-    for kind in PUSH_ORDER:
-        path = envoy_dir / f"{kind}.json"
-        with path.open("rb") as handle:
-            data = handle.read(_MAX_FILE_BYTES + 1)
-        if len(data) > _MAX_FILE_BYTES:
-            raise OSError(f"{path.name}: larger than {_MAX_FILE_BYTES} bytes")
-        out[kind] = data
+    directory = os.open(envoy_dir, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for kind in PUSH_ORDER:
+            fd = os.open(f"{kind}.json", os.O_RDONLY, dir_fd=directory)
+            with os.fdopen(fd, "rb") as handle:
+                data = handle.read(_MAX_FILE_BYTES + 1)
+            if len(data) > _MAX_FILE_BYTES:
+                raise OSError(f"{kind}.json: larger than {_MAX_FILE_BYTES} bytes")
+            out[kind] = data
+    finally:
+        os.close(directory)
     return out
 
 
@@ -232,101 +244,3 @@ def _resource(name: str, msg) -> Resource:
     as_json = json_format.MessageToDict(msg, preserving_proto_field_name=True)
     as_json = {"@type": packed.type_url, **as_json}
     return Resource(name=name, version=version, json=as_json, sotw_field=sotw, delta_field=delta)
-
-
-# --- consistency -----------------------------------------------------------
-
-def consistency_errors(resources: Mapping[str, Sequence[dict]]) -> list[str]:
-    """Every dangling reference in a snapshot, as one human-readable line each.
-
-    `resources` maps "clusters", "endpoints", "listeners", "routes" (missing
-    keys mean none) to proto3-JSON dicts with snake_case field names, as the
-    Envoy target emits them. Checked, in this order:
-
-    - every RDS route configuration a listener's HTTP connection manager names
-      (in any filter chain, including `default_filter_chain`) exists;
-    - every cluster a route names (`route.cluster`, `weighted_clusters`,
-      `request_mirror_policies`), in RDS or inline `route_config`, exists, and
-      so does every TCP proxy cluster (plain and weighted). go-control-plane's
-      `Consistent()` skips these; Envoy answers them with 503 NC at run time;
-    - every EDS cluster has a ClusterLoadAssignment (named by
-      `eds_cluster_config.service_name`, else by the cluster's own name).
-
-    Pure dict walking: no protobuf, no I/O. The list is sorted, empty when
-    the snapshot is consistent.
-    """
-    clusters = {c.get("name") for c in resources.get("clusters", ())}
-    assignments = {e.get("cluster_name") for e in resources.get("endpoints", ())}
-    route_configs = {r.get("name") for r in resources.get("routes", ())}
-    problems: list[str] = []
-
-    for listener in resources.get("listeners", ()):
-        where = f"listener {listener.get('name')!r}"
-        for config in _network_filters(listener):
-            url = config.get("@type")
-            if url == _HCM:
-                rds = config.get("rds")
-                if rds is not None and rds.get("route_config_name") not in route_configs:
-                    problems.append(f"{where}: route configuration "
-                                    f"{rds.get('route_config_name')!r} does not exist")
-                inline = config.get("route_config")
-                if inline is not None:
-                    problems += _route_problems(inline, clusters, f"{where} inline routes")
-            elif url == _TCP_PROXY:
-                for name in _tcp_clusters(config):
-                    if name not in clusters:
-                        problems.append(f"{where}: tcp_proxy cluster {name!r} does not exist")
-
-    for config in resources.get("routes", ()):
-        problems += _route_problems(config, clusters, f"route configuration {config.get('name')!r}")
-
-    for cluster in resources.get("clusters", ()):
-        if cluster.get("type") == "EDS":
-            service = (cluster.get("eds_cluster_config") or {}).get("service_name") or cluster.get("name")
-            if service not in assignments:
-                problems.append(f"cluster {cluster.get('name')!r}: EDS cluster has no "
-                                f"ClusterLoadAssignment {service!r}")
-    return sorted(problems)
-
-
-def _network_filters(listener: dict) -> Iterator[dict]:
-    chains = list(listener.get("filter_chains") or ())
-    if listener.get("default_filter_chain"):
-        chains.append(listener["default_filter_chain"])
-    for chain in chains:
-        for network_filter in chain.get("filters") or ():
-            config = network_filter.get("typed_config")
-            if isinstance(config, dict):
-                yield config
-
-
-def _tcp_clusters(config: dict) -> Iterator[str]:
-    if "cluster" in config:
-        yield config["cluster"]
-    for weighted in (config.get("weighted_clusters") or {}).get("clusters") or ():
-        yield weighted.get("name")
-
-
-def _route_problems(config: dict, clusters: set, where: str) -> list[str]:
-    problems = []
-    for host in config.get("virtual_hosts") or ():
-        for index, route in enumerate(host.get("routes") or ()):
-            action = route.get("route")
-            if not isinstance(action, dict):
-                continue        # redirect, direct_response, filter_action: no cluster
-            for name in _route_clusters(action):
-                if name not in clusters:
-                    problems.append(f"{where}: virtual host {host.get('name')!r} "
-                                    f"routes[{index}] names cluster {name!r}, "
-                                    f"which does not exist")
-    return problems
-
-
-def _route_clusters(action: dict) -> Iterator[str]:
-    if "cluster" in action:
-        yield action["cluster"]
-    for weighted in (action.get("weighted_clusters") or {}).get("clusters") or ():
-        yield weighted.get("name")
-    for mirror in action.get("request_mirror_policies") or ():
-        if "cluster" in mirror:
-            yield mirror["cluster"]

@@ -1,0 +1,246 @@
+"""Snapshot loading: the strict parse, the consistency check, and what a reload publishes."""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+from compiler.xds import consistency_errors, sample
+from compiler.xds.server import Options, ServerThread
+from compiler.xds.snapshot import SnapshotError, load_snapshot, read_files
+
+ENV = "demo"
+V1, V2 = sample.cluster_name("v1"), sample.cluster_name("v2")
+TCP_PROXY = "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy"
+
+
+@pytest.fixture
+def res() -> dict:
+    return sample.sample_resources(("127.0.0.1", 10000),
+                                   {"v1": ("127.0.0.1", 8001), "v2": ("127.0.0.1", 8002)},
+                                   {"v1": 90, "v2": 10})
+
+
+def load(tmp_path: Path, res: dict):
+    sample.write_snapshot(tmp_path, ENV, res)
+    return load_snapshot(ENV, read_files(tmp_path / ENV / "envoy"))
+
+
+def problems(tmp_path: Path, res: dict) -> tuple[str, ...]:
+    with pytest.raises(SnapshotError) as info:
+        load(tmp_path, res)
+    return info.value.problems
+
+
+def hcm(res: dict) -> dict:
+    return res["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+
+
+# --- consistency -----------------------------------------------------------------
+
+def test_sample_is_consistent_and_loads(tmp_path, res):
+    assert consistency_errors(res) == []
+    snap = load(tmp_path, res)
+    assert list(snap.kinds["clusters"].resources) == [V1, V2]
+    assert snap.versions()["clusters"] == sample.response_document(
+        "clusters", res["clusters"])["version_info"]
+
+
+def test_missing_route_configuration(res):
+    hcm(res)["rds"]["route_config_name"] = "8080"
+    assert consistency_errors(res) == [
+        "listener '127.0.0.1_10000': route configuration '8080' does not exist"]
+
+
+def test_missing_route_clusters_plain_and_weighted(res):
+    routes = res["routes"][0]["virtual_hosts"][0]["routes"]
+    routes[0]["route"]["cluster"] = "gone"
+    routes[1]["route"]["weighted_clusters"]["clusters"][1]["name"] = "gone-too"
+    errors = consistency_errors(res)
+    assert len(errors) == 2
+    assert all("does not exist" in e for e in errors)
+    assert any("'gone'" in e for e in errors) and any("'gone-too'" in e for e in errors)
+
+
+def test_inline_route_config_and_default_filter_chain_are_checked(res):
+    config = hcm(res)
+    del config["rds"]
+    config["route_config"] = {"name": "inline", "virtual_hosts": [
+        {"name": "vh", "domains": ["*"], "routes": [{"match": {"prefix": "/"},
+                                                     "route": {"cluster": "nope"}}]}]}
+    res["listeners"][0]["default_filter_chain"] = copy.deepcopy(
+        res["listeners"][0]["filter_chains"][0])
+    errors = consistency_errors(res)
+    assert len(errors) == 2 and all("'nope'" in e for e in errors)
+
+
+def test_tcp_proxy_clusters(res):
+    res["listeners"][0]["filter_chains"][0]["filters"][0] = {
+        "name": "envoy.filters.network.tcp_proxy",
+        "typed_config": {"@type": TCP_PROXY, "stat_prefix": "tcp",
+                         "weighted_clusters": {"clusters": [{"name": V1, "weight": 1},
+                                                            {"name": "missing", "weight": 1}]}}}
+    assert consistency_errors(res) == [
+        "listener '127.0.0.1_10000': tcp_proxy cluster 'missing' does not exist"]
+
+
+def test_eds_cluster_needs_assignment_strict_dns_does_not(res):
+    res["endpoints"] = res["endpoints"][:1]
+    assert consistency_errors(res) == [
+        f"cluster {V2!r}: EDS cluster has no ClusterLoadAssignment {V2!r}"]
+    cluster = res["clusters"][1]
+    del cluster["eds_cluster_config"]
+    cluster["type"] = "STRICT_DNS"
+    cluster["load_assignment"] = {"cluster_name": V2, "endpoints": []}
+    assert consistency_errors(res) == []
+
+
+# --- strict parsing ------------------------------------------------------------
+
+@pytest.mark.parametrize("mutate, expected", [
+    (lambda r: r["clusters"][0].update(bogus_field=1), "no field named \"bogus_field\""),
+    (lambda r: r["clusters"][0].update(lb_policy="FASTEST"), "Invalid enum value FASTEST"),
+    (lambda r: r["clusters"][0].update(lb_policy=99), "unknown enum value at "
+                                                      "resources[0].lb_policy = 99"),
+    (lambda r: hcm(r).update(codec_type=42), "codec_type = 42"),
+    (lambda r: hcm(r).update(not_a_field=True), "no field named \"not_a_field\""),
+    (lambda r: hcm(r).update({"@type": "type.googleapis.com/no.such.Type"}),
+     "unknown type 'type.googleapis.com/no.such.Type'"),
+    (lambda r: r["clusters"].append(copy.deepcopy(r["clusters"][0])), "two resources named"),
+], ids=["unknown-field", "enum-name", "enum-number", "nested-enum", "nested-field",
+        "unknown-type", "duplicate"])
+def test_strict_parse_refuses(tmp_path, res, mutate, expected):
+    mutate(res)
+    found = problems(tmp_path, res)
+    assert any(expected in p for p in found), found
+
+
+def test_wrong_type_url_and_empty_version(tmp_path, res):
+    sample.write_snapshot(tmp_path, ENV, res)
+    path = tmp_path / ENV / "envoy" / "routes.json"
+    doc = json.loads(path.read_text())
+    doc["type_url"] = sample.TYPE_URLS["clusters"]
+    path.write_text(json.dumps(doc))
+    files = read_files(tmp_path / ENV / "envoy")
+    with pytest.raises(SnapshotError, match="type_url is"):
+        load_snapshot(ENV, files)
+    doc = json.loads(path.read_text())
+    doc.update(type_url=sample.TYPE_URLS["routes"], version_info="")
+    path.write_text(json.dumps(doc))
+    with pytest.raises(SnapshotError, match="version_info is empty"):
+        load_snapshot(ENV, read_files(tmp_path / ENV / "envoy"))
+
+
+def test_version_must_match_content(tmp_path, res):
+    sample.write_snapshot(tmp_path, ENV, res)
+    path = tmp_path / ENV / "envoy" / "endpoints.json"
+    doc = json.loads(path.read_text())
+    doc["resources"][0]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"][
+        "socket_address"]["port_value"] = 1234                 # a hand edit
+    path.write_text(json.dumps(doc))
+    with pytest.raises(SnapshotError, match="endpoints.json: version_info .* is not the SHA-256"):
+        load_snapshot(ENV, read_files(tmp_path / ENV / "envoy"))
+
+
+def test_half_written_file_is_refused(tmp_path, res):
+    sample.write_snapshot(tmp_path, ENV, res)
+    path = tmp_path / ENV / "envoy" / "clusters.json"
+    path.write_bytes(path.read_bytes()[:200])
+    with pytest.raises(SnapshotError, match="clusters.json: not JSON"):
+        load_snapshot(ENV, read_files(tmp_path / ENV / "envoy"))
+
+
+# --- reloads in a running server ---------------------------------------------------
+
+def _snapshots(server: ServerThread) -> dict:
+    return requests.get(server.http_url + "/debug/snapshots", timeout=5).json()
+
+
+def _wait(predicate, timeout: float = 5):
+    deadline = time.monotonic() + timeout
+    while not (value := predicate()):
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+    return value
+
+
+@pytest.mark.parametrize("watch", ["inotify", "poll"])
+def test_reload_publishes_only_complete_consistent_files(tmp_path, res, watch):
+    sample.write_snapshot(tmp_path, ENV, res)
+    good = {k: sample.response_document(k, v)["version_info"] for k, v in res.items()}
+    options = Options(rendered=tmp_path, grpc_port=0, http_port=0, debounce=0.01,
+                      watch=watch, poll_interval=0.05)
+    with ServerThread(options) as server:
+        assert requests.get(server.http_url + "/readyz", timeout=5).status_code == 200
+        # A compile that has so far written only clusters.json (a new EDS cluster whose
+        # assignment is not written yet) is not published ...
+        grown = sample.sample_resources(("127.0.0.1", 10000),
+                                        {"v1": ("127.0.0.1", 8001), "v2": ("127.0.0.1", 8002),
+                                         "v3": ("127.0.0.1", 8003)}, {"v1": 90, "v2": 10})
+        sample.write_snapshot(tmp_path, ENV, grown, only=("clusters",))
+        page = _wait(lambda: (p := _snapshots(server)) and p[ENV]["errors"] and p)
+        assert "has no ClusterLoadAssignment" in page[ENV]["errors"][0]
+        assert page[ENV]["versions"] == good
+        metrics = requests.get(server.http_url + "/metrics", timeout=5).text
+        assert 'meshc_xds_snapshot_rejected_total{env="demo"} 1' in metrics
+        # ... until the rest lands.
+        sample.write_snapshot(tmp_path, ENV, grown)
+        page = _wait(lambda: (p := _snapshots(server)) and not p[ENV]["errors"] and p)
+        assert page[ENV]["resources"]["clusters"] == sorted(c["name"] for c in grown["clusters"])
+
+
+def test_not_ready_until_a_valid_snapshot(tmp_path, res):
+    broken = copy.deepcopy(res)
+    broken["clusters"][0]["lb_policy"] = 77
+    sample.write_snapshot(tmp_path, ENV, broken)
+    with ServerThread(Options(rendered=tmp_path, grpc_port=0, http_port=0, debounce=0.01)) as server:
+        ready = requests.get(server.http_url + "/readyz", timeout=5)
+        assert ready.status_code == 503 and "demo" in ready.text
+        sample.write_snapshot(tmp_path, ENV, res)
+        _wait(lambda: requests.get(server.http_url + "/readyz", timeout=5).status_code == 200)
+
+
+def _swap_in(rendered: Path, env: str, res: dict, scratch: Path) -> None:
+    """Replace rendered/<env> as a whole with two renames, as `meshc compile` does."""
+    staging = rendered / f".{env}.new-1"
+    sample.write_snapshot(scratch, env, res)
+    (scratch / env).rename(staging)
+    old = rendered / f".{env}.old-1"
+    (rendered / env).rename(old)
+    staging.rename(rendered / env)
+    for path in sorted(old.rglob("*"), reverse=True):
+        path.rmdir() if path.is_dir() else path.unlink()
+    old.rmdir()
+
+
+@pytest.mark.parametrize("watch", ["inotify", "poll"])
+def test_reload_follows_a_directory_swap(tmp_path, res, watch):
+    rendered, scratch = tmp_path / "rendered", tmp_path / "scratch"
+    sample.write_snapshot(rendered, ENV, res)
+    options = Options(rendered=rendered, grpc_port=0, http_port=0, debounce=0.01,
+                      watch=watch, poll_interval=0.05)
+    with ServerThread(options) as server:
+        for weight in (30, 60):
+            changed = sample.sample_resources(
+                ("127.0.0.1", 10000), {"v1": ("127.0.0.1", 8001), "v2": ("127.0.0.1", 8002)},
+                {"v1": 100 - weight, "v2": weight})
+            _swap_in(rendered, ENV, changed, scratch)
+            want = sample.response_document("routes", changed["routes"])["version_info"]
+            _wait(lambda: _snapshots(server)[ENV]["versions"]["routes"] == want)
+        assert list(_snapshots(server)) == [ENV]      # staging copies are not environments
+
+
+REPO_RENDERED = Path(__file__).resolve().parents[1] / "rendered"
+
+
+@pytest.mark.skipif(not any(REPO_RENDERED.glob("*/envoy")), reason="nothing compiled yet")
+@pytest.mark.parametrize("env", sorted(p.parent.name for p in REPO_RENDERED.glob("*/envoy")))
+def test_compiled_environments_load(env):
+    """What `meshc compile` emitted is servable: strict parse and consistency pass."""
+    snapshot = load_snapshot(env, read_files(REPO_RENDERED / env / "envoy"))
+    assert all(snapshot.kinds[k].resources for k in ("clusters", "listeners", "routes"))
