@@ -1,0 +1,295 @@
+"""The xDS protocol state of one gRPC stream, state-of-the-world and incremental.
+
+Owns what to answer and when: `on_request` takes a decoded request,
+`on_snapshot` is called after the proxy's environment published a new
+snapshot; both return the serialised responses to write, in order. No I/O
+and no gRPC here, so the semantics are unit-testable; `ads.py` does the wiring.
+
+Rules (https://www.envoyproxy.io/docs/envoy/latest/api-docs/xds_protocol, and
+istiod's `ShouldRespond`):
+- one nonce counter per stream; versions are the snapshot's per-kind content hashes;
+- SotW: a request whose nonce is not the latest sent for its kind is stale and
+  ignored; an ACK gets no answer unless the subscribed names changed; a NACK
+  (`error_detail`) is recorded and gets no answer, so the rejected version is
+  not resent: the proxy hears again only when the snapshot changes;
+- a new subscription (no nonce) is always answered, once a snapshot exists;
+- pushes go clusters → endpoints → listeners → routes, only kinds whose
+  version changed (endpoints also after any clusters push: a modified EDS
+  cluster warms only once it hears its assignment again);
+- Delta: only changed resources plus `removed_resources`; subscription
+  changes apply even on a stale nonce; `initial_resource_versions` seeds
+  what the client already has.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import grpc
+from envoy.service.discovery.v3 import discovery_pb2
+
+from compiler.xds.cache import Cache, EnvState
+from compiler.xds.metrics import Metrics
+from compiler.xds.proxies import Nack, Proxies, ProxyStatus
+from compiler.xds.snapshot import PUSH_ORDER, TYPE_URLS, WILDCARD_KINDS, kind_of
+
+__all__ = ["DeltaStream", "Hub", "SotwStream", "StreamError"]
+
+log = logging.getLogger("meshc.xds")
+
+
+class StreamError(Exception):
+    """End the stream with this gRPC status."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class Hub:
+    """What every stream shares: the snapshots, the proxy registry, the metrics."""
+
+    cache: Cache
+    proxies: Proxies
+    metrics: Metrics
+
+
+@dataclass
+class _Watch:
+    wildcard: bool                      # every resource of the kind
+    names: frozenset[str]               # explicitly named resources (besides the wildcard)
+    nonce: str = ""                     # latest nonce sent for this kind
+    version: str = ""                   # latest version sent for this kind
+    known: dict[str, str] = field(default_factory=dict)   # Delta: name → version client has
+    pushed_for: float = 0.0             # published_at of the snapshot last pushed, until ACKed
+
+
+class _Stream:
+    """What SotW and Delta share: binding to an environment, nonces, ACK/NACK records."""
+
+    def __init__(self, hub: Hub, protocol: str, wake: Callable[[], None], *,
+                 kind: str | None = None, peer: str = "") -> None:
+        self.hub = hub
+        self.protocol = protocol
+        self.fixed_kind = kind
+        self.status: ProxyStatus | None = None
+        self._wake = wake
+        self._unwatch: Callable[[], None] | None = None
+        self._nonce = 0
+        self._peer = peer
+        self._watches: dict[str, _Watch] = {}
+        self._ignored: set[str] = set()
+
+    # --- lifecycle -------------------------------------------------------
+    def _bind(self, node) -> None:
+        env = node.cluster
+        if not env:
+            raise StreamError(grpc.StatusCode.INVALID_ARGUMENT,
+                              "the first request must carry node.cluster (the environment name)")
+        if self.hub.cache.get(env) is None:
+            known = ", ".join(s.env for s in self.hub.cache.envs()) or "none"
+            log.warning("proxy %r (%s) asked for unknown environment %r; known: %s",
+                        node.id, self._peer, env, known)
+            raise StreamError(grpc.StatusCode.NOT_FOUND,
+                              f"no environment {env!r} (node.cluster) in the rendered "
+                              f"directory; known: {known}")
+        self.status = ProxyStatus(node.id, env, self.protocol, peer=self._peer)
+        self.hub.proxies.add(self.status)
+        self._unwatch = self.hub.cache.watch(env, self._wake)
+        log.info("proxy %r connected over %s for environment %r", node.id, self.protocol, env)
+
+    def close(self) -> None:
+        if self.status is not None:
+            self.hub.proxies.remove(self.status)
+            log.info("proxy %r disconnected (%s)", self.status.node_id, self.protocol)
+        if self._unwatch is not None:
+            self._unwatch()
+            self._unwatch = None
+
+    def _kind(self, type_url: str) -> str | None:
+        if self.fixed_kind is not None:
+            if type_url and type_url != TYPE_URLS[self.fixed_kind]:
+                raise StreamError(grpc.StatusCode.INVALID_ARGUMENT,
+                                  f"type_url {type_url!r} on the {self.protocol} service")
+            return self.fixed_kind
+        if not type_url:
+            raise StreamError(grpc.StatusCode.INVALID_ARGUMENT,
+                              "an aggregated request must carry type_url")
+        kind = kind_of(type_url)
+        if kind is None and type_url not in self._ignored:
+            self._ignored.add(type_url)
+            log.warning("proxy %r asked for %s, which this server does not serve; ignored",
+                        self.status.node_id, type_url)
+        return kind
+
+    def _state(self) -> EnvState:
+        return self.hub.cache.get(self.status.env)
+
+    def _next_nonce(self) -> str:
+        self._nonce += 1
+        return str(self._nonce)
+
+    def _labels(self, kind: str) -> dict[str, str]:
+        return {"env": self.status.env, "type": kind}
+
+    def _record_ack(self, kind: str, watch: _Watch, version: str) -> None:
+        self.status.acked[kind] = version
+        self.hub.metrics.inc("meshc_xds_acks_total", **self._labels(kind))
+        if watch.pushed_for:
+            self.hub.metrics.observe("meshc_xds_push_to_ack_seconds",
+                                     time.monotonic() - watch.pushed_for, type=kind)
+            watch.pushed_for = 0.0
+
+    def _record_nack(self, kind: str, watch: _Watch, nonce: str, error) -> None:
+        nack = Nack(version=watch.version, nonce=nonce, message=error.message, at_unix=time.time())
+        self.status.nacks[kind] = nack
+        watch.pushed_for = 0.0
+        self.hub.metrics.inc("meshc_xds_nacks_total", **self._labels(kind))
+        log.warning("proxy %r rejected %s version %s: %s (not resending it)",
+                    self.status.node_id, kind, nack.version[:12], error.message)
+
+    def _sent(self, kind: str, watch: _Watch, nonce: str, version: str, push: bool) -> None:
+        watch.nonce, watch.version = nonce, version
+        self.status.sent[kind] = version
+        if push:
+            watch.pushed_for = self._state().published_at
+        self.hub.metrics.inc("meshc_xds_responses_total", **self._labels(kind),
+                             reason="push" if push else "request")
+
+
+class SotwStream(_Stream):
+    """State of the world: every response carries every subscribed resource of its kind."""
+
+    def on_request(self, req: discovery_pb2.DiscoveryRequest) -> list[bytes]:
+        if self.status is None:
+            self._bind(req.node)
+        kind = self._kind(req.type_url)
+        if kind is None:
+            return []
+        wildcard, names = _sotw_names(kind, req.resource_names)
+        watch = self._watches.get(kind)
+        if watch is None or not req.response_nonce:
+            self._watches[kind] = _Watch(wildcard, names)
+            return self._respond(kind, push=False)
+        if req.response_nonce != watch.nonce:
+            return []           # stale: about a response superseded since
+        if req.HasField("error_detail"):
+            self._record_nack(kind, watch, req.response_nonce, req.error_detail)
+            watch.wildcard, watch.names = wildcard, names
+            return []
+        self._record_ack(kind, watch, req.version_info)
+        if (wildcard, names) != (watch.wildcard, watch.names):
+            watch.wildcard, watch.names = wildcard, names
+            return self._respond(kind, push=False) if wildcard or names else []
+        return []
+
+    def on_snapshot(self) -> list[bytes]:
+        out: list[bytes] = []
+        snapshot = self._state().snapshot
+        clusters_pushed = False
+        for kind in PUSH_ORDER:
+            watch = self._watches.get(kind)
+            if watch is None or not (watch.wildcard or watch.names):
+                continue
+            changed = watch.version != snapshot.kinds[kind].version
+            if changed or (kind == "endpoints" and clusters_pushed):
+                out += self._respond(kind, push=True)
+                clusters_pushed = clusters_pushed or kind == "clusters"
+        return out
+
+    def _respond(self, kind: str, push: bool) -> list[bytes]:
+        snapshot = self._state().snapshot
+        if snapshot is None:
+            return []           # answered by on_snapshot once one loads
+        watch = self._watches[kind]
+        typed = snapshot.kinds[kind]
+        nonce = self._next_nonce()
+        body = typed.sotw_body(None if watch.wildcard else watch.names) + discovery_pb2.DiscoveryResponse(
+            nonce=nonce).SerializeToString()
+        self._sent(kind, watch, nonce, typed.version, push)
+        return [body]
+
+
+class DeltaStream(_Stream):
+    """Incremental: only resources the client lacks, and the names it should drop."""
+
+    def on_request(self, req: discovery_pb2.DeltaDiscoveryRequest) -> list[bytes]:
+        if self.status is None:
+            self._bind(req.node)
+        kind = self._kind(req.type_url)
+        if kind is None:
+            return []
+        watch = self._watches.get(kind)
+        subscribe = set(req.resource_names_subscribe)
+        if watch is None:
+            wildcard = "*" in subscribe or (kind in WILDCARD_KINDS and not subscribe)
+            watch = self._watches[kind] = _Watch(wildcard, frozenset(subscribe - {"*"}),
+                                                 known=dict(req.initial_resource_versions))
+            return self._respond(kind, push=False, always=True, asked=subscribe)
+        new = self._apply_subscriptions(watch, subscribe, set(req.resource_names_unsubscribe))
+        if req.response_nonce and req.response_nonce == watch.nonce:
+            if req.HasField("error_detail"):
+                self._record_nack(kind, watch, req.response_nonce, req.error_detail)
+            else:
+                self._record_ack(kind, watch, watch.version)
+        return self._respond(kind, push=False, asked=new) if new else []
+
+    def _apply_subscriptions(self, watch: _Watch, subscribe: set[str],
+                             unsubscribe: set[str]) -> set[str]:
+        """Update the watch; return the names newly subscribed (to answer now)."""
+        if "*" in unsubscribe:
+            watch.wildcard = False
+        if "*" in subscribe:
+            watch.wildcard = True
+        new = (subscribe - {"*"}) - watch.names
+        watch.names = (watch.names | new) - unsubscribe
+        for name in unsubscribe | new:
+            watch.known.pop(name, None)     # a re-subscribed name is sent afresh
+        return new
+
+    def on_snapshot(self) -> list[bytes]:
+        out: list[bytes] = []
+        for kind in PUSH_ORDER:
+            if kind in self._watches:
+                out += self._respond(kind, push=True)
+        return out
+
+    def _respond(self, kind: str, push: bool, always: bool = False,
+                 asked: Iterable[str] = ()) -> list[bytes]:
+        snapshot = self._state().snapshot
+        if snapshot is None:
+            return []
+        watch = self._watches[kind]
+        typed = snapshot.kinds[kind]
+        wanted = set(watch.names) | (set(typed.resources) if watch.wildcard else set())
+        changed = [typed.resources[n] for n in sorted(wanted)
+                   if n in typed.resources and watch.known.get(n) != typed.resources[n].version]
+        removed = {n for n in watch.known if n not in typed.resources
+                   and (watch.wildcard or n in wanted)}
+        # A name asked for that does not exist is reported as removed, so the
+        # client stops waiting for it (xds_protocol: "resource does not exist").
+        removed |= {n for n in asked if n != "*" and n not in typed.resources}
+        if not (changed or removed or always):
+            return []
+        nonce = self._next_nonce()
+        body = discovery_pb2.DeltaDiscoveryResponse(
+            system_version_info=typed.version, type_url=typed.type_url, nonce=nonce,
+            removed_resources=sorted(removed)).SerializeToString()
+        body += b"".join(r.delta_field for r in changed)
+        for resource in changed:
+            watch.known[resource.name] = resource.version
+        for name in removed:
+            watch.known.pop(name, None)
+        self._sent(kind, watch, nonce, typed.version, push)
+        return [body]
+
+
+def _sotw_names(kind: str, names: Iterable[str]) -> tuple[bool, frozenset[str]]:
+    """(wildcard, names): wildcard for `*`, or for an empty list on CDS/LDS (the legacy form)."""
+    names = frozenset(names)
+    return "*" in names or (kind in WILDCARD_KINDS and not names), names - {"*"}
