@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.meshc-installed
 
-.PHONY: compile test check bench demo clean
+.PHONY: compile test bench demo clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,5 +24,10 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/compile.py
 
+# A real Envoy fed by `meshc serve` in front of small local backends (the dev environment).
+demo: $(STAMP)
+	$(BIN)/meshc compile
+	$(BIN)/python -m compiler.xds.demo
+
 clean:
-	rm -rf $(VENV) .meshc-cache .pytest_cache
+	rm -rf $(VENV) .meshc-cache .meshc-demo .pytest_cache

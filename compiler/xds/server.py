@@ -1,0 +1,365 @@
+"""`meshc serve` assembled: load, watch, publish; gRPC and HTTP on one event loop.
+
+Owns the `Options`, the reload cycle (files read and parsed on a worker
+thread, published on the loop) and the `Server` lifecycle. `ServerThread`
+runs a server on a background thread for tests, the demo and the benchmark.
+
+Reload rule: an environment's new files are published only when all four
+parse strictly and pass `consistency_errors`; otherwise the last good
+snapshot keeps serving and the problems go to the log, /metrics and
+/debug/snapshots.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+from compiler.xds import ads
+from compiler.xds.cache import Cache
+from compiler.xds.metrics import Metrics
+from compiler.xds.proxies import Proxies
+from compiler.xds.rest import HttpServer, RestView, rest_config_source
+from compiler.xds.snapshot import (PUSH_ORDER, SnapshotError, environment_dirs, files_digest,
+                                   load_snapshot, read_files)
+from compiler.xds.stream import Hub
+from compiler.xds.watch import Watcher
+
+__all__ = ["Options", "Server", "ServerThread"]
+
+log = logging.getLogger("meshc.xds")
+
+
+@dataclass(frozen=True)
+class Options:
+    rendered: Path = Path("rendered")
+    grpc_host: str = "127.0.0.1"
+    grpc_port: int = 18000
+    http_host: str = "127.0.0.1"
+    http_port: int = 18001
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    client_ca: Path | None = None
+    rest_xds_cluster: str = "xds_cluster"
+    rest_refresh_delay: str = "1s"
+    debounce: float = 0.05
+    watch: str = "auto"                  # auto | inotify | poll
+    poll_interval: float = 1.0
+    max_message_bytes: int = 4 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class _Loaded:
+    env: str
+    digest: str
+    snapshot: object = None
+    rest: RestView | None = None
+    seconds: float = 0.0
+    errors: tuple[str, ...] = ()
+
+
+class Server:
+    """The xDS server. `await start()` binds both ports; `await stop()` closes them."""
+
+    def __init__(self, options: Options) -> None:
+        self.options = options
+        self.hub = Hub(Cache(), Proxies(), Metrics())
+        self.grpc_port = 0
+        self.http_port = 0
+        self._grpc: grpc.aio.Server | None = None
+        self._http: HttpServer | None = None
+        self._watcher: Watcher | None = None
+        self._reloading = False
+        self._reload_again = False
+        self._rest_source = rest_config_source(options.rest_xds_cluster, options.rest_refresh_delay)
+        _describe(self.hub.metrics)
+        self._gauges()
+
+    # --- lifecycle ---------------------------------------------------------
+    async def start(self) -> None:
+        """Load the files, bind both ports, start watching. On failure nothing stays open."""
+        try:
+            await self._start()
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def _start(self) -> None:
+        opts = self.options
+        # Watch before the first load, so a change made during it is not missed.
+        self._watcher = Watcher(asyncio.get_running_loop(), opts.rendered, self._schedule_reload,
+                                debounce=opts.debounce, mode=opts.watch,
+                                poll_interval=opts.poll_interval)
+        self._watcher.start()
+        await self.reload()
+        self._grpc = grpc.aio.server(options=[
+            ("grpc.max_receive_message_length", opts.max_message_bytes),
+            ("grpc.so_reuseport", 0),           # a second server on the port must fail, not share
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.min_ping_interval_without_data_ms", 5000),
+        ])
+        ads.add_services(self._grpc, self.hub)
+        address = f"{opts.grpc_host}:{opts.grpc_port}"
+        if opts.tls_cert:
+            self.grpc_port = self._grpc.add_secure_port(address, self._grpc_credentials())
+        else:
+            self.grpc_port = self._grpc.add_insecure_port(address)
+        await self._grpc.start()
+        self._http = HttpServer(self.hub, opts.max_message_bytes, self.status_page)
+        self.http_port = await self._http.start(opts.http_host, opts.http_port,
+                                                ssl=self._http_ssl())
+        log.info("serving %s: gRPC on %s:%d, HTTP on %s:%d (%s, watching by %s)",
+                 opts.rendered, opts.grpc_host, self.grpc_port, opts.http_host, self.http_port,
+                 "TLS" if opts.tls_cert else "plaintext", self._watcher.using)
+
+    async def stop(self) -> None:
+        if self._watcher is not None:
+            self._watcher.stop()
+        if self._http is not None:
+            await self._http.stop()
+        if self._grpc is not None:
+            await self._grpc.stop(grace=0.5)
+
+    def _grpc_credentials(self) -> grpc.ServerCredentials:
+        opts = self.options
+        ca = opts.client_ca.read_bytes() if opts.client_ca else None
+        return grpc.ssl_server_credentials([(opts.tls_key.read_bytes(), opts.tls_cert.read_bytes())],
+                                           root_certificates=ca, require_client_auth=ca is not None)
+
+    def _http_ssl(self) -> ssl.SSLContext | None:
+        opts = self.options
+        if not opts.tls_cert:
+            return None
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.load_cert_chain(opts.tls_cert, opts.tls_key)
+        if opts.client_ca:
+            context.load_verify_locations(opts.client_ca)
+            context.verify_mode = ssl.CERT_REQUIRED
+        return context
+
+    # --- reload --------------------------------------------------------------
+    def _schedule_reload(self) -> None:
+        task = asyncio.get_running_loop().create_task(self.reload())
+        task.add_done_callback(_log_failure)
+
+    async def reload(self) -> None:
+        """Load every changed environment; publish the good ones. Never runs twice at once."""
+        if self._reloading:
+            self._reload_again = True
+            return
+        self._reloading = True
+        try:
+            while True:
+                self._reload_again = False
+                seen = {s.env: (s.snapshot.digest if s.snapshot else "", s.rejected_digest)
+                        for s in self.hub.cache.envs()}
+                results = await asyncio.to_thread(self._load_changed, seen)
+                for loaded in results:
+                    self._apply(loaded)
+                if not self._reload_again:
+                    return
+        finally:
+            self._reloading = False
+
+    def _load_changed(self, seen: dict[str, tuple[str, str]]) -> list[_Loaded]:
+        """Worker thread: read every environment, parse those whose bytes changed."""
+        out = []
+        for envoy_dir in environment_dirs(self.options.rendered):
+            env = envoy_dir.parent.name
+            started = time.perf_counter()
+            try:
+                files = _read_settled(envoy_dir)
+            except OSError as exc:
+                if not envoy_dir.is_dir():
+                    continue    # swapped away mid-read; the rename back triggers a reload
+                out.append(_Loaded(env, f"unreadable:{exc}", errors=(f"cannot read: {exc}",)))
+                continue
+            digest = files_digest(files)
+            if digest in seen.get(env, ()):
+                continue
+            try:
+                snapshot = load_snapshot(env, files)
+                rest = RestView.build(snapshot, self._rest_source)
+            except SnapshotError as exc:
+                out.append(_Loaded(env, digest, errors=exc.problems))
+                continue
+            out.append(_Loaded(env, digest, snapshot, rest, time.perf_counter() - started))
+        return out
+
+    def _apply(self, loaded: _Loaded) -> None:
+        cache = self.hub.cache
+        if loaded.snapshot is None:
+            if cache.get(loaded.env) and cache.get(loaded.env).rejected_digest == loaded.digest:
+                return
+            cache.reject(loaded.env, loaded.digest, loaded.errors)
+            self.hub.metrics.inc("meshc_xds_snapshot_rejected_total", env=loaded.env)
+            state = cache.get(loaded.env)
+            keeping = (f"keeping version set {state.snapshot.digest[:12]}"
+                       if state.snapshot else "no valid snapshot yet")
+            log.error("environment %r: new files refused (%s):\n  %s", loaded.env, keeping,
+                      "\n  ".join(loaded.errors))
+            return
+        cache.publish(loaded.snapshot, loaded.seconds, rest=loaded.rest)
+        self.hub.metrics.inc("meshc_xds_snapshots_published_total", env=loaded.env)
+        log.info("environment %r: published %s (loaded in %.1f ms)", loaded.env,
+                 " ".join(f"{k}={v[:12]}" for k, v in loaded.snapshot.versions().items()),
+                 loaded.seconds * 1000)
+
+    # --- introspection -----------------------------------------------------
+    def status_page(self) -> dict:
+        out = {}
+        for state in self.hub.cache.envs():
+            snap = state.snapshot
+            out[state.env] = {
+                "valid": not state.errors,
+                "versions": snap.versions() if snap else {},
+                "resources": {k: list(snap.kinds[k].resources) for k in PUSH_ORDER} if snap else {},
+                "loaded_unix": round(state.loaded_at_unix, 3),
+                "load_seconds": round(state.load_seconds, 6),
+                "errors": list(state.errors),
+                "rejected_loads": state.failures,
+            }
+        return out
+
+    def _gauges(self) -> None:
+        hub = self.hub
+
+        def connected():
+            counts: dict[tuple[str, str], int] = {}
+            for p in hub.proxies.all():
+                counts[(p.env, p.protocol)] = counts.get((p.env, p.protocol), 0) + 1
+            return [("meshc_xds_connected_proxies", {"env": e, "protocol": p}, n)
+                    for (e, p), n in sorted(counts.items())]
+
+        def versions():
+            return [("meshc_xds_snapshot_info", {"env": s.env, "type": k, "version": v}, 1)
+                    for s in hub.cache.envs() if s.snapshot
+                    for k, v in s.snapshot.versions().items()]
+
+        def per_env(name: str, value: Callable) -> Callable:
+            return lambda: [(name, {"env": s.env}, value(s)) for s in hub.cache.envs()]
+
+        hub.metrics.gauge("meshc_xds_connected_proxies", connected)
+        hub.metrics.gauge("meshc_xds_snapshot_info", versions)
+        hub.metrics.gauge("meshc_xds_snapshot_valid", per_env(
+            "meshc_xds_snapshot_valid", lambda s: 0 if s.errors else 1))
+        hub.metrics.gauge("meshc_xds_snapshot_load_timestamp_seconds", per_env(
+            "meshc_xds_snapshot_load_timestamp_seconds", lambda s: round(s.loaded_at_unix, 3)))
+        hub.metrics.gauge("meshc_xds_snapshot_load_duration_seconds", per_env(
+            "meshc_xds_snapshot_load_duration_seconds", lambda s: s.load_seconds))
+
+
+def _read_settled(envoy_dir: Path, attempts: int = 3) -> dict[str, bytes]:
+    """read_files, retried briefly: a compile's swap can delete the old tree under us."""
+    for attempt in range(attempts):
+        try:
+            return read_files(envoy_dir)
+        except OSError:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.02)
+    raise AssertionError("unreachable")
+
+
+def _log_failure(task: asyncio.Task) -> None:
+    """A reload that failed for a reason other than bad files (a bug): log it, keep serving."""
+    if not task.cancelled() and task.exception() is not None:
+        log.error("reload failed; still serving the last good snapshots",
+                  exc_info=task.exception())
+
+
+def _describe(metrics: Metrics) -> None:
+    for name, kind, text in [
+        ("meshc_xds_connected_proxies", "gauge", "Connected gRPC streams and recently polling REST clients."),
+        ("meshc_xds_snapshot_info", "gauge", "Version (content hash) served per environment and type."),
+        ("meshc_xds_snapshot_valid", "gauge", "1 if the environment's files on disk were accepted at the last load."),
+        ("meshc_xds_snapshot_load_timestamp_seconds", "gauge", "Unix time the served snapshot was published."),
+        ("meshc_xds_snapshot_load_duration_seconds", "gauge", "Seconds spent parsing and checking the served snapshot."),
+        ("meshc_xds_snapshots_published_total", "counter", "Snapshots published."),
+        ("meshc_xds_snapshot_rejected_total", "counter", "Loads refused (parse or consistency errors)."),
+        ("meshc_xds_responses_total", "counter", "Responses sent on gRPC streams, by reason (request or push)."),
+        ("meshc_xds_acks_total", "counter", "ACKs received."),
+        ("meshc_xds_nacks_total", "counter", "NACKs received (rejected versions are not resent)."),
+        ("meshc_xds_rest_requests_total", "counter", "REST discovery requests, by HTTP status."),
+        ("meshc_xds_push_to_ack_seconds", "histogram", "From a snapshot's publication to a proxy's ACK of the push."),
+    ]:
+        metrics.describe(name, kind, text)
+
+
+class ServerThread:
+    """A `Server` on its own event loop in a background thread (tests, demo, bench)."""
+
+    def __init__(self, options: Options) -> None:
+        self.server = Server(options)
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="meshc-serve",
+                                        daemon=True)
+
+    def start(self) -> "ServerThread":
+        """Start the loop thread and the server; on failure both are gone again."""
+        self._thread.start()
+        try:
+            self.call_async(self.server.start())
+        except BaseException:
+            self._close_loop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        self.call_async(self.server.stop())
+        self._close_loop()
+
+    def _close_loop(self) -> None:
+        self.call_async(_cancel_others())
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=5)
+        self._loop.close()
+
+    def __enter__(self) -> "ServerThread":
+        return self if self._thread.is_alive() else self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    @property
+    def grpc_address(self) -> str:
+        return f"{self.server.options.grpc_host}:{self.server.grpc_port}"
+
+    @property
+    def http_url(self) -> str:
+        scheme = "https" if self.server.options.tls_cert else "http"
+        return f"{scheme}://{self.server.options.http_host}:{self.server.http_port}"
+
+    def call_async(self, coro, timeout: float = 30):
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+
+    def call(self, fn: Callable, *args, timeout: float = 10):
+        """Run `fn(*args)` on the server's loop (its state is single-threaded) and return it."""
+        future: Future = Future()
+
+        def run() -> None:
+            try:
+                future.set_result(fn(*args))
+            except BaseException as exc:    # handed to the caller's thread
+                future.set_exception(exc)
+
+        self._loop.call_soon_threadsafe(run)
+        return future.result(timeout)
+
+
+async def _cancel_others() -> None:
+    """Cancel and await every task but this one, so the loop closes with nothing pending."""
+    others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+    for task in others:
+        task.cancel()
+    await asyncio.gather(*others, return_exceptions=True)
