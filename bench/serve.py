@@ -1,0 +1,440 @@
+"""Benchmark `meshc serve`: push convergence at scale, memory and CPU per proxy, REST throughput.
+
+Not a timed test. Run:  .venv/bin/python bench/serve.py [--clients 1000] [--envoys 10]
+                        [--sovereign 127.0.0.1:18080]   (a Sovereign started by
+                        ../shared/peers/sovereign/run.sh up, measured with the same load)
+
+Method (all on this machine; the load generator shares the CPUs with the server):
+1. `meshc serve` runs as its own process (`python -m compiler.xds`) so its CPU
+   time and RSS come from /proc/<pid>.
+2. A load process opens `--clients` ADS streams (grpc.aio, 10 channels) that
+   subscribe CDS, EDS, LDS, RDS and ACK every response, like Envoy; `--envoys`
+   real Envoys connect over ADS as well.
+3. Each round rewrites the snapshot files (a canary weight change: routes
+   only; every 3rd round adds a cluster and the next removes it: all four
+   types), timestamps the
+   rename, and records when each simulated client ACKs the new routes version
+   and when each real Envoy's config_dump shows it (polled every 10 ms).
+4. Memory per proxy = (RSS with all connected − RSS before) / proxies.
+5. REST: a real Envoy's CDS request body is captured, then replayed over
+   keep-alive connections from 2 processes for `--rest-seconds`, as a stale
+   client (200 with body) and a current one (304).
+6. The floor: Envoy's own filesystem subscription fed the same resources
+   (ADS references pointed at files, watched directory, rename to trigger),
+   time from rename to the new route version in its config_dump.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import http.server
+import json
+import multiprocessing
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+from compiler.xds import sample  # noqa: E402
+from compiler.xds.snapshot import TYPE_URLS  # noqa: E402
+
+ENV = "bench"
+EXTRA = [f"x{i:02d}" for i in range(40)]       # 42 clusters: a mid-size sidecar
+
+
+def _resources(listen, canary: int, extra: int = 0) -> dict:
+    backends = {"v1": ("127.0.0.1", 9001), "v2": ("127.0.0.1", 9002)}
+    backends.update({v: ("127.0.0.1", 9100 + i) for i, v in enumerate(EXTRA[:len(EXTRA) - 1 + extra])})
+    return sample.sample_resources(listen, backends, {"v1": 100 - canary, "v2": canary})
+
+
+def _version(res: dict, kind: str) -> str:
+    return sample.response_document(kind, res[kind])["version_info"]
+
+
+def _proc_stats(pid: int) -> tuple[float, int]:
+    """(CPU seconds user+system, RSS bytes) of a process."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    ticks = os.sysconf("SC_CLK_TCK")
+    cpu = (int(fields[11]) + int(fields[12])) / ticks
+    rss = next(int(line.split()[1]) * 1024 for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+               if line.startswith("VmRSS:"))
+    return cpu, rss
+
+
+def _pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
+
+
+# --- simulated ADS clients (run in a child process) ------------------------------
+
+def _load_worker(address: str, clients: int, conn, names: list[str]) -> None:
+    asyncio.run(_load_main(address, clients, conn, names))
+
+
+async def _load_main(address: str, clients: int, conn, eds_names: list[str]) -> None:
+    import grpc
+    from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
+
+    channels = [grpc.aio.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1)])
+                for _ in range(10)]
+    acked: dict[str, list[float]] = {}       # routes version -> ACK times
+    ready = asyncio.Event()
+    connected = 0
+
+    async def client(i: int) -> None:
+        nonlocal connected
+        stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channels[i % len(channels)])
+        queue: asyncio.Queue = asyncio.Queue()
+        node = {"id": f"sim-{i}", "cluster": ENV}
+        queue.put_nowait(discovery_pb2.DiscoveryRequest(node=node, type_url=TYPE_URLS["clusters"]))
+        subs = {TYPE_URLS["endpoints"]: eds_names, TYPE_URLS["listeners"]: [],
+                TYPE_URLS["routes"]: ["9080"], TYPE_URLS["clusters"]: []}
+        for url in (TYPE_URLS["endpoints"], TYPE_URLS["listeners"], TYPE_URLS["routes"]):
+            queue.put_nowait(discovery_pb2.DiscoveryRequest(type_url=url, resource_names=subs[url]))
+
+        async def requests():
+            while True:
+                yield await queue.get()
+
+        first_routes = True
+        async for response in stub.StreamAggregatedResources(requests()):
+            queue.put_nowait(discovery_pb2.DiscoveryRequest(
+                type_url=response.type_url, version_info=response.version_info,
+                response_nonce=response.nonce, resource_names=subs[response.type_url]))
+            if response.type_url == TYPE_URLS["routes"]:
+                acked.setdefault(response.version_info, []).append(time.time())
+                if first_routes:
+                    first_routes = False
+                    connected += 1
+                    if connected == clients:
+                        ready.set()
+
+    tasks = [asyncio.create_task(client(i)) for i in range(clients)]
+    await ready.wait()
+    loop = asyncio.get_running_loop()
+    conn.send(("connected", clients))
+    while True:
+        command = await loop.run_in_executor(None, conn.recv)
+        if command[0] == "stop":
+            break
+        _, version, timeout = command
+        deadline = time.monotonic() + timeout
+        while len(acked.get(version, ())) < clients and time.monotonic() < deadline:
+            await asyncio.sleep(0.005)
+        conn.send(("acked", acked.get(version, [])))
+    for task in tasks:
+        task.cancel()
+    for channel in channels:
+        await channel.close()
+
+
+# --- REST load (child processes) ---------------------------------------------------
+
+def _rest_worker(host: str, port: int, path: str, body: bytes, seconds: float, conns: int, out) -> None:
+    async def one(stats: list) -> None:
+        reader, writer = await asyncio.open_connection(host, port)
+        head = (f"POST {path} HTTP/1.1\r\nhost: {host}\r\ncontent-type: application/json\r\n"
+                f"content-length: {len(body)}\r\n\r\n").encode()
+        stop = time.monotonic() + seconds
+        while time.monotonic() < stop:
+            t0 = time.perf_counter()
+            writer.write(head + body)
+            status_line = await reader.readline()
+            length = 0
+            while (line := await reader.readline()) not in (b"\r\n", b""):
+                if line.lower().startswith(b"content-length:"):
+                    length = int(line.split(b":")[1])
+            if length:
+                await reader.readexactly(length)
+            stats.append((time.perf_counter() - t0, int(status_line.split()[1])))
+        writer.close()
+
+    async def main() -> list:
+        stats: list = []
+        await asyncio.gather(*(one(stats) for _ in range(conns)))
+        return stats
+
+    out.send(asyncio.run(main()))
+
+
+def _rest_load(host: str, port: int, path: str, body: bytes, seconds: float,
+               procs: int = 2, conns: int = 4) -> dict:
+    pipes, workers = [], []
+    for _ in range(procs):
+        parent, child = multiprocessing.Pipe()
+        p = multiprocessing.Process(target=_rest_worker,
+                                    args=(host, port, path, body, seconds, conns, child))
+        p.start()
+        pipes.append(parent)
+        workers.append(p)
+    stats = [s for pipe in pipes for s in pipe.recv()]
+    for p in workers:
+        p.join()
+    latencies = [s[0] for s in stats]
+    codes: dict[int, int] = {}
+    for _, code in stats:
+        codes[code] = codes.get(code, 0) + 1
+    return {"rps": round(len(stats) / seconds, 1), "codes": codes,
+            "p50_ms": round(_pct(latencies, 0.5) * 1000, 2),
+            "p99_ms": round(_pct(latencies, 0.99) * 1000, 2)}
+
+
+def _capture_envoy_body(workdir: Path) -> bytes:
+    """One real Envoy CDS request over REST (its node lists every extension: ~77 KB)."""
+    from support.envoy import Envoy
+
+    captured: list[bytes] = []
+
+    class Capture(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers.get("content-length", 0)))
+            if self.path.endswith(":clusters"):
+                captured.append(body)
+            self.send_response(503)
+            self.send_header("content-length", "0")
+            self.end_headers()
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Capture)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    bootstrap = sample.rest_bootstrap("bench-rest", ENV, ("127.0.0.1", server.server_address[1]),
+                                      refresh_delay="0.2s")
+    # Not the support Envoy context manager: this Envoy never becomes ready.
+    envoy = Envoy(bootstrap, workdir / "capture")
+    envoy.workdir.mkdir(parents=True, exist_ok=True)
+    envoy.config_path.write_text(json.dumps(envoy.bootstrap))
+    proc = subprocess.Popen(envoy.command(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 15
+        while not captured and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        server.shutdown()
+    return captured[0]
+
+
+# --- Envoy's filesystem subscription: the floor ------------------------------------
+
+def _to_files(node: object, directory: Path, parent: str = "") -> object:
+    if isinstance(node, dict):
+        if "ads" in node:
+            kind = "routes" if parent == "config_source" else "endpoints"
+            return {"path_config_source": {"path": str(directory / f"{kind}.json"),
+                                           "watched_directory": {"path": str(directory)}},
+                    "resource_api_version": "V3"}
+        return {k: _to_files(v, directory, k) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_to_files(v, directory, parent) for v in node]
+    return node
+
+
+def _write_fs(directory: Path, res: dict) -> None:
+    for kind, items in res.items():
+        doc = sample.response_document(kind, [_to_files(r, directory) for r in items])
+        tmp = directory / f".{kind}.tmp"
+        tmp.write_text(json.dumps(doc))
+        os.replace(tmp, directory / f"{kind}.json")
+
+
+def _route_version(envoy) -> str:
+    dump = envoy.config_dump(resource="dynamic_route_configs")
+    return dump["configs"][0].get("version_info", "") if dump.get("configs") else ""
+
+
+def _fs_floor(workdir: Path, listen, rounds: int) -> list[float]:
+    from support.envoy import Envoy
+
+    directory = workdir / "fs"
+    directory.mkdir()
+    _write_fs(directory, _resources(listen, 10))
+    files = {kind: {"path_config_source": {"path": str(directory / f"{kind}.json"),
+                                           "watched_directory": {"path": str(directory)}},
+                    "resource_api_version": "V3"} for kind in ("clusters", "listeners")}
+    bootstrap = {"node": {"id": "fs", "cluster": ENV},
+                 "dynamic_resources": {"cds_config": files["clusters"], "lds_config": files["listeners"]}}
+    out = []
+    with Envoy(bootstrap, workdir / "fs-envoy") as envoy:
+        envoy.wait_until(lambda: _route_version(envoy), timeout=10)
+        for i in range(rounds):
+            res = _resources(listen, 20 + i)
+            want = _version(res, "routes")
+            t0 = time.time()
+            _write_fs(directory, res)
+            envoy.wait_until(lambda: _route_version(envoy) == want, timeout=10, interval=0.002)
+            out.append(time.time() - t0)
+    return out
+
+
+# --- the run --------------------------------------------------------------------
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--clients", type=int, default=1000)
+    parser.add_argument("--envoys", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--rest-seconds", type=float, default=8)
+    parser.add_argument("--sovereign", metavar="HOST:PORT",
+                        help="also measure this Sovereign's REST throughput with the same load")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "serve.json")
+    args = parser.parse_args()
+    from support.backends import free_port
+    from support.envoy import Envoy
+    import requests
+
+    results: dict = {"clients": args.clients, "envoys": args.envoys, "cpus": os.cpu_count()}
+    with tempfile.TemporaryDirectory(prefix="meshc-bench-") as tmp:
+        workdir = Path(tmp)
+        rendered = workdir / "rendered"
+        listen = ("127.0.0.1", free_port())
+        res = _resources(listen, 10)
+        sample.write_snapshot(rendered, ENV, res)
+        eds_names = [c["name"] for c in res["clusters"]]
+        grpc_port, http_port = free_port(), free_port()
+        server = subprocess.Popen(
+            [sys.executable, "-m", "compiler.xds", "--rendered", str(rendered),
+             "--grpc", f"127.0.0.1:{grpc_port}", "--http", f"127.0.0.1:{http_port}",
+             "--log-level", "warning"], cwd=ROOT)
+        http_url = f"http://127.0.0.1:{http_port}"
+        try:
+            _wait(lambda: requests.get(http_url + "/readyz", timeout=1).status_code == 200)
+            cpu0, rss0 = _proc_stats(server.pid)
+            snapshot_bytes = sum(len((rendered / ENV / "envoy" / f"{k}.json").read_bytes())
+                                 for k in TYPE_URLS)
+            results["snapshot"] = {"resources": {k: len(v) for k, v in res.items()},
+                                   "json_bytes": snapshot_bytes, "server_rss_idle_mb": round(rss0 / 2**20, 1)}
+
+            parent, child = multiprocessing.Pipe()
+            load = multiprocessing.Process(target=_load_worker,
+                                           args=(f"127.0.0.1:{grpc_port}", args.clients, child, eds_names))
+            t_connect = time.monotonic()
+            load.start()
+            assert parent.recv()[0] == "connected"
+            connect_seconds = time.monotonic() - t_connect
+            envoys = []
+            for i in range(args.envoys):
+                e = Envoy(sample.ads_bootstrap(f"envoy-{i}", ENV, ("127.0.0.1", grpc_port)),
+                          workdir / f"envoy-{i}")
+                envoys.append(e.start())
+            for e in envoys:
+                e.wait_until(lambda e=e: _route_version(e) == _version(res, "routes"), timeout=20)
+            time.sleep(1)
+            cpu1, rss1 = _proc_stats(server.pid)
+            proxies = args.clients + args.envoys
+            results["connect"] = {
+                "seconds_for_all_clients": round(connect_seconds, 2),
+                "server_cpu_ms_per_proxy": round((cpu1 - cpu0) * 1000 / proxies, 3),
+                "server_rss_connected_mb": round(rss1 / 2**20, 1),
+                "memory_kb_per_proxy": round((rss1 - rss0) / 1024 / proxies, 1)}
+
+            rounds = []
+            for i in range(args.rounds):
+                extra = 1 if i % 3 == 2 else 0
+                previous, res = res, _resources(listen, 20 + i, extra)
+                changed = [k for k in TYPE_URLS if _version(previous, k) != _version(res, k)]
+                want = _version(res, "routes")
+                cpu_before, _ = _proc_stats(server.pid)
+                t0 = time.time()
+                sample.write_snapshot(rendered, ENV, res)
+                envoy_seen = _watch_envoys(envoys, want, t0)
+                parent.send(("wait", want, 20))
+                _, acks = parent.recv()
+                time.sleep(0.2)
+                cpu_after, _ = _proc_stats(server.pid)
+                lat = [a - t0 for a in acks]
+                rounds.append({
+                    "types_changed": ",".join(changed),
+                    "acked": len(acks), "p50_s": round(_pct(lat, 0.5), 3),
+                    "p99_s": round(_pct(lat, 0.99), 3), "max_s": round(max(lat), 3) if lat else None,
+                    "envoys_p50_s": round(_pct(envoy_seen, 0.5), 3),
+                    "envoys_max_s": round(max(envoy_seen), 3) if envoy_seen else None,
+                    "server_cpu_ms_per_proxy": round((cpu_after - cpu_before) * 1000 / proxies, 3)})
+                print("round", i, rounds[-1], flush=True)
+                time.sleep(0.5)
+            results["push_rounds"] = rounds
+            all_p99 = [r["p99_s"] for r in rounds]
+            results["push_summary"] = {"p99_of_rounds_median_s": statistics.median(all_p99),
+                                       "p99_worst_s": max(all_p99)}
+            parent.send(("stop",))
+            load.join(10)
+            for e in envoys:
+                e.stop()
+
+            body = _capture_envoy_body(workdir)
+            request = json.loads(body)
+            request["node"]["cluster"] = ENV
+            rest = {"envoy_body_bytes": len(body)}
+            for label, version in (("stale_200", ""), ("current_304", _version(res, "clusters"))):
+                request["version_info"] = version
+                rest[label] = _rest_load("127.0.0.1", http_port, "/v3/discovery:clusters",
+                                         json.dumps(request).encode(), args.rest_seconds)
+                print("rest", label, rest[label], flush=True)
+            results["rest_meshc"] = rest
+            if args.sovereign:
+                host, port = args.sovereign.rsplit(":", 1)
+                sov_request = json.loads(body)
+                sov_request["node"]["cluster"] = "peer-cluster"
+                sov = {}
+                for label, version in (("stale_200", "0"),):
+                    sov_request["version_info"] = version
+                    sov[label] = _rest_load(host, int(port), "/v3/discovery:clusters",
+                                            json.dumps(sov_request).encode(), args.rest_seconds)
+                    print("sovereign", label, sov[label], flush=True)
+                results["rest_sovereign"] = sov
+            cpu2, rss2 = _proc_stats(server.pid)
+            results["server_rss_end_mb"] = round(rss2 / 2**20, 1)
+        finally:
+            server.terminate()
+            server.wait(10)
+        floor = _fs_floor(workdir, ("127.0.0.1", free_port()), args.rounds)
+        results["envoy_filesystem_floor_s"] = {"p50": round(_pct(floor, 0.5), 3),
+                                               "max": round(max(floor), 3)}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    print(json.dumps(results, indent=2))
+    return 0
+
+
+def _watch_envoys(envoys, want: str, t0: float) -> list[float]:
+    seen: dict[int, float] = {}
+    deadline = time.monotonic() + 20
+    while len(seen) < len(envoys) and time.monotonic() < deadline:
+        for i, e in enumerate(envoys):
+            if i not in seen:
+                try:
+                    if _route_version(e) == want:
+                        seen[i] = time.time() - t0
+                except Exception:       # noqa: BLE001 - admin busy: retry
+                    pass
+        time.sleep(0.01)
+    return list(seen.values())
+
+
+def _wait(predicate, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if predicate():
+                return
+        except Exception:       # noqa: BLE001 - not up yet
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError("server not ready")
+        time.sleep(0.05)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
