@@ -6,14 +6,21 @@ import hashlib
 import importlib
 import json
 
+from dataclasses import replace
+
+import orjson
 import pytest
 from google.protobuf import any_pb2, json_format, symbol_database
 
-from compiler.diagnostics import Severity
-from compiler.model import (ConnectionPool, ConsistentHash, HashOn, Ingress, LoadBalancer, MatchKind,
+from compiler.diagnostics import Severity, Span, SpanMap
+from compiler.emit import json_bytes
+from compiler.load import source_from_dir
+from compiler.model import (ConnectionPool, ConsistentHash, HashOn, Ingress, LoadBalancer, MatchKind, Mesh,
                             OutlierDetection, Protocol, Retries, SimpleLb, Tls, TlsMode, Traffic)
+from compiler.pipeline import compile_source
 from compiler.targets import envoy
 from compiler.targets.envoy.common import duration
+from conftest import REPO
 from envoy_meshes import canary, http, kitchen_sink, mesh, service, split, stable
 
 # Extension modules whose Any-typed configs appear in the output: importing
@@ -520,3 +527,133 @@ def test_an_inconsistent_snapshot_is_a_compiler_bug(monkeypatch):
     with pytest.raises(envoy.InconsistentSnapshot) as error:
         lower(service())
     assert any("has no ClusterLoadAssignment" in p for p in error.value.problems)
+
+
+# --- per-service fragments and assemble -------------------------------------------------------
+#
+# The pipeline lowers each service on its own (in worker processes, or not at
+# all when its cache holds the fragment as JSON) and assembles an environment
+# from the fragments alone. These tests hold that to `lower`, byte for byte.
+
+def _conflicts() -> Mesh:
+    """Every cross-service check at once, with spans, so diagnostics cross the JSON round trip too."""
+    def spanned(name, namespace="bookinfo", line=1, **fields):
+        spans = SpanMap({(): Span(f"policies/{name}.yaml", line, 1),
+                         ("ports",): Span(f"policies/{name}.yaml", line + 1, 3),
+                         ("ingress",): Span(f"policies/{name}.yaml", line + 2, 3),
+                         ("ingress", "port"): Span(f"policies/{name}.yaml", line + 2, 9),
+                         ("ingress", "hosts"): Span(f"policies/{name}.yaml", line + 3, 9)})
+        return replace(service(name, namespace, **fields), spans=spans)
+
+    return mesh(
+        spanned("reviews", "a", ingress=Ingress(("x.example.com", "*"), 80)),
+        spanned("reviews", "b", ingress=Ingress(("x.example.com",), 80)),
+        spanned("db1", ports=(http(3306, Protocol.TCP, "tcp"),)),
+        spanned("db2", ports=(http(3306, Protocol.TCP, "tcp"),), ingress=Ingress(("db.example.com",), 81)),
+        spanned("web", ports=(http(81),), load_balancer=LoadBalancer(simple=SimpleLb.PASSTHROUGH),
+                tls=Tls(TlsMode.MUTUAL), ingress=Ingress(("web.example.com",), 3306)),
+    )
+
+
+def _example_meshes() -> dict[str, Mesh]:
+    result = compile_source(source_from_dir(REPO), jobs=1)
+    assert result.ok, [d.render() for d in result.diagnostics]
+    return {f"example-{env}": mesh for env, mesh in result.meshes.items()}
+
+
+def _test_meshes() -> dict[str, Mesh]:
+    return {"kitchen-sink": kitchen_sink(), "kitchen-sink-loopback": kitchen_sink("127.0.0.1"),
+            "conflicts": _conflicts()}
+
+
+def _rendered(lowered) -> tuple:
+    """What a lowering amounts to: each file's bytes as emitted, and the diagnostics in order."""
+    return [(f.path, f.format, json_bytes(f.content)) for f in lowered.files], lowered.diagnostics
+
+
+def _assert_plain_json(value, where="fragment"):
+    """Only dict (str keys), list, str, int, float, bool and None, exactly: no tuples, enums, dataclasses."""
+    kind = type(value)
+    if kind is dict:
+        for key, item in value.items():
+            assert type(key) is str, f"{where}: key {key!r}"
+            _assert_plain_json(item, f"{where}.{key}")
+    elif kind is list:
+        for i, item in enumerate(value):
+            _assert_plain_json(item, f"{where}[{i}]")
+    else:
+        assert kind in (str, int, float, bool, type(None)), f"{where}: {kind.__name__} {value!r}"
+
+
+@pytest.mark.parametrize("name", sorted(_test_meshes()))
+def test_assemble_from_json_fragments_equals_lower_for_the_test_meshes(name):
+    lowered_mesh = _test_meshes()[name]
+    fragments = [envoy.lower_service(s, lowered_mesh.environment) for s in lowered_mesh.services]
+    cached = [orjson.loads(orjson.dumps(f)) for f in fragments]
+    assert cached == fragments
+    assert _rendered(envoy.assemble(lowered_mesh.environment, cached)) == _rendered(envoy.lower(lowered_mesh))
+
+
+def test_assemble_from_json_fragments_equals_lower_for_every_example_environment():
+    meshes = _example_meshes()
+    assert sorted(meshes) == ["example-dev", "example-prod", "example-staging"]
+    for name, example in meshes.items():
+        cached = [orjson.loads(orjson.dumps(envoy.lower_service(s, example.environment))) for s in example.services]
+        assert _rendered(envoy.assemble(example.environment, cached)) == _rendered(envoy.lower(example)), name
+
+
+def test_the_pipeline_emits_what_lower_does():
+    result = compile_source(source_from_dir(REPO), jobs=1)
+    for env, example in result.meshes.items():
+        for f in envoy.lower(example).files:
+            assert result.outputs[env][f.path] == json_bytes(f.content), (env, f.path)
+
+
+@pytest.mark.parametrize("name", sorted(_test_meshes()) + ["example"])
+def test_fragments_are_plain_json(name):
+    meshes = _example_meshes() if name == "example" else {name: _test_meshes()[name]}
+    for each in meshes.values():
+        for svc in each.services:
+            fragment = envoy.lower_service(svc, each.environment)
+            orjson.dumps(fragment)  # no `default`: anything orjson cannot write natively fails here
+            _assert_plain_json(fragment)
+
+
+def test_cross_service_diagnostics_keep_their_spans_through_json():
+    conflicts = _conflicts()
+    cached = [orjson.loads(orjson.dumps(envoy.lower_service(s, conflicts.environment))) for s in conflicts.services]
+    diagnostics = envoy.assemble(conflicts.environment, cached).diagnostics
+    assert sorted({d.code for d in diagnostics}) == [
+        "envoy.ambiguous-short-name", "envoy.ingress-host-conflict", "envoy.ingress-port-conflict",
+        "envoy.ingress-without-http-port", "envoy.passthrough-unsupported", "envoy.tcp-port-shared",
+        "envoy.tls-mutual-without-credential"]
+    assert all(isinstance(d.span, Span) for d in diagnostics)
+    host_conflict = next(d for d in diagnostics if d.code == "envoy.ingress-host-conflict")
+    assert host_conflict.span == Span("policies/reviews.yaml", 4, 9)
+    assert host_conflict.message.startswith("b/reviews: ingress host 'x.example.com' on port 80")
+
+
+def test_diagnostics_without_spans_survive_json_as_none():
+    lone = mesh(service(tls=Tls(TlsMode.MUTUAL)))
+    cached = [orjson.loads(orjson.dumps(envoy.lower_service(s, lone.environment))) for s in lone.services]
+    [diagnostic] = envoy.assemble(lone.environment, cached).diagnostics
+    assert (diagnostic.code, diagnostic.span) == ("envoy.tls-mutual-without-credential", None)
+
+
+def test_version_hashes_are_json_dumps_canonical_even_beyond_ascii():
+    # orjson leaves DEL and non-ASCII unescaped where json.dumps escapes them
+    odd = service(versions=("v1", "v2"),
+                  traffic=canary("v1", "v2", 10, {"x-canary": (MatchKind.EXACT, "é\x7f☃")}))
+    for content in files(lower(odd)).values():
+        canonical = json.dumps(content["resources"], sort_keys=True, separators=(",", ":")).encode()
+        assert content["version_info"] == hashlib.sha256(canonical).hexdigest()
+
+
+def test_assemble_leaves_its_fragments_alone():
+    # The pipeline may hold fragments in memory across compiles; assemble shares values with them.
+    conflicts = _conflicts()
+    fragments = [envoy.lower_service(s, conflicts.environment) for s in conflicts.services]
+    before = orjson.dumps(fragments)
+    envoy.assemble(conflicts.environment, fragments)
+    envoy.assemble(conflicts.environment, fragments)
+    assert orjson.dumps(fragments) == before

@@ -1,8 +1,16 @@
 """Targets lower one environment's `Mesh` into output files.
 
-Each target is a module with `NAME` and `lower(mesh) -> Lowered`; adding a
-target is a new module plus one line in `TARGETS`. Targets never import one
-another. Paths in `Lowered.files` are relative to `rendered/<env>/`.
+Each target is a module with `NAME` and three functions:
+
+- `lower_service(service, environment) -> fragment`: everything that depends
+  on one service alone; a pure function, so the pipeline computes fragments
+  in worker processes and caches them (a fragment must be JSON-able);
+- `assemble(environment, fragments) -> Lowered`: the environment's files from
+  every service's fragment, in mesh order (cross-service work lives here);
+- `lower(mesh) -> Lowered`: `assemble` over `lower_service` of every service.
+
+Adding a target is a new module plus one line in `registry`. Targets never
+import one another. Paths in `Lowered.files` are relative to `rendered/<env>/`.
 """
 
 from __future__ import annotations

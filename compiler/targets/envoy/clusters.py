@@ -9,11 +9,11 @@ https://www.envoyproxy.io/docs/envoy/latest/api-v3/config/cluster/v3/cluster.pro
 
 from __future__ import annotations
 
-from compiler.diagnostics import Diagnostic, Severity
-from compiler.model import (Address, ConnectionPool, LoadBalancer, Mesh, OutlierDetection,
-                            Port, Service, SimpleLb, Tls, TlsMode)
+from compiler.diagnostics import Severity
+from compiler.model import ConnectionPool, LoadBalancer, OutlierDetection, Service, SimpleLb, Tls, TlsMode
 from compiler.targets.envoy import endpoints, tls
-from compiler.targets.envoy.common import ADS, CLUSTER, HTTP_OPTIONS, cluster_name, duration, span_of
+from compiler.targets.envoy.common import ADS, CLUSTER, HTTP_OPTIONS, duration, problem, span_of
+from compiler.targets.envoy.endpoints import Upstream
 
 #: istiod's mesh-wide default `connectTimeout`.
 DEFAULT_CONNECT_TIMEOUT_MS = 10_000
@@ -22,46 +22,47 @@ DEFAULT_CONNECT_TIMEOUT_MS = 10_000
 UNLIMITED = 4294967295
 _SIMPLE_LB = {SimpleLb.ROUND_ROBIN: "ROUND_ROBIN", SimpleLb.LEAST_REQUEST: "LEAST_REQUEST",
               SimpleLb.RANDOM: "RANDOM"}
+_HTTP_OPTIONS_KEY = HTTP_OPTIONS.rsplit("/", 1)[1]  # typed_extension_protocol_options is keyed by the message name
 
 
-def lower(mesh: Mesh) -> tuple[list[dict], list[Diagnostic]]:
-    """Every cluster of the mesh (unsorted) and what could not be expressed."""
-    clusters, problems = [], []
-    for service in mesh.services:
-        problems += _diagnostics(service)
-        for port in service.ports:
-            for version, addresses in endpoints.subsets(service):
-                clusters.append(_cluster(service, port, version, addresses))
-    return clusters, problems
+def lower(service: Service, upstreams: tuple[Upstream, ...]) -> tuple[list[dict], list[dict]]:
+    """The service's clusters, one per upstream in that order, and what could not be expressed.
 
-
-def _cluster(service: Service, port: Port, version: str, addresses: tuple[Address, ...]) -> dict:
-    name = cluster_name(port.number, service.fqdn, version)
+    What does not depend on the port or version (timeouts, load balancing,
+    circuit breakers, outlier detection) is built once per service and shared
+    by its clusters; HTTP options and TLS once per port.
+    """
     pool = service.connection_pool or ConnectionPool()
-    cluster = {
-        "@type": CLUSTER,
-        "name": name,
-        **_discovery(name, addresses),
+    common = {
         "connect_timeout": duration(pool.connect_timeout_ms or DEFAULT_CONNECT_TIMEOUT_MS),
         **_load_balancing(service.load_balancer),
         "circuit_breakers": {"thresholds": [_thresholds(pool)]},
         **_outlier_detection(service.outlier_detection),
     }
-    options = _http_options(port, pool, service.tls) if port.is_http else None
-    if options:
-        cluster["typed_extension_protocol_options"] = {HTTP_OPTIONS.rsplit("/", 1)[1]: options}
-    socket = tls.transport_socket(service, port, version)
-    if socket:
-        cluster["transport_socket"] = socket
-    return cluster
+    clusters, per_port = [], {}
+    for upstream in upstreams:
+        port = upstream.port
+        if port not in per_port:
+            h2 = tls.is_h2(port)
+            options = _http_options(pool, service.tls, h2) if port.is_http else None
+            per_port[port] = {_HTTP_OPTIONS_KEY: options} if options else None, tls.port_socket(service, port, h2)
+        options, port_socket = per_port[port]
+        cluster = {"@type": CLUSTER, "name": upstream.name, **_discovery(upstream), **common}
+        if options:
+            cluster["typed_extension_protocol_options"] = options
+        socket = tls.cluster_socket(port_socket, service, port, upstream.version)
+        if socket:
+            cluster["transport_socket"] = socket
+        clusters.append(cluster)
+    return clusters, _diagnostics(service)
 
 
-def _discovery(name: str, addresses: tuple[Address, ...]) -> dict:
+def _discovery(upstream: Upstream) -> dict:
     """EDS over ADS; STRICT_DNS with the assignment inline when a host is a DNS name."""
-    if endpoints.is_dns(addresses):
+    if upstream.dns:
         return {"type": "STRICT_DNS", "dns_lookup_family": "V4_ONLY",
-                "load_assignment": endpoints.assignment(name, addresses)}
-    return {"type": "EDS", "eds_cluster_config": {"eds_config": ADS, "service_name": name}}
+                "load_assignment": endpoints.assignment(upstream.name, upstream.addresses)}
+    return {"type": "EDS", "eds_cluster_config": {"eds_config": ADS, "service_name": upstream.name}}
 
 
 def _load_balancing(lb: LoadBalancer | None) -> dict:
@@ -103,7 +104,7 @@ def _outlier_detection(outlier: OutlierDetection | None) -> dict:
     return {"outlier_detection": out, "common_lb_config": {"healthy_panic_threshold": {"value": 0}}}
 
 
-def _http_options(port: Port, pool: ConnectionPool, policy_tls: Tls | None) -> dict | None:
+def _http_options(pool: ConnectionPool, policy_tls: Tls | None, h2: bool) -> dict | None:
     """envoy.extensions.upstreams.http.v3.HttpProtocolOptions, when anything differs from HTTP/1.1 defaults.
 
     HTTP2 and GRPC ports speak h2 upstream; `maxRequestsPerConnection` is
@@ -120,13 +121,13 @@ def _http_options(port: Port, pool: ConnectionPool, policy_tls: Tls | None) -> d
         if not policy_tls.subject_alt_names:
             upstream["auto_san_validation"] = True
         options["upstream_http_protocol_options"] = upstream
-    if not options and not tls.is_h2(port):
+    if not options and not h2:
         return None
-    protocol = {"http2_protocol_options": {}} if tls.is_h2(port) else {"http_protocol_options": {}}
+    protocol = {"http2_protocol_options": {}} if h2 else {"http_protocol_options": {}}
     return {"@type": HTTP_OPTIONS, "explicit_http_config": protocol, **options}
 
 
-def _diagnostics(service: Service) -> list[Diagnostic]:
+def _diagnostics(service: Service) -> list[dict]:
     problems = tls.diagnostics(service)
     lb = service.load_balancer
     if lb is not None and lb.simple is SimpleLb.PASSTHROUGH:
@@ -134,7 +135,7 @@ def _diagnostics(service: Service) -> list[Diagnostic]:
         # client dialled. These listeners bind that address themselves (there is
         # no iptables redirect in front of them), so ORIGINAL_DST would loop back
         # into the proxy: the Envoy target balances with istiod's default instead.
-        problems.append(Diagnostic(
+        problems.append(problem(
             "envoy.passthrough-unsupported",
             f"{service.key}: loadBalancer PASSTHROUGH cannot be expressed by the Envoy target "
             "(its listeners bind the service ports, so there is no original destination to "

@@ -7,7 +7,7 @@ cluster `outbound|PORT|SUBSET|FQDN`, route configuration `PORT` (gateway:
 
 from __future__ import annotations
 
-from compiler.diagnostics import Span
+from compiler.diagnostics import Diagnostic, Severity, Span
 from compiler.model import Service, TrafficShape
 
 CLUSTER = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
@@ -45,9 +45,29 @@ def duration(ms: int) -> str:
     return f"{seconds}s" if not millis else f"{seconds}.{millis:03d}s"
 
 
-def span_of(service: Service, *path: str) -> Span | None:
-    """Where a policy field was set (spans are keyed relative to the effective spec)."""
-    return service.spans.at(path)
+def span_of(service: Service, *path: str) -> list | None:
+    """Where a policy field was set, as JSON (`[path, line, col]`), or None without spans.
+
+    Spans are keyed relative to the effective spec. Fragments hold spans in
+    this form so they survive a JSON round trip through the pipeline's cache.
+    """
+    span = service.spans.at(path)
+    return None if span is None else [span.path, span.line, span.col]
+
+
+def problem(code: str, message: str, span: list | None, severity: Severity = Severity.ERROR) -> dict:
+    """A diagnostic as plain JSON data, for a fragment; `diagnostic` turns it back."""
+    return {"code": code, "message": message, "severity": severity.value, "span": span}
+
+
+def diagnostic(value: dict) -> Diagnostic:
+    """A `problem` dict (possibly JSON round-tripped) back as a Diagnostic."""
+    return Diagnostic(value["code"], value["message"], span(value["span"]), Severity(value["severity"]))
+
+
+def span(value: list | None) -> Span | None:
+    """A `span_of` value back as a Span."""
+    return None if value is None else Span(*value)
 
 
 def default_destinations(service: Service, port: int) -> tuple[tuple[str, int], ...]:

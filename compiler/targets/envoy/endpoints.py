@@ -9,41 +9,61 @@ does for DNS-resolved ServiceEntries.
 
 from __future__ import annotations
 
-from compiler.model import Address, Mesh, Service
+from typing import NamedTuple
+
+from compiler.model import Address, Port, Service
 from compiler.targets.envoy.common import ENDPOINTS, cluster_name
 
 
-def subsets(service: Service) -> tuple[tuple[str, tuple[Address, ...]], ...]:
-    """(version, addresses) for every cluster of a port: the whole service ("") first.
+class Upstream(NamedTuple):
+    """One cluster of a service: its port, version ("" for the whole service) and addresses."""
+
+    port: Port
+    version: str
+    name: str  # the cluster's name
+    addresses: tuple[Address, ...]
+    dns: bool  # some address is a DNS name: a STRICT_DNS cluster with its assignment inline
+
+
+def upstreams(service: Service) -> tuple[Upstream, ...]:
+    """Every cluster of a service: per port (in the service's order), the whole service ("") then each version.
 
     Addresses keep the environment's order with duplicates removed: an
-    address listed twice would get twice the traffic.
+    address listed twice would get twice the traffic. Which addresses are
+    DNS names is worked out once per service (parsing an IP is not free).
     """
-    whole = ("", _unique(service.endpoints.all()))
-    return (whole,) + tuple((v.name, _unique(service.endpoints.of(v.name))) for v in service.versions)
+    whole = _unique(service.endpoints.all())
+    dns_names = {a for a in whole if not a.is_ip}
+    by_version = dict(service.endpoints.by_version)
+    subsets = [("", whole, bool(dns_names))]
+    for version in service.versions:
+        addresses = _unique(by_version.get(version.name, ()))
+        subsets.append((version.name, addresses, bool(dns_names) and any(a in dns_names for a in addresses)))
+    return tuple(Upstream(port, version, cluster_name(port.number, service.fqdn, version), addresses, dns)
+                 for port in service.ports for version, addresses, dns in subsets)
 
 
-def is_dns(addresses: tuple[Address, ...]) -> bool:
-    return any(not a.is_ip for a in addresses)
+def lower(upstreams: tuple[Upstream, ...]) -> list[dict]:
+    """One ClusterLoadAssignment per EDS cluster among `upstreams`, in their order.
+
+    An address is in several assignments (each port's, the whole service's
+    and its version's): they share one LbEndpoint value.
+    """
+    shared: dict[Address, dict] = {}
+    return [{"@type": ENDPOINTS, **assignment(u.name, u.addresses, shared)} for u in upstreams if not u.dns]
 
 
-def assignment(name: str, addresses: tuple[Address, ...]) -> dict:
-    """A ClusterLoadAssignment body (no `@type`), one locality holding every address."""
+def assignment(name: str, addresses: tuple[Address, ...], shared: dict[Address, dict] | None = None) -> dict:
+    """A ClusterLoadAssignment body (no `@type`), one locality holding every address.
+
+    `shared` memoises each address's LbEndpoint across calls.
+    """
+    shared = {} if shared is None else shared
     body: dict = {"cluster_name": name}
     if addresses:
-        body["endpoints"] = [{"lb_endpoints": [_lb_endpoint(a) for a in addresses]}]
+        body["endpoints"] = [{"lb_endpoints": [shared.get(a) or shared.setdefault(a, _lb_endpoint(a))
+                                               for a in addresses]}]
     return body
-
-
-def lower(mesh: Mesh) -> list[dict]:
-    """One ClusterLoadAssignment per EDS cluster, unsorted."""
-    return [
-        {"@type": ENDPOINTS, **assignment(cluster_name(port.number, service.fqdn, version), addresses)}
-        for service in mesh.services
-        for port in service.ports
-        for version, addresses in subsets(service)
-        if not is_dns(addresses)
-    ]
 
 
 def _lb_endpoint(address: Address) -> dict:

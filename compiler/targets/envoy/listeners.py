@@ -12,15 +12,24 @@ from __future__ import annotations
 from collections import defaultdict
 
 from compiler.diagnostics import Diagnostic, Severity
-from compiler.model import HashOn, Mesh, Service
+from compiler.model import HashOn, Service
 from compiler.targets.envoy.common import (ADS, HCM, LISTENER, ROUTER, TCP_PROXY, default_destinations,
-                                           gateway_route_name, listener_name, span_of)
+                                           gateway_route_name, listener_name, span)
 
 
-def lower(mesh: Mesh) -> tuple[list[dict], list[Diagnostic]]:
-    """Every listener (unsorted) and what could not be expressed."""
-    address = mesh.environment.envoy.listener_address
-    http, tcp, ingress = _ports(mesh)
+def lower(service: Service) -> list[dict]:
+    """What one service asks of the listeners: `[{"port", "tcp_proxy"}]` for its TCP ports, in port order.
+
+    The HTTP and ingress ports the listeners need are in the routes' part of
+    the fragment; whether a TCP port gets its proxy depends on the other services.
+    """
+    return [{"port": port.number, "tcp_proxy": _tcp_proxy(service, port.number)}
+            for port in service.ports if not port.is_http]
+
+
+def assemble(address: str, fragments: list[dict]) -> tuple[list[dict], list[Diagnostic]]:
+    """Every listener (unsorted) and the port clashes between services."""
+    http, tcp, ingress = _ports(fragments)
     listeners = [_http_listener(address, port, str(port), gateway=False) for port in sorted(http)]
     problems = []
     for port in sorted(tcp):
@@ -29,20 +38,23 @@ def lower(mesh: Mesh) -> tuple[list[dict], list[Diagnostic]]:
         problems += found
     for port in sorted(ingress):
         if port in http or port in tcp:
-            problems += [_ingress_conflict(s, port) for s in ingress[port]]
+            problems += [_ingress_conflict(f, port) for f in ingress[port]]
         else:
             listeners.append(_http_listener(address, port, gateway_route_name(port), gateway=True))
     return listeners, problems
 
 
-def _ports(mesh: Mesh) -> tuple[dict[int, list[Service]], ...]:
-    """Services by HTTP port, TCP port and ingress port, in mesh order."""
+def _ports(fragments: list[dict]) -> tuple[dict, dict, dict]:
+    """By port, in mesh order: HTTP → service names; TCP → (fragment, tcp_proxy); ingress → fragments."""
     http, tcp, ingress = defaultdict(list), defaultdict(list), defaultdict(list)
-    for service in mesh.services:
-        for port in service.ports:
-            (http if port.is_http else tcp)[port.number].append(service)
-        if service.ingress is not None and service.http_ports:
-            ingress[service.ingress.port].append(service)
+    for fragment in fragments:
+        for entry in fragment["http"]:
+            http[entry["port"]].append(fragment["service"])
+        for entry in fragment["tcp"]:
+            tcp[entry["port"]].append((fragment, entry["tcp_proxy"]))
+        gateway = fragment["ingress"]
+        if gateway is not None and gateway["virtual_hosts"] is not None:
+            ingress[gateway["port"]].append(fragment)
     return http, tcp, ingress
 
 
@@ -59,22 +71,27 @@ def _http_listener(address: str, port: int, route_config: str, *, gateway: bool)
     return _listener(name, address, port, "envoy.filters.network.http_connection_manager", manager)
 
 
-def _tcp_listener(address: str, port: int, services: list[Service],
-                  http_services: list[Service]) -> tuple[dict | None, list[Diagnostic]]:
+def _tcp_listener(address: str, port: int, claims: list[tuple[dict, dict]],
+                  http_services: list[str]) -> tuple[dict | None, list[Diagnostic]]:
     """A TCP proxy to the one service on this port.
 
     Without a service IP to tell them apart, a port that several services
     (or an HTTP listener) claim cannot be proxied: reported, no listener.
     """
-    claimants = [s.key for s in http_services + services]
+    claimants = http_services + [f["service"] for f, _ in claims]
     if len(claimants) > 1:
         return None, [Diagnostic(
             "envoy.tcp-port-shared",
-            f"{service.key}: TCP port {port} is also used by "
-            f"{', '.join(k for k in claimants if k != service.key)}; the Envoy target binds one "
+            f"{f['service']}: TCP port {port} is also used by "
+            f"{', '.join(k for k in claimants if k != f['service'])}; the Envoy target binds one "
             f"listener per port and cannot tell them apart, so it proxies no TCP traffic on it",
-            span_of(service, "ports"), Severity.WARNING) for service in services]
-    service = services[0]
+            span(f["spans"]["ports"]), Severity.WARNING) for f, _ in claims]
+    proxy = claims[0][1]
+    return _listener(listener_name(address, port), address, port, "envoy.filters.network.tcp_proxy", proxy), []
+
+
+def _tcp_proxy(service: Service, port: int) -> dict:
+    """The tcp_proxy config to the service's clusters on `port` (weighted as its default route)."""
     destinations = default_destinations(service, port)
     proxy: dict = {"@type": TCP_PROXY, "stat_prefix": destinations[0][0]}
     if len(destinations) == 1:
@@ -85,8 +102,7 @@ def _tcp_listener(address: str, port: int, services: list[Service],
     if hashing is not None and hashing.on is HashOn.SOURCE_IP:
         # RING_HASH without a hash key picks a random host per connection.
         proxy["hash_policy"] = [{"source_ip": {}}]
-    name = listener_name(address, port)
-    return _listener(name, address, port, "envoy.filters.network.tcp_proxy", proxy), []
+    return proxy
 
 
 def _listener(name: str, address: str, port: int, filter_name: str, config: dict) -> dict:
@@ -99,10 +115,10 @@ def _listener(name: str, address: str, port: int, filter_name: str, config: dict
     }
 
 
-def _ingress_conflict(service: Service, port: int) -> Diagnostic:
+def _ingress_conflict(fragment: dict, port: int) -> Diagnostic:
     return Diagnostic(
         "envoy.ingress-port-conflict",
-        f"{service.key}: ingress port {port} is also a service port in this environment; "
+        f"{fragment['service']}: ingress port {port} is also a service port in this environment; "
         "the Envoy target binds one listener per port on the same address, so it cannot "
         "serve both the gateway and the services there: it leaves the gateway listener out",
-        span_of(service, "ingress", "port"), Severity.WARNING)
+        span(fragment["spans"]["ingress_port"]), Severity.WARNING)

@@ -11,11 +11,12 @@ https://www.envoyproxy.io/docs/envoy/latest/api-v3/config/route/v3/route_compone
 from __future__ import annotations
 
 from collections import Counter, defaultdict
+from operator import itemgetter
 
 from compiler.diagnostics import Diagnostic, Severity
-from compiler.model import ConsistentHash, HashOn, HeaderMatch, MatchKind, Mesh, Retries, Service
-from compiler.targets.envoy.common import (PREVIOUS_HOSTS, ROUTES, cluster_name, default_destinations,
-                                           duration, gateway_route_name, span_of)
+from compiler.model import ConsistentHash, HashOn, HeaderMatch, MatchKind, Retries, Service
+from compiler.targets.envoy.common import (PREVIOUS_HOSTS, ROUTES, cluster_name, default_destinations, diagnostic,
+                                           duration, gateway_route_name, problem, span, span_of)
 
 #: istiod's retry policy for a route whose VirtualService sets no `retries`
 #: (pilot/pkg/networking/core/route/retry/retry.go).
@@ -24,25 +25,49 @@ DEFAULT_RETRIABLE_STATUS_CODES = (503,)
 DEFAULT_NUM_RETRIES = 2
 
 
-def lower(mesh: Mesh) -> tuple[list[dict], list[Diagnostic]]:
-    """Every route configuration (unsorted) and what could not be expressed."""
-    sidecar, problems = _sidecar_configs(mesh)
-    gateway, more = _gateway_configs(mesh)
+def lower(service: Service) -> tuple[list[dict], dict | None]:
+    """One service's virtual hosts: per HTTP port, and at the gateway.
+
+    → (`[{"port", "virtual_host"}]` in the service's port order; None without
+    ingress, else `{"port", "virtual_hosts": [[host, virtual host], ...]}` in
+    the ingress's host order (duplicates kept for `assemble` to report), or
+    `{"port", "virtual_hosts": None, "problem"}` when there is no HTTP port to
+    route to). Sidecar domains include the short names; `assemble` drops those
+    another service shares.
+    """
+    action = _action_policy(service)
+    http = [{"port": port.number,
+             "virtual_host": _virtual_host(f"{service.fqdn}:{port.number}",
+                                           _service_domains(service, port.number),
+                                           _routes(service, port.number, action))}
+            for port in service.http_ports]
+    ingress = service.ingress
+    if ingress is None:
+        return http, None
+    if not http:
+        return http, {"port": ingress.port, "virtual_hosts": None, "problem": problem(
+            "envoy.ingress-without-http-port",
+            f"{service.key}: ingress needs an HTTP port to route to; the service has none",
+            span_of(service, "ingress"))}
+    routes = http[0]["virtual_host"]["routes"]  # ingress traffic goes to the first HTTP port
+    return http, {"port": ingress.port,
+                  "virtual_hosts": [[host, _gateway_host(host, ingress.port, routes)] for host in ingress.hosts]}
+
+
+def assemble(fragments: list[dict]) -> tuple[list[dict], list[Diagnostic]]:
+    """Every route configuration (unsorted) from the services' fragments, and the conflicts between them."""
+    sidecar, problems = _sidecar_configs(fragments)
+    gateway, more = _gateway_configs(fragments)
     return sidecar + gateway, problems + more
-
-
-def ingress_port(service: Service) -> int | None:
-    """The service port ingress traffic goes to: its first HTTP port."""
-    return service.http_ports[0].number if service.http_ports else None
 
 
 # --- sidecar: one route configuration per HTTP port -------------------------
 
-def _sidecar_configs(mesh: Mesh) -> tuple[list[dict], list[Diagnostic]]:
-    by_port: dict[int, list[Service]] = defaultdict(list)
-    for service in mesh.services:
-        for port in service.http_ports:
-            by_port[port.number].append(service)
+def _sidecar_configs(fragments: list[dict]) -> tuple[list[dict], list[Diagnostic]]:
+    by_port: dict[int, list[tuple[dict, dict]]] = defaultdict(list)
+    for fragment in fragments:
+        for entry in fragment["http"]:
+            by_port[entry["port"]].append((fragment, entry["virtual_host"]))
     configs, problems = [], []
     for port in sorted(by_port):
         hosts, found = _sidecar_hosts(by_port[port], port)
@@ -51,21 +76,22 @@ def _sidecar_configs(mesh: Mesh) -> tuple[list[dict], list[Diagnostic]]:
     return configs, problems
 
 
-def _sidecar_hosts(services: list[Service], port: int) -> tuple[list[dict], list[Diagnostic]]:
+def _sidecar_hosts(entries: list[tuple[dict, dict]], port: int) -> tuple[list[dict], list[Diagnostic]]:
     """Virtual hosts `FQDN:PORT`; a short name two namespaces share is left out of both."""
-    domains = {s.key: _service_domains(s, port) for s in services}
-    counts = Counter(d for names in domains.values() for d in names)
+    counts = Counter(d for _, host in entries for d in host["domains"])
+    if all(c == 1 for c in counts.values()):
+        return [host for _, host in entries], []
     hosts, problems = [], []
-    for service in services:
-        shared = sorted(d for d in domains[service.key] if counts[d] > 1 and ":" not in d)
-        for name in shared:
+    for fragment, host in entries:
+        domains = host["domains"]  # sorted, so every filtered list below is too
+        for name in (d for d in domains if counts[d] > 1 and ":" not in d):
             problems.append(Diagnostic(
                 "envoy.ambiguous-short-name",
-                f"{service.key}: host name {name!r} on port {port} also names another "
+                f"{fragment['service']}: host name {name!r} on port {port} also names another "
                 f"service; route configuration '{port}' leaves it out (use the namespaced name)",
-                span_of(service), Severity.WARNING))
-        unique = [d for d in domains[service.key] if counts[d] == 1]
-        hosts.append(_virtual_host(f"{service.fqdn}:{port}", unique, service, port))
+                span(fragment["spans"]["service"]), Severity.WARNING))
+        unique = [d for d in domains if counts[d] == 1]
+        hosts.append(host if len(unique) == len(domains) else {**host, "domains": unique})
     return hosts, problems
 
 
@@ -77,59 +103,56 @@ def _service_domains(service: Service, port: int) -> list[str]:
 
 # --- gateway: one route configuration per ingress port -----------------------
 
-def _gateway_configs(mesh: Mesh) -> tuple[list[dict], list[Diagnostic]]:
-    by_port: dict[int, dict[str, Service]] = defaultdict(dict)
+def _gateway_configs(fragments: list[dict]) -> tuple[list[dict], list[Diagnostic]]:
+    by_port: dict[int, dict[str, tuple[str, dict]]] = defaultdict(dict)  # port → host → (service, virtual host)
     problems = []
-    for service in mesh.services:
-        if service.ingress is None:
+    for fragment in fragments:
+        ingress = fragment["ingress"]
+        if ingress is None:
             continue
-        if ingress_port(service) is None:
-            problems.append(Diagnostic(
-                "envoy.ingress-without-http-port",
-                f"{service.key}: ingress needs an HTTP port to route to; the service has none",
-                span_of(service, "ingress"), Severity.ERROR))
+        if ingress["virtual_hosts"] is None:
+            problems.append(diagnostic(ingress["problem"]))
             continue
-        hosts = by_port[service.ingress.port]
-        for host in service.ingress.hosts:
+        hosts = by_port[ingress["port"]]
+        for host, virtual_host in ingress["virtual_hosts"]:
             if host in hosts:
                 problems.append(Diagnostic(
                     "envoy.ingress-host-conflict",
-                    f"{service.key}: ingress host {host!r} on port {service.ingress.port} "
-                    f"is already routed to {hosts[host].key}",
-                    span_of(service, "ingress", "hosts"), Severity.ERROR))
+                    f"{fragment['service']}: ingress host {host!r} on port {ingress['port']} "
+                    f"is already routed to {hosts[host][0]}",
+                    span(fragment["spans"]["ingress_hosts"]), Severity.ERROR))
                 continue
-            hosts[host] = service
-    configs = [_config(gateway_route_name(port), [_gateway_host(host, service, port)
-                                                  for host, service in by_port[port].items()])
+            hosts[host] = (fragment["service"], virtual_host)
+    configs = [_config(gateway_route_name(port), [host for _, host in by_port[port].values()])
                for port in sorted(by_port)]
     return configs, problems
 
 
-def _gateway_host(host: str, service: Service, port: int) -> dict:
+def _gateway_host(host: str, port: int, routes: list[dict]) -> dict:
     domains = [host] if host == "*" else [host, f"{host}:{port}"]
-    return _virtual_host(f"{host}:{port}", domains, service, ingress_port(service))
+    return _virtual_host(f"{host}:{port}", domains, routes)
 
 
 # --- shared -----------------------------------------------------------------
 
 def _config(name: str, hosts: list[dict]) -> dict:
-    return {"@type": ROUTES, "name": name, "virtual_hosts": sorted(hosts, key=lambda h: h["name"])}
+    return {"@type": ROUTES, "name": name, "virtual_hosts": sorted(hosts, key=itemgetter("name"))}
 
 
-def _virtual_host(name: str, domains: list[str], service: Service, port: int) -> dict:
-    return {"name": name, "domains": sorted(domains), "routes": _routes(service, port)}
+def _virtual_host(name: str, domains: list[str], routes: list[dict]) -> dict:
+    return {"name": name, "domains": sorted(domains), "routes": routes}
 
 
-def _routes(service: Service, port: int) -> list[dict]:
+def _routes(service: Service, port: int, policy: dict) -> list[dict]:
     """The header-match route (if any), then the default route."""
     traffic = service.traffic
     routes = []
     if traffic.match and traffic.match_version:
         target = ((cluster_name(port, service.fqdn, traffic.match_version), 100),)
         routes.append({"name": "match", "match": {"prefix": "/", "headers": _headers(traffic.match)},
-                       "route": _action(service, target)})
+                       "route": _action(target, policy)})
     routes.append({"name": "default", "match": {"prefix": "/"},
-                   "route": _action(service, default_destinations(service, port))})
+                   "route": _action(default_destinations(service, port), policy)})
     return routes
 
 
@@ -143,19 +166,25 @@ def _string_match(match: HeaderMatch) -> dict:
     return {match.kind.value: match.value}  # "exact" | "prefix"
 
 
-def _action(service: Service, destinations: tuple[tuple[str, int], ...]) -> dict:
-    if len(destinations) == 1:
-        action: dict = {"cluster": destinations[0][0]}
-    else:
-        action = {"weighted_clusters": {"clusters": [{"name": n, "weight": w} for n, w in destinations]}}
-    action["timeout"] = duration(service.timeout_ms or 0)
+def _action_policy(service: Service) -> dict:
+    """What every route action of a service carries besides its clusters: timeout, retries, hashing.
+
+    Built once per service and shared by its routes.
+    """
     hashing = service.load_balancer.consistent_hash if service.load_balancer else None
+    policy: dict = {"timeout": duration(service.timeout_ms or 0)}
     retry = _retry_policy(service.retries, hashing is not None)
     if retry:
-        action["retry_policy"] = retry
+        policy["retry_policy"] = retry
     if hashing:
-        action["hash_policy"] = [_hash_policy(hashing)]
-    return action
+        policy["hash_policy"] = [_hash_policy(hashing)]
+    return policy
+
+
+def _action(destinations: tuple[tuple[str, int], ...], policy: dict) -> dict:
+    if len(destinations) == 1:
+        return {"cluster": destinations[0][0], **policy}
+    return {"weighted_clusters": {"clusters": [{"name": n, "weight": w} for n, w in destinations]}, **policy}
 
 
 def _retry_policy(retries: Retries | None, consistent_hash: bool) -> dict | None:

@@ -10,33 +10,45 @@ https://www.envoyproxy.io/docs/envoy/latest/api-v3/extensions/transport_sockets/
 
 from __future__ import annotations
 
-from compiler.diagnostics import Diagnostic
 from compiler.model import Port, Protocol, Service, Tls, TlsMode
-from compiler.targets.envoy.common import ADS, UPSTREAM_TLS, span_of
+from compiler.targets.envoy.common import ADS, UPSTREAM_TLS, problem, span_of
 
 #: Istio's "system" CA: the OS trust bundle, used for SIMPLE without a credentialName.
 SYSTEM_CA = "/etc/ssl/certs/ca-certificates.crt"
 _ALPN_MESH = ["istio-peer-exchange", "istio"]
 _ALPN_MESH_H2 = ["istio-peer-exchange", "istio", "h2"]
+_H2 = frozenset((Protocol.HTTP2, Protocol.GRPC))
 
 
-def transport_socket(service: Service, port: Port, version: str) -> dict | None:
-    """The `transport_socket` of one cluster, or None for plaintext (no tls, DISABLE)."""
+def port_socket(service: Service, port: Port, h2: bool) -> dict | None:
+    """The `transport_socket` a port's clusters share, or None for plaintext (no tls, DISABLE).
+
+    `h2` is `is_h2(port)`. Under ISTIO_MUTUAL without an explicit SNI each
+    cluster has its own SNI: `cluster_socket` adds it.
+    """
     tls = service.tls
     if tls is None or tls.mode is TlsMode.DISABLE:
         return None
     if tls.mode is TlsMode.ISTIO_MUTUAL:
-        context = _istio_mutual(tls, port, _istio_sni(port.number, version, service.fqdn))
+        context = _istio_mutual(tls, h2)
     else:
-        context = _simple_or_mutual(tls, port)
+        context = _simple_or_mutual(tls, h2)
     return {"name": "envoy.transport_sockets.tls", "typed_config": {"@type": UPSTREAM_TLS, **context}}
 
 
-def diagnostics(service: Service) -> list[Diagnostic]:
-    """What the Envoy target cannot express about this service's TLS."""
+def cluster_socket(shared: dict | None, service: Service, port: Port, version: str) -> dict | None:
+    """The `transport_socket` of one cluster: its port's (`port_socket`), with istiod's in-mesh SNI if it needs one."""
+    if shared is None or service.tls.mode is not TlsMode.ISTIO_MUTUAL or service.tls.sni:
+        return shared
+    sni = _istio_sni(port.number, version, service.fqdn)
+    return {**shared, "typed_config": {**shared["typed_config"], "sni": sni}}
+
+
+def diagnostics(service: Service) -> list[dict]:
+    """What the Envoy target cannot express about this service's TLS (`common.problem` dicts)."""
     tls = service.tls
     if tls is not None and tls.mode is TlsMode.MUTUAL and not tls.credential_name:
-        return [Diagnostic(
+        return [problem(
             "envoy.tls-mutual-without-credential",
             f"{service.key}: tls mode MUTUAL needs `credentialName` for the Envoy target "
             "(the client certificate is delivered by SDS under that name)",
@@ -45,24 +57,24 @@ def diagnostics(service: Service) -> list[Diagnostic]:
 
 
 def is_h2(port: Port) -> bool:
-    return port.protocol in (Protocol.HTTP2, Protocol.GRPC)
+    return port.protocol in _H2
 
 
-def _istio_mutual(tls: Tls, port: Port, default_sni: str) -> dict:
+def _istio_mutual(tls: Tls, h2: bool) -> dict:
     common = {
-        "alpn_protocols": _ALPN_MESH_H2 if is_h2(port) else _ALPN_MESH,
+        "alpn_protocols": _ALPN_MESH_H2 if h2 else _ALPN_MESH,
         "tls_certificate_sds_secret_configs": [_sds("default")],
         "combined_validation_context": {
             "default_validation_context": _san_matchers(tls.subject_alt_names),
             "validation_context_sds_secret_config": _sds("ROOTCA"),
         },
     }
-    return {"common_tls_context": common, "sni": tls.sni or default_sni}
+    return {"common_tls_context": common, "sni": tls.sni} if tls.sni else {"common_tls_context": common}
 
 
-def _simple_or_mutual(tls: Tls, port: Port) -> dict:
+def _simple_or_mutual(tls: Tls, h2: bool) -> dict:
     common: dict = {}
-    if is_h2(port):
+    if h2:
         common["alpn_protocols"] = ["h2"]
     if tls.credential_name:
         if tls.mode is TlsMode.MUTUAL:
