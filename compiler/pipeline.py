@@ -11,7 +11,9 @@ policy and environment files did not change. Nothing here writes files.
 
 from __future__ import annotations
 
+import gc
 import os
+from contextlib import contextmanager
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field, replace
 from functools import cached_property
@@ -132,10 +134,24 @@ def compile_source(
     reported from a run without the cache, so a cache never shapes a message.
     `models=False` skips `result.meshes` (the CLI's compile does not need them).
     """
-    result = _compile(source, envs, jobs, cache, models)
-    if cache is not None and not result.ok:
-        result = _compile(source, envs, jobs, None, models)
+    with _no_gc():
+        result = _compile(source, envs, jobs, cache, models)
+        if cache is not None and not result.ok:
+            result = _compile(source, envs, jobs, None, models)
     return result
+
+
+@contextmanager
+def _no_gc():
+    """Compiling allocates millions of short-lived, acyclic values; the cyclic
+    collector only slows that down (~2× on lowering, 3× on loading the cache)."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def _compile(source: Source, envs: Sequence[str] | None, jobs: int | None, cache: Cache | None, models: bool) -> CompileResult:
@@ -280,7 +296,7 @@ def _units(contexts: list[_EnvContext], policies: list[Policy], jobs: int | None
                 todo.append((ci, pi))
     for (ci, pi), unit in zip(todo, _compute(contexts, policies, todo, jobs, serializer, keep_spans=cache is None)):
         units[(contexts[ci].env.name, policies[pi].key)] = unit
-        if cache is not None and unit.service is not None and not unit.diagnostics and all(hasattr(t, "lower_service") for t in registry()):
+        if cache is not None and unit.service is not None and not unit.diagnostics:
             cache.put_json(unit_key(policies[pi].file_key, contexts[ci].file.file_key), unit.to_json())
     return units
 
@@ -322,9 +338,6 @@ def _unit(ctx: _EnvContext, policy: Policy, serializer, keep_spans: bool) -> Uni
         return Unit(policy.key, None, (), {}, tuple(diags))
     fragments = {}
     for target in registry():
-        if not hasattr(target, "lower_service"):  # TRANSITION: envoy gains lower_service shortly
-            fragments[target.NAME] = svc
-            continue
         fragments[target.NAME] = fragment = target.lower_service(svc, ctx.env)
         if getattr(target, "FRAGMENT_IS_YAML", False):
             serializer.warm(fragment)
@@ -350,10 +363,7 @@ def _assemble(ctx: _EnvContext, units: list[Unit], serializer, diags: Diagnostic
     files: dict[str, bytes] = {}
     errors = diags.error_count
     for target in registry():
-        if not hasattr(target, "assemble"):  # TRANSITION
-            lowered = target.lower(m.Mesh(ctx.env, tuple(u.fragments[target.NAME] for u in units)))
-        else:
-            lowered = target.assemble(ctx.env, [u.fragments[target.NAME] for u in units])
+        lowered = target.assemble(ctx.env, [u.fragments[target.NAME] for u in units])
         diags.extend(lowered.diagnostics)
         for f in lowered.files:
             files[f.path] = serializer.serialize(f)
