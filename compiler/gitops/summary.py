@@ -1,0 +1,207 @@
+"""What a change does to one service, in traffic terms, and what a reviewer must not miss.
+
+`service_changes(old, new)` compares two model `Service` values of one
+environment and answers short phrases ("canary v2 10% → 25%", "timeout 4s
+→ 2s", "version v1 removed"); `service_warnings` flags risky steps (a
+traffic shift over `MAX_STEP` points, a shortened timeout). Pure: model
+values in, strings out.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Iterator
+
+from compiler import model as m
+from compiler.values import human_duration
+
+MAX_STEP = 25  # percentage points of traffic one change may move without a warning
+
+# Fields with a phrase of their own below; every other field is compared generically.
+_SPECIAL = {"traffic", "timeout_ms", "retries", "versions", "endpoints", "spans", "name", "namespace"}
+
+
+def service_changes(old: m.Service, new: m.Service) -> list[str]:
+    """Phrases for what differs between two versions of a service, in a fixed order."""
+    phrases = list(_traffic(old.traffic, new.traffic))
+    if old.timeout_ms != new.timeout_ms:
+        phrases.append(f"timeout {_duration(old.timeout_ms)} → {_duration(new.timeout_ms)}")
+    phrases += _retries(old.retries, new.retries)
+    phrases += _versions(old, new)
+    for f in dataclasses.fields(m.Service):
+        if f.name not in _SPECIAL:
+            phrases += _generic(_camel(f.name), getattr(old, f.name), getattr(new, f.name))
+    phrases += _endpoints(old.endpoints, new.endpoints)
+    return phrases
+
+
+def describe_traffic(t: m.Traffic) -> str:
+    if t.shape is m.TrafficShape.STABLE:
+        return f"stable {t.stable}"
+    if t.shape is m.TrafficShape.CANARY:
+        return f"stable {t.stable} with canary {t.canary.version} {t.canary.weight}%"
+    if t.shape is m.TrafficShape.SPLIT:
+        return "split " + " / ".join(f"{w.version} {w.weight}%" for w in t.weights)
+    return "no version routing"
+
+
+def traffic_shift(old: m.Traffic, new: m.Traffic) -> int:
+    """Percentage points of traffic that change destination (total variation distance)."""
+    if old.shape is m.TrafficShape.NONE or new.shape is m.TrafficShape.NONE:
+        return 0
+    before, after = _shares(old), _shares(new)
+    return sum(max(0, after.get(v, 0) - before.get(v, 0)) for v in after)
+
+
+def service_warnings(old: m.Service, new: m.Service) -> list[tuple[str, str]]:
+    """(code, message) pairs: `canary-step`, `timeout-shortened`."""
+    warnings = []
+    shift = traffic_shift(old.traffic, new.traffic)
+    if shift > MAX_STEP:
+        change = next(_traffic(old.traffic, new.traffic))
+        warnings.append(("canary-step", f"{change} moves {shift} points of traffic in one step (more than {MAX_STEP})"))
+    if _shorter(old.timeout_ms, new.timeout_ms):
+        warnings.append(("timeout-shortened", _shortened("timeout", old.timeout_ms, new.timeout_ms)
+                         + ": requests that used to succeed may now time out"))
+    old_try = old.retries.per_try_timeout_ms if old.retries else None
+    new_try = new.retries.per_try_timeout_ms if new.retries else None
+    if _shorter(old_try, new_try):
+        warnings.append(("timeout-shortened", _shortened("per-try timeout", old_try, new_try)))
+    return warnings
+
+
+def _shortened(what: str, old: int | None, new: int) -> str:
+    if old is None:
+        return f"{what} set to {_duration(new)} where there was none"
+    return f"{what} shortened {_duration(old)} → {_duration(new)}"
+
+
+# --- traffic -------------------------------------------------------------------------------
+
+def _traffic(old: m.Traffic, new: m.Traffic) -> Iterator[str]:
+    if old.shape == new.shape == m.TrafficShape.CANARY and old.stable == new.stable \
+            and old.canary.version == new.canary.version:
+        if old.canary.weight != new.canary.weight:
+            yield f"canary {new.canary.version} {old.canary.weight}% → {new.canary.weight}%"
+    elif old.shape is m.TrafficShape.CANARY and new.shape is m.TrafficShape.STABLE:
+        if new.stable == old.canary.version:
+            yield f"canary {new.stable} promoted to stable (was {old.canary.weight}%)"
+        elif new.stable == old.stable:
+            yield f"canary {old.canary.version} ended (was {old.canary.weight}%); all traffic to {new.stable}"
+        else:
+            yield f"traffic {describe_traffic(old)} → {describe_traffic(new)}"
+    elif old.shape is m.TrafficShape.STABLE and new.shape is m.TrafficShape.CANARY and old.stable == new.stable:
+        yield f"canary {new.canary.version} started at {new.canary.weight}%"
+    elif old.weights != new.weights or old.shape != new.shape:
+        yield f"traffic {describe_traffic(old)} → {describe_traffic(new)}"
+    if (old.match, old.match_version) != (new.match, new.match_version):
+        yield f"canary match {_match(old)} → {_match(new)}"
+
+
+def _shares(t: m.Traffic) -> dict[str, int]:
+    return {w.version: w.weight for w in t.weights}
+
+
+def _match(t: m.Traffic) -> str:
+    if not t.match:
+        return "none"
+    return " and ".join(f"{h.header} {h.kind.value} {h.value!r}" for h in t.match)
+
+
+# --- other fields --------------------------------------------------------------------------
+
+def _retries(old: m.Retries | None, new: m.Retries | None) -> list[str]:
+    if old == new:
+        return []
+    if old is None or new is None:
+        return [f"retries {_retry_text(old)} → {_retry_text(new)}"]
+    out = []
+    if old.attempts != new.attempts:
+        out.append(f"retries {old.attempts} → {new.attempts} attempts")
+    if old.per_try_timeout_ms != new.per_try_timeout_ms:
+        out.append(f"per-try timeout {_duration(old.per_try_timeout_ms)} → {_duration(new.per_try_timeout_ms)}")
+    if old.retry_on != new.retry_on:
+        out.append(f"retry on {','.join(old.retry_on) or 'default'} → {','.join(new.retry_on) or 'default'}")
+    return out
+
+
+def _retry_text(r: m.Retries | None) -> str:
+    return "none" if r is None else f"{r.attempts} attempts"
+
+
+def _versions(old: m.Service, new: m.Service) -> list[str]:
+    before, after = {v.name: v for v in old.versions}, {v.name: v for v in new.versions}
+    out = [f"version {v} added" for v in sorted(set(after) - set(before))]
+    out += [f"version {v} removed" for v in sorted(set(before) - set(after))]
+    out += [f"version {v} labels {_labels(before[v].labels)} → {_labels(after[v].labels)}"
+            for v in sorted(set(before) & set(after)) if before[v] != after[v]]
+    return out
+
+
+def _endpoints(old: m.Endpoints, new: m.Endpoints) -> list[str]:
+    if old == new:
+        return []
+    groups = [("", old.unversioned, new.unversioned)]
+    groups += [(f" {v}", old.of(v), new.of(v)) for v in sorted(set(dict(old.by_version)) | set(dict(new.by_version)))]
+    out = []
+    for label, a, b in groups:
+        added = [f"+{x.host}:{x.port}" for x in b if x not in a]
+        removed = [f"-{x.host}:{x.port}" for x in a if x not in b]
+        if added or removed:
+            out.append(f"endpoints{label} {' '.join(added + removed)}")
+    return out
+
+
+def _generic(label: str, old, new) -> list[str]:
+    """`label old → new` for a changed value, descending into dataclasses field by field."""
+    if old == new:
+        return []
+    if dataclasses.is_dataclass(old) and dataclasses.is_dataclass(new) and type(old) is type(new):
+        out = []
+        for f in dataclasses.fields(old):
+            a, b = getattr(old, f.name), getattr(new, f.name)
+            if f.name.endswith("_ms"):
+                out += _durations(f"{label}.{_camel(f.name[:-3])}", a, b)
+            else:
+                out += _generic(f"{label}.{_camel(f.name)}", a, b)
+        return out
+    return [f"{label} {_value(old)} → {_value(new)}"]
+
+
+def _durations(label: str, old: int | None, new: int | None) -> list[str]:
+    return [] if old == new else [f"{label} {_duration(old)} → {_duration(new)}"]
+
+
+def _value(v) -> str:
+    if v is None or v == ():
+        return "none"
+    if isinstance(v, str):
+        return v
+    if isinstance(v, tuple) and all(isinstance(x, tuple) and len(x) == 2 for x in v):
+        return _labels(v)
+    if isinstance(v, tuple):
+        return "[" + ", ".join(_value(x) for x in v) + "]"
+    if dataclasses.is_dataclass(v):
+        fields = [(f.name, getattr(v, f.name)) for f in dataclasses.fields(v) if f.compare]
+        shown = [f"{_camel(n.removesuffix('_ms'))}={_duration(x) if n.endswith('_ms') else _value(x)}"
+                 for n, x in fields if x not in (None, ())]
+        return "{" + ", ".join(shown) + "}"
+    return str(v)
+
+
+def _labels(pairs) -> str:
+    return "{" + ", ".join(f"{k}: {v}" for k, v in pairs) + "}"
+
+
+def _duration(ms: int | None) -> str:
+    return "none" if ms is None else human_duration(ms)
+
+
+def _shorter(old: int | None, new: int | None) -> bool:
+    """A timeout set where there was none (unbounded) is shorter too."""
+    return new is not None and (old is None or new < old)
+
+
+def _camel(snake: str) -> str:
+    head, *rest = snake.split("_")
+    return head + "".join(w[:1].upper() + w[1:] for w in rest)

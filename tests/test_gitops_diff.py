@@ -1,0 +1,200 @@
+"""`meshc diff`: both revisions compiled from git objects, summarised in traffic terms."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from compiler.cli import main
+from compiler.gitops.diff import EnvDiff, Line, Report
+from compiler.gitops.render import MARKER, markdown
+from compiler.gitops.resources import Change, FieldChange, ResourceChange, field_changes
+from compiler.gitops.review import diff_revisions
+from test_gitops_support import DETAILS, RATINGS, REVIEWS, SAMPLE, commit_files, edit, environment, make_repo
+
+REVIEWS_25 = edit(REVIEWS, "weight: 10", "weight: 25")
+
+
+def meshc(*argv: str) -> int:
+    """`meshc ARGS...` in this process: the real entry point."""
+    return main(list(argv))
+
+
+@pytest.fixture
+def repo(tmp_path):
+    return make_repo(tmp_path / "r")
+
+
+def write(repo, path: str, text: str) -> None:
+    (__import__("pathlib").Path(repo.workdir) / path).write_text(text)
+
+
+def test_a_canary_edit_reads_as_one_line_per_change(repo, capsys):
+    """The issue's 'done when': edit a weight on a branch, `meshc diff --base main`."""
+    write(repo, "policies/bookinfo/reviews.yaml", REVIEWS_25)
+
+    assert meshc("diff", "--repo", repo.workdir, "--base", "main") == 0
+
+    out = capsys.readouterr().out
+    assert "dev, staging · bookinfo/reviews: canary v2 10% → 25%" in out
+    assert "prod" not in out.split("Warnings:")[0].split("\n\n")[1]  # prod pins the weight at 5 ...
+    assert ("prod · bookinfo/reviews: the change to policies/bookinfo/reviews.yaml has no effect here "
+            "(an override in environments/prod.yaml pins it)") in out  # ... and the reviewer is told
+    assert "~ spec.http[default].route[v2].weight: 10 → 25" in out
+    assert "prod: no change" in out
+
+
+def test_summary_names_services_timeouts_and_versions(repo):
+    commit_files(repo, {"policies/bookinfo/ratings.yaml": edit(RATINGS, "timeout: 2s", "timeout: 1s"),
+                        "policies/bookinfo/details.yaml": edit(edit(DETAILS, "    v1: {labels: {version: v1}}\n", ""),
+                                                               "{split: {v1: 50, v2: 50}}", "{stable: v2}"),
+                        "policies/shop/cart.yaml": edit(edit(RATINGS, "ratings", "cart"), "bookinfo", "shop")},
+                 "several changes")
+
+    report = diff_revisions(repo.workdir, "HEAD~1", "HEAD")
+
+    lines = [str(line) for line in report.summary]
+    assert "dev, prod, staging · bookinfo/ratings: timeout 2s → 1s" in lines
+    assert "dev, prod, staging · bookinfo/details: version v1 removed" in lines
+    assert "dev, prod, staging · bookinfo/details: traffic split v1 50% / v2 50% → stable v2" in lines
+    assert "dev, prod, staging · shop/cart: new service" in lines
+    codes = {w.code for w in report.warnings}
+    assert codes == {"timeout-shortened", "canary-step"}
+    prod = next(e for e in report.environments if e.name == "prod")
+    assert ResourceChange("Service shop/cart", "istio/shop/cart.yaml", Change.ADDED) in prod.istio
+    assert any(r.key.startswith("cluster outbound|9080|v1|details") and r.change is Change.REMOVED for r in prod.envoy)
+
+
+def test_canary_step_limit_is_25_points(repo):
+    write(repo, "policies/bookinfo/reviews.yaml", edit(REVIEWS, "weight: 10", "weight: 35"))
+    assert not [w for w in diff_revisions(repo.workdir, "main").warnings if w.code == "canary-step"]
+    write(repo, "policies/bookinfo/reviews.yaml", edit(REVIEWS, "weight: 10", "weight: 36"))
+    steps = [w for w in diff_revisions(repo.workdir, "main").warnings if w.code == "canary-step"]
+    assert [str(w) for w in steps] == [
+        "dev, staging · bookinfo/reviews: canary v2 10% → 36% moves 26 points of traffic in one step (more than 25)"]
+
+
+def test_removing_a_version_a_patch_still_routes_to_is_flagged(repo):
+    patch = """\
+  patches:
+    - target: {kind: VirtualService, namespace: bookinfo, name: details}
+      ops: [{op: add, path: /spec/http/0/mirror, value: {host: details.bookinfo.svc.cluster.local, subset: v1}}]
+"""
+    commit_files(repo, {"environments/staging.yaml": environment("staging", patch)}, "mirror details to v1")
+    write(repo, "policies/bookinfo/details.yaml",
+          edit(edit(DETAILS, "    v1: {labels: {version: v1}}\n", ""), "{split: {v1: 50, v2: 50}}", "{stable: v2}"))
+
+    report = diff_revisions(repo.workdir, "main")
+
+    referenced = [w for w in report.warnings if w.code == "version-referenced"]
+    assert [w.envs for w in referenced] == [("staging",)]
+    assert "version v1 is removed but still referenced in istio/bookinfo/details.yaml" in referenced[0].text
+
+
+def test_an_environment_edit_that_renders_nothing_new_is_flagged(repo):
+    write(repo, "environments/dev.yaml", SAMPLE["environments/dev.yaml"] + "  # tuned later\n")
+    report = diff_revisions(repo.workdir, "main")
+    assert not report.changed
+    assert [str(w) for w in report.warnings] == ["dev: environments/dev.yaml changed but rendered/dev does not"]
+
+
+def test_new_environment_and_exit_codes(repo, capsys):
+    assert meshc("diff", "--repo", repo.workdir, "--base", "main", "--exit-code") == 0
+    assert "No environment changes." in capsys.readouterr().out
+    write(repo, "environments/qa.yaml", environment("qa"))
+    assert meshc("diff", "--repo", repo.workdir, "--base", "main", "--exit-code") == 1
+    assert meshc("diff", "--repo", repo.workdir, "--base", "main") == 0
+    out = capsys.readouterr().out
+    assert "qa: new environment" in out and "qa: environment added" in out
+
+
+def test_a_side_that_does_not_compile_shows_its_diagnostics(repo, capsys):
+    write(repo, "policies/bookinfo/reviews.yaml", edit(REVIEWS, "weight: 10", "weight: 140"))
+    assert meshc("diff", "--repo", repo.workdir, "--base", "main", "--format", "markdown") == 2
+    out = capsys.readouterr().out
+    assert "The head (`working tree`) does not compile" in out
+    assert "policies/bookinfo/reviews.yaml:" in out and ": error: " in out
+    commit_files(repo, {"policies/bookinfo/reviews.yaml": edit(REVIEWS, "weight: 10", "weight: 140")}, "broken")
+    write(repo, "policies/bookinfo/reviews.yaml", REVIEWS)
+    assert meshc("diff", "--repo", repo.workdir, "--base", "HEAD", "--format", "json") == 2
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["failed"] and doc["errors"]["base"] and not doc["errors"]["head"]
+    assert doc["errors"]["base"][0]["path"] == "policies/bookinfo/reviews.yaml"
+
+
+def test_user_mistakes_are_one_line_errors(repo, tmp_path, capsys):
+    assert meshc("diff", "--repo", repo.workdir, "--base", "no-such-branch") == 2
+    assert capsys.readouterr().err == "meshc: error: unknown revision 'no-such-branch'\n"
+    (tmp_path / "plain").mkdir()
+    assert meshc("diff", "--repo", str(tmp_path / "plain"), "--base", "main") == 2
+    assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_head_revision_and_a_repo_in_a_subdirectory(tmp_path):
+    repo = make_repo(tmp_path / "mono", {f"mesh/{p}": t for p, t in SAMPLE.items()} | {"app/main.go": "package main\n"})
+    commit_files(repo, {"mesh/policies/bookinfo/reviews.yaml": REVIEWS_25}, "canary 25")
+    report = diff_revisions(tmp_path / "mono" / "mesh", "HEAD~1", "HEAD")
+    assert [str(l) for l in report.summary] == ["dev, staging · bookinfo/reviews: canary v2 10% → 25%"]
+    assert report.changed_inputs == ("policies/bookinfo/reviews.yaml",)
+    assert report.head.startswith("HEAD (")
+
+
+def test_json_has_the_whole_report(repo, capsys):
+    write(repo, "policies/bookinfo/reviews.yaml", REVIEWS_25)
+    assert meshc("diff", "--repo", repo.workdir, "--base", "main", "--format", "json") == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["changed"] and doc["changedInputs"] == ["policies/bookinfo/reviews.yaml"]
+    assert {"environments": ["dev", "staging"], "service": "bookinfo/reviews",
+            "text": "canary v2 10% → 25%"} in doc["summary"]
+    dev = next(e for e in doc["environments"] if e["name"] == "dev")
+    vs = next(r for r in dev["istio"] if r["key"] == "VirtualService bookinfo/reviews")
+    assert {"path": "spec.http[default].route[v2].weight", "op": "replace", "old": 10, "new": 25} in vs["fields"]
+
+
+# --- keyed list items ----------------------------------------------------------------------
+
+
+def test_list_items_are_named_by_their_key_not_renumbered():
+    old = {"spec": {"http": [{"name": "default", "route": [{"destination": {"host": "r", "subset": "v1"}, "weight": 100}]}]}}
+    new = {"spec": {"http": [{"name": "canary", "match": [{"headers": {"x": {"exact": "1"}}}],
+                              "route": [{"destination": {"host": "r", "subset": "v2"}}]},
+                             {"name": "default", "route": [{"destination": {"host": "r", "subset": "v1"}, "weight": 90},
+                                                           {"destination": {"host": "r", "subset": "v2"}, "weight": 10}]}]}}
+    changes = field_changes(old, new)
+    assert FieldChange("spec.http[default].route[v1].weight", "replace", 100, 90) in changes
+    assert FieldChange("spec.http[default].route[v2]", "add", None,
+                       {"destination": {"host": "r", "subset": "v2"}, "weight": 10}) in changes
+    assert any(c.path == "spec.http[canary]" and c.op == "add" for c in changes)
+    assert not any(c.op == "reorder" for c in changes)  # an insertion is not a reordering
+    swapped = {"spec": {"http": list(reversed(new["spec"]["http"]))}}
+    assert field_changes(new, swapped) == [FieldChange("spec.http", "reorder", ["canary", "default"], ["default", "canary"])]
+    assert field_changes({"a": [1, 2]}, {"a": [1, 3]}) == [FieldChange("a[1]", "replace", 2, 3)]
+
+
+# --- markdown size -------------------------------------------------------------------------
+
+
+def big_report(envs: int, resources: int) -> Report:
+    fields = tuple(FieldChange(f"spec.http[default].route[v{i}].weight", "replace", i, i + 1) for i in range(5))
+    return Report("main (abc1234)", "working tree",
+                  summary=(Line(("prod",), "shop/cart", "canary v2 10% → 25%"),),
+                  environments=tuple(EnvDiff(f"env{e:02}", Change.MODIFIED, tuple(
+                      ResourceChange(f"VirtualService shop/svc{r:04}", f"istio/shop/svc{r:04}.yaml", Change.MODIFIED, fields)
+                      for r in range(resources))) for e in range(envs)))
+
+
+def test_markdown_fits_a_github_comment_and_says_what_it_left_out():
+    report = big_report(envs=6, resources=400)
+    doc = markdown(report)
+    assert len(doc) < 65_000
+    assert doc.startswith(MARKER) and "- **prod** · `shop/cart`: canary v2 10% → 25%" in doc
+    assert doc.count("<details>") == doc.count("</details>") >= 1
+    assert "**Left out to fit a GitHub comment:**" in doc and "env05 (all 400 resources)" in doc
+    small = markdown(big_report(envs=2, resources=3))
+    assert "Left out" not in small and small.count("<details>") == 2
+    many = Report("a", "b", summary=tuple(Line(("prod",), f"ns/svc{i}", "new service <b>") for i in range(3000)),
+                  environments=(EnvDiff("prod", Change.MODIFIED),))
+    doc = markdown(many)
+    assert len(doc) < 65_000 and "… and 2850 more changes" in doc
+    assert "new service &lt;b&gt;" in doc and "<b>" not in doc.replace("<b>prod</b>", "")
