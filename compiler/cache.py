@@ -75,6 +75,7 @@ class Cache:
                 ignore.write_text("*\n")  # never committed, whatever the repo's own .gitignore says
             self._db = sqlite3.connect(self.directory / "cache.sqlite", timeout=5)
             self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")  # a cache: no fsync per commit
             self._db.execute("CREATE TABLE IF NOT EXISTS units (key BLOB PRIMARY KEY, value BLOB NOT NULL)")
             self._db.execute("CREATE TABLE IF NOT EXISTS yaml (key BLOB PRIMARY KEY, value BLOB NOT NULL)")
             self.units = dict(self._db.execute("SELECT key, value FROM units"))

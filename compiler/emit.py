@@ -53,6 +53,7 @@ class Serializer:
     def __init__(self, known: Mapping[bytes, bytes] | None = None):
         self.known = known or {}
         self.new: dict[bytes, bytes] = {}
+        self._keys: dict[int, tuple[object, bytes]] = {}  # id(document) → (document, memo key)
 
     def serialize(self, file: OutputFile) -> bytes:
         if file.format == "yaml":
@@ -62,16 +63,34 @@ class Serializer:
         raise ValueError(f"unknown output format {file.format!r}")
 
     def document(self, doc) -> bytes:
-        key = hashlib.sha256(canonical_json(doc)).digest()
+        known = self._keys.get(id(doc))
+        key = known[1] if known is not None and known[0] is doc else self.key(doc)
         out = self.new.get(key) or self.known.get(key)
         if out is None:
             out = self.new[key] = yaml_bytes([doc])
         return out
 
-    def warm(self, documents) -> None:
-        """Serialise ahead of time (in a worker process), so `serialize` only looks up."""
+    @staticmethod
+    def key(doc) -> bytes:
+        return hashlib.sha256(canonical_json(doc)).digest()
+
+    def warm(self, documents) -> list[str]:
+        """Serialise ahead of time (in a worker process), so `serialize` only looks up.
+
+        Returns each document's memo key (hex), for `know`.
+        """
+        keys = []
         for doc in documents:
-            self.document(doc)
+            key = self.key(doc)
+            if key not in self.new and key not in self.known:
+                self.new[key] = yaml_bytes([doc])
+            keys.append(key.hex())
+        return keys
+
+    def know(self, documents, keys: list[str]) -> None:
+        """Remember the memo keys `warm` gave for these very document objects."""
+        for doc, key in zip(documents, keys):
+            self._keys[id(doc)] = (doc, bytes.fromhex(key))
 
     def learn(self, entries: Mapping[bytes, bytes]) -> None:
         self.new.update(entries)
@@ -119,17 +138,20 @@ def _replace_dir(target: Path, files: Mapping[str, bytes]) -> None:
     instead of written: a re-compile that changes one policy writes a few
     files, not thousands.
     """
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.new-", dir=target.parent))
+    staging = tempfile.mkdtemp(prefix=f".{target.name}.new-", dir=target.parent)
+    old_root = str(target)
     try:
-        made: set[Path] = set()
+        made: set[str] = {staging}
         for rel, content in files.items():
-            path = staging / rel
-            if path.parent not in made:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                made.add(path.parent)
-            if not _link_if_same(target / rel, path, content):
-                path.write_bytes(content)
-        for d in [staging, *made]:
+            path = os.path.join(staging, rel)
+            parent = os.path.dirname(path)
+            if parent not in made:
+                os.makedirs(parent, exist_ok=True)
+                made.add(parent)
+            if not _link_if_same(os.path.join(old_root, rel), path, content):
+                with open(path, "wb") as f:
+                    f.write(content)
+        for d in made:
             os.chmod(d, 0o755)
         old = None
         if target.exists():
@@ -143,10 +165,13 @@ def _replace_dir(target: Path, files: Mapping[str, bytes]) -> None:
         shutil.rmtree(old)
 
 
-def _link_if_same(old: Path, new: Path, content: bytes) -> bool:
+def _link_if_same(old: str, new: str, content: bytes) -> bool:
     try:
-        if old.stat().st_size != len(content) or old.read_bytes() != content:
+        if os.stat(old).st_size != len(content):
             return False
+        with open(old, "rb") as f:
+            if f.read() != content:
+                return False
         os.link(old, new)
     except OSError:
         return False

@@ -14,10 +14,8 @@ from __future__ import annotations
 import gc
 import os
 from contextlib import contextmanager
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field, replace
 from functools import cached_property
-from multiprocessing import get_context
 from pathlib import PurePosixPath
 from typing import Sequence
 
@@ -112,12 +110,14 @@ class Unit:
     fragments: dict  # target NAME → what its `lower_service` returned (JSON-able)
     diagnostics: tuple[Diagnostic, ...] = ()
 
+    yaml_keys: dict = field(default_factory=dict)  # target NAME → memo key (hex) of each YAML document
+
     def to_json(self) -> dict:
-        return {"ingress_hosts": list(self.ingress_hosts), "fragments": self.fragments}
+        return {"ingress_hosts": list(self.ingress_hosts), "fragments": self.fragments, "yaml_keys": self.yaml_keys}
 
     @classmethod
     def from_json(cls, key: str, value: dict) -> "Unit":
-        return cls(key, None, tuple(value["ingress_hosts"]), value["fragments"])
+        return cls(key, None, tuple(value["ingress_hosts"]), value["fragments"], (), value["yaml_keys"])
 
 
 def compile_source(
@@ -274,13 +274,17 @@ class _EnvContext:
 
     file: EnvironmentFile
     env: m.Environment
-    layers: "_EnvLayers"
 
     @classmethod
     def of(cls, env_file: EnvironmentFile, policies: list[Policy], diags: Diagnostics) -> "_EnvContext":
         spec, spans = env_file.spec, env_file.spans
         _check_keys(spec, spans, {p.key for p in policies}, diags)
-        return cls(env_file, build.environment(env_file.name, spec, spans), _EnvLayers.of(spec, spans))
+        return cls(env_file, build.environment(env_file.name, spec, spans))
+
+    @cached_property
+    def layers(self) -> "_EnvLayers":
+        """Split out on first use: a re-compile whose units all come from the cache never needs it."""
+        return _EnvLayers.of(self.file.spec, self.file.spans)
 
 
 def _units(contexts: list[_EnvContext], policies: list[Policy], jobs: int | None, cache: Cache | None, serializer) -> dict:
@@ -307,6 +311,9 @@ def _compute(contexts, policies, todo, jobs, serializer, keep_spans: bool) -> li
         policies[pi].document()  # parse in the parent: workers inherit it
     if jobs <= 1 or len(todo) < PARALLEL_THRESHOLD:
         return [_unit(contexts[ci], policies[pi], serializer, keep_spans) for ci, pi in todo]
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
     global _WORK
     _WORK = (contexts, policies, serializer, keep_spans)  # inherited by the forked workers, not pickled
     chunks = [todo[i::jobs] for i in range(jobs)]
@@ -336,14 +343,14 @@ def _unit(ctx: _EnvContext, policy: Policy, serializer, keep_spans: bool) -> Uni
     svc = _service(ctx.env, policy, ctx.layers, diags)
     if svc is None:
         return Unit(policy.key, None, (), {}, tuple(diags))
-    fragments = {}
+    fragments, yaml_keys = {}, {}
     for target in registry():
         fragments[target.NAME] = fragment = target.lower_service(svc, ctx.env)
         if getattr(target, "FRAGMENT_IS_YAML", False):
-            serializer.warm(fragment)
+            yaml_keys[target.NAME] = serializer.warm(fragment)
     if not keep_spans:
         svc = replace(svc, spans=SpanMap())
-    return Unit(policy.key, svc, svc.ingress.hosts if svc.ingress else (), fragments, tuple(diags))
+    return Unit(policy.key, svc, svc.ingress.hosts if svc.ingress else (), fragments, tuple(diags), yaml_keys)
 
 
 def _assemble(ctx: _EnvContext, units: list[Unit], serializer, diags: Diagnostics):
@@ -362,6 +369,9 @@ def _assemble(ctx: _EnvContext, units: list[Unit], serializer, diags: Diagnostic
         return None
     files: dict[str, bytes] = {}
     errors = diags.error_count
+    for u in units:  # documents whose memo key is known need no canonical JSON to be found
+        for name, keys in u.yaml_keys.items():
+            serializer.know(u.fragments[name], keys)
     for target in registry():
         lowered = target.assemble(ctx.env, [u.fragments[target.NAME] for u in units])
         diags.extend(lowered.diagnostics)

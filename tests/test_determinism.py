@@ -8,6 +8,8 @@ Nothing in the output names a path, the host, or the time.
 
 from __future__ import annotations
 
+import concurrent.futures
+
 import random
 import re
 import shutil
@@ -90,12 +92,12 @@ def test_serial_and_parallel_compiles_are_identical(monkeypatch):
     assert SERVICES * len(ENVIRONMENTS) >= pipeline.PARALLEL_THRESHOLD
     pools = []
 
-    class CountingPool(pipeline.ProcessPoolExecutor):
+    class CountingPool(concurrent.futures.ProcessPoolExecutor):
         def __init__(self, *args, **kwargs):
             pools.append(kwargs.get("max_workers"))
             super().__init__(*args, **kwargs)
 
-    monkeypatch.setattr(pipeline, "ProcessPoolExecutor", CountingPool)
+    monkeypatch.setattr(concurrent.futures, "ProcessPoolExecutor", CountingPool)
     serial = outputs(source, jobs=1)
     assert pools == []
     parallel = outputs(shuffled(source, 7), jobs=2)

@@ -10,8 +10,6 @@ https://istio.io/latest/docs/reference/config/networking/
 
 from __future__ import annotations
 
-import jsonpatch
-
 from compiler import model as m
 from compiler.diagnostics import Diagnostics
 from compiler.targets import Lowered, OutputFile
@@ -277,6 +275,8 @@ def ingress_virtual_service(svc: m.Service) -> dict:
 
 
 def _apply_patch(patch: m.Patch, objects: dict[str, list[dict]], diags: Diagnostics) -> None:
+    import jsonpatch  # only environments with patches pay for it
+
     t = patch.target
     hits = [
         (key, i)
