@@ -9,7 +9,6 @@ Nothing in the output names a path, the host, or the time.
 from __future__ import annotations
 
 import concurrent.futures
-
 import random
 import re
 import shutil
