@@ -44,10 +44,11 @@ class SpanMap:
 
     KEY = "\0key"
     REMOVED = "\0removed"  # where an overlay's explicit null removed the key at this path
-    __slots__ = ("_spans",)
+    __slots__ = ("_spans", "_by_first")
 
     def __init__(self, spans: Mapping[Path, Span] | None = None):
         self._spans = dict(spans or {})
+        self._by_first: dict | None = None
 
     def at(self, path: Path) -> Span | None:
         path = tuple(path)
@@ -69,6 +70,20 @@ class SpanMap:
 
     def items(self) -> Iterable[tuple[Path, Span]]:
         return self._spans.items()
+
+    def items_under(self, prefix: Path) -> list[tuple[Path, Span]]:
+        """The (path, span) pairs at or below `prefix`; indexed by first key, built once."""
+        if not prefix:
+            return list(self._spans.items())
+        if self._by_first is None:
+            index: dict = {}
+            for p, span in self._spans.items():
+                if p:
+                    index.setdefault(p[0], []).append((p, span))
+            self._by_first = index
+        group = self._by_first.get(prefix[0], [])
+        n = len(prefix)
+        return group if n == 1 else [(p, span) for p, span in group if p[:n] == prefix]
 
     def under(self, prefix: Path) -> "SpanMap":
         """The spans below `prefix`, re-keyed relative to it."""
@@ -97,6 +112,7 @@ class SpanMap:
 
     def __setstate__(self, state):
         self._spans = state
+        self._by_first = None
 
 
 class Severity(StrEnum):

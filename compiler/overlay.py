@@ -67,10 +67,7 @@ def _drop(spans: dict, prefix: tuple) -> None:
 
 
 def _copy(src: SpanMap, prefix: tuple, dst: dict) -> None:
-    n = len(prefix)
-    for p, span in src.items():
-        if p[:n] == prefix:
-            dst[p] = span
+    dst.update(src.items_under(prefix))
 
 
 def overlay_note(eff: Effective):

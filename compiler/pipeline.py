@@ -424,8 +424,11 @@ class _EnvLayers:
 
 def _service(env: m.Environment, policy: Policy, layers: _EnvLayers, diags: Diagnostics) -> m.Service | None:
     defaults = layers.defaults if policy.has_http_port else layers.tcp_defaults
-    eff = effective(defaults, policy.layer, layers.overrides.get(policy.key))
-    if not schema.validate(eff.spec, schema.SPEC, eff.spans, diags, note=overlay_note(eff)):
+    override = layers.overrides.get(policy.key)
+    eff = effective(defaults, policy.layer, override)
+    # The policy's spec is valid on its own; only the keys an overlay touched can have gone wrong.
+    touched = set(defaults.data if defaults else ()) | set(override.data if override else ())
+    if not schema.validate(eff.spec, schema.SPEC, eff.spans, diags, note=overlay_note(eff), only=touched):
         return None
     errors = diags.error_count
     raw_endpoints, endpoint_spans = layers.endpoints.get(policy.key, (None, None))

@@ -127,8 +127,9 @@ _labels = {
 }
 _label = {"type": "string", "regex": DNS1123_LABEL, "meta": {"what": "a DNS-1123 label (lower-case letters, digits and '-', at most 63)"}}
 _port = {"type": "integer", "min": 1, "max": 65535}
-_count = {"type": "integer", "min": 0}
-_positive = {"type": "integer", "min": 1}
+INT32_MAX = 2**31 - 1  # Istio's CRDs declare these int32
+_count = {"type": "integer", "min": 0, "max": INT32_MAX}
+_positive = {"type": "integer", "min": 1, "max": INT32_MAX}
 
 SPEC = {
     "selector": {**_labels, "required": True, "minlength": 1},
@@ -186,7 +187,7 @@ SPEC = {
     "retries": {
         "type": "dict",
         "schema": {
-            "attempts": {"type": "integer", "required": True, "min": 0},
+            "attempts": {"type": "integer", "required": True, "min": 0, "max": INT32_MAX},
             "perTryTimeout": _duration,
             "retryOn": {"type": "list", "schema": {"type": "string", "allowed": RETRY_ON}},
         },
@@ -379,6 +380,13 @@ def _fast_ok(value, rules: dict) -> bool:
     return True
 
 
+def _fast_keys_ok(mapping: dict, schema: dict, keys: set) -> bool:
+    for key in keys:
+        if key in mapping and (key not in schema or not _fast_ok(mapping[key], schema[key])):
+            return False
+    return all(key in mapping for key, rules in schema.items() if rules.get("required"))
+
+
 def _fast_mapping_ok(mapping: dict, schema: dict) -> bool:
     for key, value in mapping.items():
         rules = schema.get(key)
@@ -428,13 +436,20 @@ class _Validator(cerberus.Validator):
         """{'type': 'dict'}"""  # schema for cerberus' own schema check: meta carries our wording
 
 
-def validate(data: dict, schema: dict, spans: SpanMap, diags: Diagnostics, note: Callable | None = None) -> bool:
+def validate(
+    data: dict, schema: dict, spans: SpanMap, diags: Diagnostics, note: Callable | None = None, only: set | None = None
+) -> bool:
     """Validate one document; report every problem with its span. True when valid.
 
     `note(path) -> Note | None` adds a note to each diagnostic (used for overlays:
-    where the policy set the value an environment overrides).
+    where the policy set the value an environment overrides). `only` names the
+    top-level keys that may be invalid (the rest is known valid): the fast path
+    then checks just those, and that every required key is present.
     """
-    if _fast_mapping_ok(data, schema):
+    if only is None:
+        if _fast_mapping_ok(data, schema):
+            return True
+    elif _fast_keys_ok(data, schema, only):
         return True
     validator = _Validator(schema)
     if validator.validate(data):
