@@ -1,16 +1,19 @@
 """A content-addressed cache for re-compiles: never a stale result.
 
-Two tables in one SQLite file (`<repo>/.meshc-cache/cache.sqlite`):
+The cache lives outside the repository, in the user's cache directory
+(`$MESHC_CACHE_DIR`, else `$XDG_CACHE_HOME/meshc`, else `~/.cache/meshc`),
+one SQLite file per repository path: nothing a commit can plant is ever read,
+and every value is JSON (never pickle). Two tables:
 
-- `units`: pickled values keyed by content: one service in one environment,
-  compiled (its model and each target's fragment), keyed by SHA-256 of the
-  compiler's fingerprint, the policy file's path and bytes and the
-  environment file's path and bytes, which is everything that service's
-  output depends on; and each valid input file, parsed, keyed by the
-  fingerprint, its path and its bytes. Only clean results are stored (no
-  errors), so a cached result never hides a diagnostic.
-- `yaml`: serialised YAML documents, keyed by SHA-256 of the document's
-  canonical JSON.
+- `units`: JSON values keyed by content: one service in one environment,
+  compiled (each target's fragment), keyed by SHA-256 of the compiler's
+  fingerprint, the policy file's path and bytes and the environment file's
+  path and bytes, which is everything that service's output depends on; and
+  each valid input file, parsed, keyed by the fingerprint, its path and its
+  bytes. Only clean results are stored (no diagnostics), so a cached result
+  never hides one.
+- `yaml`: serialised YAML documents, keyed by SHA-256 of the fingerprint and
+  the document's canonical JSON.
 
 The fingerprint hashes the compiler's own source and the versions of the
 libraries that shape the output bytes, so any change to either starts over.
@@ -20,7 +23,7 @@ A corrupt or unreadable cache is treated as empty.
 from __future__ import annotations
 
 import hashlib
-import pickle
+import os
 import sqlite3
 from functools import lru_cache
 from pathlib import Path
@@ -30,7 +33,6 @@ import yaml
 
 import compiler
 
-CACHE_DIR = ".meshc-cache"
 PRUNE_SLACK = 1000  # unused unit entries tolerated beyond twice this run's
 YAML_LIMIT = 200_000  # documents; past this the memo starts over
 
@@ -54,8 +56,22 @@ def unit_key(policy_key: bytes, env_key: bytes) -> bytes:
     return hashlib.sha256(policy_key + env_key).digest()
 
 
+def cache_root() -> Path:
+    explicit = os.environ.get("MESHC_CACHE_DIR")
+    if explicit:
+        return Path(explicit)
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "meshc"
+
+
 class Cache:
     """The on-disk cache. Reads everything once; writes only what is new."""
+
+    @classmethod
+    def for_repo(cls, repo: Path) -> "Cache":
+        """The cache of the repository at `repo` (keyed by its absolute path)."""
+        where = hashlib.sha256(str(Path(repo).resolve()).encode()).hexdigest()[:16]
+        return cls(cache_root() / where)
 
     def __init__(self, directory: Path):
         self.directory = Path(directory)
@@ -70,9 +86,6 @@ class Cache:
     def _open(self) -> None:
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
-            ignore = self.directory / ".gitignore"
-            if not ignore.exists():
-                ignore.write_text("*\n")  # never committed, whatever the repo's own .gitignore says
             self._db = sqlite3.connect(self.directory / "cache.sqlite", timeout=5)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")  # a cache: no fsync per commit
@@ -82,16 +95,6 @@ class Cache:
             self.yaml = dict(self._db.execute("SELECT key, value FROM yaml"))
         except (OSError, sqlite3.Error):
             self._db, self.units, self.yaml = None, {}, {}
-
-    def get(self, key: bytes):
-        self._used.add(key)
-        raw = self.units.get(key)
-        if raw is None:
-            return None
-        try:
-            return pickle.loads(raw)
-        except Exception:  # a cache written by another version: recompute
-            return None
 
     def get_json(self, key: bytes):
         self._used.add(key)
@@ -106,12 +109,6 @@ class Cache:
     def put_json(self, key: bytes, value) -> None:
         self._used.add(key)
         raw = orjson.dumps(value)
-        self.units[key] = raw
-        self._new_units[key] = raw
-
-    def put(self, key: bytes, value) -> None:
-        self._used.add(key)
-        raw = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
         self.units[key] = raw
         self._new_units[key] = raw
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import difflib
 import re
+from dataclasses import dataclass
+from typing import Callable
 
 from compiler import model as m
 from compiler.diagnostics import Diagnostics, Note
@@ -133,13 +135,40 @@ def _class_end(pattern: str, i: int) -> int:
     return i + 1
 
 
-_HTTP_ONLY = (
-    (("timeout",), lambda s: s.timeout_ms is not None, "a request timeout"),
-    (("retries",), lambda s: s.retries is not None, "retries"),
-    (("traffic", "canary", "match"), lambda s: bool(s.traffic.match), "a header match"),
-    (("loadBalancer",), lambda s: bool(s.load_balancer and s.load_balancer.consistent_hash and s.load_balancer.consistent_hash.on is not m.HashOn.SOURCE_IP), "hashing on a header or cookie"),
-    (("connectionPool", "http"), lambda s: bool(s.connection_pool and _http_pool_set(s.connection_pool)), "HTTP connection-pool settings"),
-    (("ingress",), lambda s: s.ingress is not None, "an HTTP ingress"),
+@dataclass(frozen=True)
+class HttpOnly:
+    """A setting that means nothing without an HTTP port: where it lives, how to tell it is set."""
+
+    path: tuple
+    what: str
+    on_service: Callable[[m.Service], bool]
+    on_spec: Callable[[dict], bool] = lambda spec: True  # given the path is present in a spec
+
+    def applies_to_spec(self, spec: dict) -> bool:
+        node = spec
+        for key in self.path:
+            if not isinstance(node, dict) or key not in node:
+                return False
+            node = node[key]
+        return self.on_spec(spec)
+
+
+def _hash_on_request(lb) -> bool:
+    return isinstance(lb, dict) and bool(set(lb.get("consistentHash") or {}) & {"header", "cookie"})
+
+
+HTTP_ONLY = (
+    HttpOnly(("timeout",), "a request timeout", lambda s: s.timeout_ms is not None),
+    HttpOnly(("retries",), "retries", lambda s: s.retries is not None),
+    HttpOnly(("traffic", "canary", "match"), "a header match", lambda s: bool(s.traffic.match)),
+    HttpOnly(
+        ("loadBalancer",),
+        "hashing on a header or cookie",
+        lambda s: bool(s.load_balancer and s.load_balancer.consistent_hash and s.load_balancer.consistent_hash.on is not m.HashOn.SOURCE_IP),
+        lambda spec: _hash_on_request(spec.get("loadBalancer")),
+    ),
+    HttpOnly(("connectionPool", "http"), "HTTP connection-pool settings", lambda s: bool(s.connection_pool and _http_pool_set(s.connection_pool))),
+    HttpOnly(("ingress",), "an HTTP ingress", lambda s: s.ingress is not None),
 )
 
 
@@ -150,12 +179,12 @@ def _http_pool_set(cp: m.ConnectionPool) -> bool:
 def _tcp_only(svc: m.Service, diags: Diagnostics) -> None:
     if svc.http_ports:
         return
-    for path, is_set, what in _HTTP_ONLY:
-        if is_set(svc):
+    for rule in HTTP_ONLY:
+        if rule.on_service(svc):
             diags.error(
                 "tcp.http-setting",
-                f"{what} applies to HTTP traffic only, but every port of this service is TCP",
-                svc.spans.key_at(path),
+                f"{rule.what} applies to HTTP traffic only, but every port of this service is TCP",
+                svc.spans.key_at(rule.path),
                 Note("ports declared here", svc.spans.key_at(("ports",))),
             )
 

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from compiler import __version__
-from compiler.cache import CACHE_DIR, Cache
+from compiler.cache import Cache
 from compiler.emit import stale_files, write_rendered
 from compiler.load import source_from_dir
 from compiler.pipeline import CompileResult, UnknownEnvironment, compile_source
@@ -61,7 +61,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     _repo_and_envs(comp)
     comp.add_argument("--out", type=Path, help="output directory (default: <repo>/rendered)")
     comp.add_argument("--check", action="store_true", help="write nothing; exit 1 if the output directory is stale")
-    comp.add_argument("--jobs", type=int, help="worker processes (default: one per environment, up to the CPU count)")
+    comp.add_argument("--jobs", type=int, help="worker processes (default: the CPU count)")
     comp.set_defaults(func=run_compile)
 
     if command in EXTERNAL:
@@ -76,7 +76,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 def _repo_and_envs(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repo", type=Path, default=Path("."), help="policy repository (default: current directory)")
     p.add_argument("--env", action="append", dest="envs", metavar="NAME", help="only this environment (repeatable; default: all)")
-    p.add_argument("--no-cache", action="store_true", help=f"ignore and do not update {CACHE_DIR}/ (the re-compile cache)")
+    p.add_argument("--no-cache", action="store_true", help="ignore and do not update the re-compile cache (kept under ~/.cache/meshc, or $MESHC_CACHE_DIR)")
 
 
 def _compile(args) -> CompileResult:
@@ -91,7 +91,7 @@ def _compile(args) -> CompileResult:
         raise UsageError(f"{repo}: no environments/*.yaml to compile")
     try:
         # validate writes nothing, not even the cache
-        cache = None if args.no_cache or args.func is run_validate else Cache(repo / CACHE_DIR)
+        cache = None if args.no_cache or args.func is run_validate else Cache.for_repo(repo)
         try:
             result = compile_source(source, args.envs, jobs=getattr(args, "jobs", None), cache=cache, models=False)
         finally:

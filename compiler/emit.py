@@ -52,10 +52,6 @@ _REPRESENTER = _Dumper(io.StringIO())
 KUSTOMIZATION = "kustomization.yaml"
 
 
-def serialize(file: OutputFile) -> bytes:
-    return Serializer().serialize(file)
-
-
 class Serializer:
     """Serialises output files, each distinct YAML document once.
 
@@ -67,8 +63,9 @@ class Serializer:
     what one `yaml.dump_all` would write.
     """
 
-    def __init__(self, known: Mapping[bytes, bytes] | None = None):
+    def __init__(self, known: Mapping[bytes, bytes] | None = None, salt: bytes = b""):
         self.known = known or {}
+        self.salt = salt  # the compiler's fingerprint: bytes a changed emitter wrote are never reused
         self.new: dict[bytes, bytes] = {}
         self._keys: dict[int, tuple[object, bytes]] = {}  # id(document) → (document, memo key)
 
@@ -87,9 +84,8 @@ class Serializer:
             out = self.new[key] = yaml_bytes([doc])
         return out
 
-    @staticmethod
-    def key(doc) -> bytes:
-        return hashlib.sha256(canonical_json(doc)).digest()
+    def key(self, doc) -> bytes:
+        return hashlib.sha256(self.salt + canonical_json(doc)).digest()
 
     def warm(self, documents) -> list[str]:
         """Serialise ahead of time (in a worker process), so `serialize` only looks up.

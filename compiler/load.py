@@ -83,6 +83,16 @@ class Document:
     spans: SpanMap
     sha: str  # SHA-256 of the file's bytes
 
+    def to_json(self) -> dict:
+        """Plain JSON (for the cache): spans as [path-list, file, line, col] rows."""
+        spans = [[list(p), *span] for p, span in self.spans.items()]
+        return {"path": self.path, "data": self.data, "spans": spans, "sha": self.sha}
+
+    @classmethod
+    def from_json(cls, value: dict) -> "Document":
+        spans = SpanMap({tuple(row[0]): Span(*row[1:]) for row in value["spans"]})
+        return cls(value["path"], value["data"], spans, value["sha"])
+
 
 def parse(path: str, content: bytes, diags: Diagnostics) -> Document | None:
     """Parse one single-document YAML file; report problems into `diags` and return None on any."""
@@ -183,10 +193,14 @@ class _Builder:
         text = node.value
         if tag == _CORE + "str":
             return text
-        if tag == _CORE + "int":
-            return _int(text)
-        if tag == _CORE + "float":
-            return _float(text)
+        try:
+            if tag == _CORE + "int":
+                return _int(text)
+            if tag == _CORE + "float":
+                return _float(text)
+        except ValueError:
+            self.diags.error("yaml.number", f"{text!r} is not a number this loader reads; quote it if it is a string", self.span(node))
+            return None
         if tag == _CORE + "bool":
             return text.lower() == "true"
         if tag == _CORE + "null":
@@ -199,15 +213,16 @@ class _Builder:
         return None
 
 
+_INT_BASES = {"0x": 16, "0o": 8, "0b": 2}
+
+
 def _int(text: str) -> int:
+    """An integer as ruamel's resolver tagged it (YAML 1.2: decimal, 0x, 0o; 1.1's 0b too)."""
     t = text.replace("_", "")
     sign = -1 if t.startswith("-") else 1
     t = t.lstrip("+-")
-    if t[:2] in ("0x", "0X"):
-        return sign * int(t[2:], 16)
-    if t[:2] in ("0o", "0O"):
-        return sign * int(t[2:], 8)
-    return sign * int(t, 10)
+    base = _INT_BASES.get(t[:2].lower())
+    return sign * (int(t[2:], base) if base else int(t, 10))
 
 
 def _float(text: str) -> float:

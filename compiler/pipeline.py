@@ -21,7 +21,7 @@ from typing import Sequence
 
 from compiler import build, check, schema
 from compiler import model as m
-from compiler.cache import Cache, file_key, unit_key
+from compiler.cache import Cache, file_key, fingerprint, unit_key
 from compiler.diagnostics import Diagnostic, Diagnostics, Note, Span, SpanMap, sorted_unique
 from compiler.emit import Serializer
 from compiler.load import Document, Source, parse
@@ -47,10 +47,6 @@ class Policy:
         if self.doc is None:
             self.doc = parse(self.path, self.content, Diagnostics())
         return self.doc
-
-    @cached_property
-    def has_http_port(self) -> bool:
-        return any(p.get("protocol", "HTTP") != "TCP" for p in self.document().data["spec"]["ports"])
 
     @cached_property
     def layer(self) -> Layer:
@@ -168,7 +164,7 @@ def _compile(source: Source, envs: Sequence[str] | None, jobs: int | None, cache
     if diags.has_errors:
         result.diagnostics = sorted_unique(diags)
         return result
-    serializer = Serializer(cache.yaml if cache else {})
+    serializer = Serializer(cache.yaml if cache else {}, salt=fingerprint())
     contexts = [_EnvContext.of(e, policies, diags) for e in environments]
     units = _units(contexts, policies, jobs, cache, serializer)
     for ctx in contexts:
@@ -198,9 +194,9 @@ def load_policies(source: Source, diags: Diagnostics, cache: Cache | None = None
     for path in source.policy_paths():
         content = source.files[path]
         fkey = file_key(path, content)
-        known = cache.get(b"policy:" + fkey) if cache else None
+        known = cache.get_json(b"policy:" + fkey) if cache else None
         if known is not None:
-            policy = Policy(path, content, known[0], known[1], fkey)
+            policy = Policy(path, content, known[0], Span(*known[1]), fkey)
         else:
             doc = parse(path, content, diags)
             if doc is None or not _validate_top(doc, schema.POLICY, diags):
@@ -208,7 +204,7 @@ def load_policies(source: Source, diags: Diagnostics, cache: Cache | None = None
             meta = doc.data["metadata"]
             policy = Policy(path, content, f"{meta['namespace']}/{meta['name']}", doc.spans.at(("metadata", "name")), fkey, doc)
             if cache:
-                cache.put(b"policy:" + fkey, (policy.key, policy.name_span))
+                cache.put_json(b"policy:" + fkey, [policy.key, list(policy.name_span)])
         first = policies.get(policy.key)
         if first is not None:
             diags.error(
@@ -228,20 +224,30 @@ def load_environments(source: Source, diags: Diagnostics, policies: dict[str, Po
     With `policies`, an error inside an override carries a note at the policy's line.
     A file the cache has seen valid comes from the cache, parsed.
     """
-    out = []
+    out: list[EnvironmentFile] = []
     for path in source.environment_paths():
         fkey = file_key(path, source.files[path])
-        doc = cache.get(b"environment:" + fkey) if cache else None
+        known = cache.get_json(b"environment:" + fkey) if cache else None
+        doc = Document.from_json(known) if known is not None else None
         if doc is None:
             doc = parse(path, source.files[path], diags)
             if doc is None or not _validate_top(doc, schema.ENVIRONMENT, diags, _override_note(policies) if policies else None):
                 continue
             if cache:
-                cache.put(b"environment:" + fkey, doc)
+                cache.put_json(b"environment:" + fkey, doc.to_json())
         stem = PurePosixPath(path).stem
         name = doc.data["metadata"]["name"]
         if name != stem:
             diags.error("environment.name", f"environment {name!r} must live in environments/{name}.yaml, not {path}", doc.spans.at(("metadata", "name")))
+            continue
+        first = next((e for e in out if e.name == name), None)
+        if first is not None:  # prod.yaml beside prod.yml
+            diags.error(
+                "environment.duplicate",
+                f"a second file for environment {name!r}",
+                doc.spans.at(("metadata", "name")),
+                Note(f"the first file for {name!r}", first.doc.spans.at(("metadata", "name"))),
+            )
             continue
         out.append(EnvironmentFile(name, doc, fkey))
     return out
@@ -423,8 +429,9 @@ class _EnvLayers:
 
 
 def _service(env: m.Environment, policy: Policy, layers: _EnvLayers, diags: Diagnostics) -> m.Service | None:
-    defaults = layers.defaults if policy.has_http_port else layers.tcp_defaults
     override = layers.overrides.get(policy.key)
+    ports = override.data.get("ports") if override and override.data.get("ports") else policy.layer.data["ports"]
+    defaults = layers.defaults if _has_http_port(ports) else layers.tcp_defaults
     eff = effective(defaults, policy.layer, override)
     # The policy's spec is valid on its own; only the keys an overlay touched can have gone wrong.
     touched = set(defaults.data if defaults else ()) | set(override.data if override else ())
@@ -439,17 +446,15 @@ def _service(env: m.Environment, policy: Policy, layers: _EnvLayers, diags: Diag
     return svc if diags.error_count == errors else None
 
 
-# Environment defaults that only mean something for HTTP (see `check._HTTP_ONLY`): a
-# TCP-only service does not inherit them, where a policy of its own setting them is an error.
-HTTP_ONLY_DEFAULTS = (("timeout",), ("retries",), ("ingress",), ("connectionPool", "http"), ("traffic", "canary", "match"))
+def _has_http_port(ports: list[dict]) -> bool:
+    return any(p.get("protocol", m.Protocol.HTTP) != m.Protocol.TCP for p in ports)
 
 
 def _without_http_only(defaults: Layer) -> Layer:
-    data = _drop_paths(defaults.data, HTTP_ONLY_DEFAULTS)
-    lb = data.get("loadBalancer")
-    if isinstance(lb, dict) and set(lb.get("consistentHash") or {}) & {"header", "cookie"}:
-        data = {k: v for k, v in data.items() if k != "loadBalancer"}
-    return Layer(data, defaults.spans)
+    """`defaults` as a TCP-only service inherits them: without what `check.HTTP_ONLY` forbids
+    there (a policy of its own setting those is an error; a default is simply not for it)."""
+    paths = [rule.path for rule in check.HTTP_ONLY if rule.applies_to_spec(defaults.data)]
+    return Layer(_drop_paths(defaults.data, paths), defaults.spans)
 
 
 def _drop_paths(data: dict, paths) -> dict:

@@ -249,8 +249,12 @@ def _partial(schema: dict) -> dict:
         rules["nullable"] = True
         if isinstance(rules.get("schema"), dict) and rules.get("type") == "dict":
             rules["schema"] = _partial(rules["schema"])
-        if rules.get("type") == "dict" and "valuesrules" in rules and isinstance(rules["valuesrules"].get("schema"), dict):
-            rules["valuesrules"] = {**rules["valuesrules"], "nullable": True, "schema": _partial(rules["valuesrules"]["schema"])}
+        if rules.get("type") == "dict" and "valuesrules" in rules:
+            # an override removes one entry of a mapping (a split weight, a label) with `null`
+            values = {**rules["valuesrules"], "nullable": True}
+            if isinstance(values.get("schema"), dict):
+                values["schema"] = _partial(values["schema"])
+            rules["valuesrules"] = values
         out[name] = rules
     return out
 

@@ -8,6 +8,9 @@ from functools import lru_cache
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
 _UNIT_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000}
+# protobuf's Duration holds ±315,576,000,000 s; a snapshot beyond it is refused by Envoy and by serve.
+# No traffic setting needs more than a year.
+MAX_DURATION_MS = 366 * 24 * 3_600_000
 
 
 def parse_duration(text: str) -> tuple[int | None, str | None]:
@@ -26,6 +29,8 @@ def parse_duration(text: str) -> tuple[int | None, str | None]:
         return None, f"{text!r} is finer than a millisecond"
     if ms < 1:
         return None, f"{text!r} is too short: durations must be at least 1ms"
+    if ms > MAX_DURATION_MS:
+        return None, f"{text!r} is too long: durations must be at most {MAX_DURATION_MS // 3_600_000:,}h"
     return ms, None
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -13,6 +14,13 @@ SHARED = REPO.parent / "shared"
 GOLDEN = REPO / "tests" / "golden"
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_cache_dir(tmp_path_factory):
+    """meshc's re-compile cache (normally ~/.cache/meshc) goes to a temporary directory,
+    for this process and the meshc subprocesses tests start."""
+    os.environ["MESHC_CACHE_DIR"] = str(tmp_path_factory.mktemp("meshc-cache"))
 
 
 @pytest.fixture

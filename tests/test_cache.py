@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import shutil
 import sqlite3
 
-from compiler.cache import CACHE_DIR, Cache
+import compiler.pipeline as pipeline
+from compiler.cache import Cache, cache_root
 from compiler.load import source_from_dir
 from compiler.pipeline import compile_source
 
@@ -25,18 +25,36 @@ def _rendered(result):
     return {env: dict(files) for env, files in result.outputs.items()}
 
 
-def test_cached_compile_equals_uncached_and_follows_edits(example_repo, tmp_path):
+def _counting_units(monkeypatch) -> list:
+    computed = []
+    real = pipeline._unit
+
+    def counting(ctx, policy, *args):
+        computed.append((ctx.env.name, policy.key))
+        return real(ctx, policy, *args)
+
+    monkeypatch.setattr(pipeline, "_unit", counting)
+    return computed
+
+
+def test_cached_compile_equals_uncached_and_follows_edits(example_repo, tmp_path, monkeypatch):
     cache_dir = tmp_path / "cache"
+    computed = _counting_units(monkeypatch)
     cold = _compile(example_repo, cache_dir)
+    assert len(computed) == 15  # 5 services × 3 environments
+    computed.clear()
     warm = _compile(example_repo, cache_dir)
+    assert computed == [], "a warm compile computes no unit"
     assert _rendered(warm) == _rendered(cold) == _rendered(_compile(example_repo))
-    assert Cache(cache_dir).units, "the first compile filled the cache"
+    computed.clear()
 
     env = example_repo / "environments" / "prod.yaml"
     env.write_text(env.read_text().replace("weight: 5}", "weight: 7}"))
     policy = example_repo / "policies" / "bookinfo" / "details.yaml"
     policy.write_text(policy.read_text().replace("timeout: 2s", "timeout: 3s"))
     edited = _compile(example_repo, cache_dir)
+    # prod's file changed (5 units) and details' policy changed (in dev and staging: 2 more)
+    assert sorted(computed) == sorted([("prod", k) for k in ("bookinfo/details", "bookinfo/mongodb", "bookinfo/productpage", "bookinfo/ratings", "bookinfo/reviews")] + [("dev", "bookinfo/details"), ("staging", "bookinfo/details")])
     assert _rendered(edited) == _rendered(_compile(example_repo))
     assert b"weight: 7" in edited.outputs["prod"]["istio/bookinfo/reviews.yaml"]
     assert b"timeout: 3s" in edited.outputs["dev"]["istio/bookinfo/details.yaml"]
@@ -66,10 +84,22 @@ def test_a_damaged_cache_is_recomputed_not_trusted(example_repo, tmp_path):
     assert _rendered(_compile(example_repo, cache_dir)) == expected
 
 
-def test_cli_keeps_its_cache_out_of_git(example_repo):
+def test_yaml_memo_is_keyed_by_the_compiler_fingerprint(example_repo, tmp_path, monkeypatch):
+    """Bytes an older emitter wrote are never reused by a changed compiler."""
+    cache_dir = tmp_path / "cache"
+    _compile(example_repo, cache_dir)
+    with sqlite3.connect(cache_dir / "cache.sqlite") as db:
+        db.execute("UPDATE yaml SET value = CAST('stale: bytes' || char(10) AS BLOB)")
+        db.execute("DELETE FROM units")
+    db.close()
+    monkeypatch.setattr(pipeline, "fingerprint", lambda: b"another compiler")
+    assert _rendered(_compile(example_repo, cache_dir)) == _rendered(_compile(example_repo))
+
+
+def test_cli_keeps_its_cache_outside_the_repo(example_repo):
+    before = {p for p in example_repo.rglob("*") if "rendered" not in p.parts}
     code, _ = run_cli(["compile", "--repo", str(example_repo)])
     assert code == 0
-    assert (example_repo / CACHE_DIR / ".gitignore").read_text() == "*\n"
-    shutil.rmtree(example_repo / CACHE_DIR)
-    code, _ = run_cli(["compile", "--repo", str(example_repo), "--no-cache"])
-    assert code == 0 and not (example_repo / CACHE_DIR).exists()
+    assert {p for p in example_repo.rglob("*") if "rendered" not in p.parts} == before
+    assert Cache.for_repo(example_repo).units, "the cache filled, in the user's cache directory"
+    assert Cache.for_repo(example_repo).directory.parent == cache_root()

@@ -194,6 +194,33 @@ def test_reload_publishes_only_complete_consistent_files(tmp_path, res, watch):
         assert page[ENV]["resources"]["clusters"] == sorted(c["name"] for c in grown["clusters"])
 
 
+def test_reverting_refused_files_clears_the_error(tmp_path, res):
+    """Bad files, then the served files back byte for byte: valid again, nothing re-published."""
+    sample.write_snapshot(tmp_path, ENV, res)
+    with ServerThread(Options(rendered=tmp_path, grpc_port=0, http_port=0, debounce=0.01)) as server:
+        metrics = server.server.hub.metrics
+        published = metrics.value("meshc_xds_snapshots_published_total", env=ENV)
+        broken = copy.deepcopy(res)
+        broken["clusters"][0]["lb_policy"] = 77
+        sample.write_snapshot(tmp_path, ENV, broken)
+        page = _wait(lambda: (p := _snapshots(server)) and not p[ENV]["valid"] and p)
+        assert "lb_policy = 77" in page[ENV]["errors"][0]
+        assert 'meshc_xds_snapshot_valid{env="demo"} 0' in requests.get(
+            server.http_url + "/metrics", timeout=5).text
+
+        sample.write_snapshot(tmp_path, ENV, res)      # the served snapshot's bytes again
+        page = _wait(lambda: (p := _snapshots(server)) and p[ENV]["valid"] and p)
+        assert page[ENV]["errors"] == [] and page[ENV]["rejected_loads"] == 1
+        assert 'meshc_xds_snapshot_valid{env="demo"} 1' in requests.get(
+            server.http_url + "/metrics", timeout=5).text
+        assert metrics.value("meshc_xds_snapshots_published_total", env=ENV) == published
+
+        # The same bad files again are a new refusal, not remembered as seen.
+        sample.write_snapshot(tmp_path, ENV, broken)
+        page = _wait(lambda: (p := _snapshots(server)) and not p[ENV]["valid"] and p)
+        assert page[ENV]["rejected_loads"] == 2
+
+
 def test_not_ready_until_a_valid_snapshot(tmp_path, res):
     broken = copy.deepcopy(res)
     broken["clusters"][0]["lb_policy"] = 77

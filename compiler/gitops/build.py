@@ -23,9 +23,9 @@ def open_cache(repo_dir: Path | str | None):
     """The repo's re-compile cache, or None (no directory given)."""
     if repo_dir is None:
         return None
-    from compiler.cache import CACHE_DIR, Cache
+    from compiler.cache import Cache
 
-    return Cache(Path(repo_dir) / CACHE_DIR)
+    return Cache.for_repo(Path(repo_dir))
 
 
 def compile_files(files: Files, cache=None, models: bool = True):

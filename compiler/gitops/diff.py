@@ -9,18 +9,13 @@ Pure: no git, no files; `meshc diff` reads the sides and renders the report.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import PurePosixPath
 from typing import Mapping
 
-import yaml
-
-from compiler.diagnostics import Diagnostic
+from compiler.diagnostics import Diagnostic, Diagnostics
 from compiler.gitops import summary
 from compiler.gitops.resources import Change, ResourceChange, diff_outputs, references
-
-try:
-    _Loader = yaml.CSafeLoader
-except AttributeError:  # pragma: no cover
-    _Loader = yaml.SafeLoader
+from compiler.load import Source, parse
 
 
 @dataclass(frozen=True)
@@ -157,25 +152,27 @@ def _removed_still_referenced(env: str, old, new, new_files: Mapping[str, bytes]
 
 def _no_effect(base: Side, head: Side, changed: tuple[str, ...], envs: dict[str, EnvDiff]) -> list[Line]:
     """Changed inputs that change no output where they were meant to."""
+    env_files = {p: PurePosixPath(p).stem for s in (base, head) for p in Source(s.files).environment_paths()}
     warnings = []
     for path in changed:
-        if path.startswith("environments/"):
-            env = path.rsplit("/", 1)[-1].rsplit(".", 1)[0]
+        if path in env_files:
+            env = env_files[path]  # the pipeline holds every environment to its file's name
             if env in envs and envs[env].change is None:
                 warnings.append(_line(env, "", f"{path} changed but rendered/{env} does not", "no-effect"))
-        else:
-            key = _policy_key(head.files.get(path) or base.files.get(path))
-            if key is None:
-                continue
-            unchanged = [e for e in sorted(head.result.meshes)
-                         if e in base.result.meshes and _service(base, e, key) == _service(head, e, key)
-                         and _service(head, e, key) is not None]
-            if len(unchanged) == len(head.result.meshes) and unchanged:
-                warnings.append(_line("", key, f"{path} changed but no environment renders it differently", "no-effect"))
-            else:
-                for env in unchanged:
-                    hint = f" (an override in environments/{env}.yaml pins it)" if _overrides(head, env, key) else ""
-                    warnings.append(_line(env, key, f"the change to {path} has no effect here{hint}", "no-effect"))
+            continue
+        key = _policy_key(path, head.files.get(path) or base.files.get(path))
+        if key is None:
+            continue
+        unchanged = [e for e in sorted(head.result.meshes)
+                     if e in base.result.meshes and _service(base, e, key) == _service(head, e, key)
+                     and _service(head, e, key) is not None]
+        if len(unchanged) == len(head.result.meshes) and unchanged:
+            warnings.append(_line("", key, f"{path} changed but no environment renders it differently", "no-effect"))
+            continue
+        for env in unchanged:
+            pinned = _override_file(head, env, key)
+            hint = f" (an override in {pinned} pins it)" if pinned else ""
+            warnings.append(_line(env, key, f"the change to {path} has no effect here{hint}", "no-effect"))
     return warnings
 
 
@@ -184,23 +181,30 @@ def _service(side: Side, env: str, key: str):
     return mesh.service(key) if mesh is not None else None
 
 
-def _policy_key(data: bytes | None) -> str | None:
-    meta = (_load(data) or {}).get("metadata") or {}
-    if isinstance(meta, dict) and meta.get("namespace") and meta.get("name"):
+# The inputs are read with the compiler's own loader (YAML 1.2, as compiled),
+# never re-parsed another way: both sides compiled, so these files are valid.
+
+def _policy_key(path: str, data: bytes | None) -> str | None:
+    """`namespace/name` of the policy file at `path`; None when it is not a valid policy."""
+    meta = _mapping(_document(path, data), "metadata")
+    if meta.get("namespace") and meta.get("name"):
         return f"{meta['namespace']}/{meta['name']}"
     return None
 
 
-def _overrides(side: Side, env: str, key: str) -> bool:
-    spec = (_load(side.files.get(f"environments/{env}.yaml")) or {}).get("spec") or {}
-    return isinstance(spec, dict) and key in (spec.get("overrides") or {})
+def _override_file(side: Side, env: str, key: str) -> str | None:
+    """The path of `env`'s file when its `spec.overrides` names policy `key`."""
+    for path in Source(side.files).environment_paths():
+        if PurePosixPath(path).stem == env and key in _mapping(_mapping(_document(path, side.files[path]), "spec"), "overrides"):
+            return path
+    return None
 
 
-def _load(data: bytes | None):
-    if data is None:
-        return None
-    try:
-        doc = yaml.load(data, Loader=_Loader)
-    except yaml.YAMLError:
-        return None
-    return doc if isinstance(doc, dict) else None
+def _document(path: str, data: bytes | None):
+    doc = parse(path, data, Diagnostics()) if data is not None else None
+    return doc.data if doc is not None else None
+
+
+def _mapping(value, key: str) -> dict:
+    found = value.get(key) if isinstance(value, dict) else None
+    return found if isinstance(found, dict) else {}

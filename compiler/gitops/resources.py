@@ -26,8 +26,9 @@ except AttributeError:  # pragma: no cover - PyYAML without libyaml
     _Loader = yaml.SafeLoader
 
 KUSTOMIZATION = "kustomization.yaml"  # its resource list follows the files below: not reported
+# The files of rendered/<env>/envoy/ (compiler.targets.envoy): file stem → what its resources are.
 ENVOY_KINDS = {"listeners": "listener", "routes": "route configuration",
-               "clusters": "cluster", "endpoints": "endpoints", "secrets": "secret"}
+               "clusters": "cluster", "endpoints": "endpoints"}
 ORDER = "#order"  # pseudo-key holding a keyed list's order, so a pure reordering still shows
 
 

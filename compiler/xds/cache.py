@@ -2,7 +2,8 @@
 
 Owns publication. `publish` replaces an environment's snapshot and calls every
 watcher of that environment; `reject` records why a new one was refused
-while the old one keeps serving. The cache is used from the server's one
+while the old one keeps serving; `restore` clears that record when the files
+return to the served snapshot's bytes. The cache is used from the server's one
 event-loop thread only.
 """
 
@@ -70,6 +71,13 @@ class Cache:
         old = self._envs.get(env) or EnvState(env=env)
         self._envs[env] = replace(old, errors=errors, rejected_digest=digest,
                                   failures=old.failures + 1)
+
+    def restore(self, env: str) -> None:
+        """The files on disk are the served snapshot's again: clear the last rejection.
+
+        Nothing is published (the proxies already have this snapshot), so no watcher wakes.
+        """
+        self._envs[env] = replace(self._envs[env], errors=(), rejected_digest="")
 
     def watch(self, env: str, wake: Callable[[], None]) -> Callable[[], None]:
         """Call `wake()` after each publish for `env`; returns the function that stops it."""

@@ -65,6 +65,16 @@ class _Loaded:
     rest: RestView | None = None
     seconds: float = 0.0
     errors: tuple[str, ...] = ()
+    restored: bool = False      # the served snapshot's files again, after a refused load
+
+
+@dataclass(frozen=True)
+class _Seen:
+    """What a reload compares an environment's files against (digests of file bytes)."""
+
+    served: str             # the published snapshot's ("" before the first)
+    rejected: str           # the last refused load's ("" when none since)
+    errors: bool            # the last load was refused
 
 
 class Server:
@@ -161,7 +171,8 @@ class Server:
         try:
             while True:
                 self._reload_again = False
-                seen = {s.env: (s.snapshot.digest if s.snapshot else "", s.rejected_digest)
+                seen = {s.env: _Seen(s.snapshot.digest if s.snapshot else "", s.rejected_digest,
+                                     bool(s.errors))
                         for s in self.hub.cache.envs()}
                 results = await asyncio.to_thread(self._load_changed, seen)
                 for loaded in results:
@@ -171,8 +182,13 @@ class Server:
         finally:
             self._reloading = False
 
-    def _load_changed(self, seen: dict[str, tuple[str, str]]) -> list[_Loaded]:
-        """Worker thread: read every environment, parse those whose bytes changed."""
+    def _load_changed(self, seen: dict[str, _Seen]) -> list[_Loaded]:
+        """Worker thread: read every environment, parse those whose bytes changed.
+
+        Files whose digest is the served snapshot's are not parsed again; if the
+        environment's last load was refused they come back as `restored` (the bad
+        files were reverted), so the error state clears without a publication.
+        """
         out = []
         for envoy_dir in environment_dirs(self.options.rendered):
             env = envoy_dir.parent.name
@@ -185,7 +201,12 @@ class Server:
                 out.append(_Loaded(env, f"unreadable:{exc}", errors=(f"cannot read: {exc}",)))
                 continue
             digest = files_digest(files)
-            if digest in seen.get(env, ()):
+            known = seen.get(env)
+            if known is not None and digest == known.served:
+                if known.errors:
+                    out.append(_Loaded(env, digest, restored=True))
+                continue
+            if known is not None and digest == known.rejected:
                 continue
             try:
                 snapshot = load_snapshot(env, files)
@@ -198,9 +219,12 @@ class Server:
 
     def _apply(self, loaded: _Loaded) -> None:
         cache = self.hub.cache
+        if loaded.restored:
+            cache.restore(loaded.env)
+            log.info("environment %r: files restored to the served version set %s; "
+                     "the earlier refusal is cleared", loaded.env, loaded.digest[:12])
+            return
         if loaded.snapshot is None:
-            if cache.get(loaded.env) and cache.get(loaded.env).rejected_digest == loaded.digest:
-                return
             cache.reject(loaded.env, loaded.digest, loaded.errors)
             self.hub.metrics.inc("meshc_xds_snapshot_rejected_total", env=loaded.env)
             state = cache.get(loaded.env)
