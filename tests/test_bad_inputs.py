@@ -60,6 +60,8 @@ RULES = [
     ("bad-api-version", "schema.value"),
     ("bad-kind", "schema.value"),
     ("bad-environment-name", "environment.name"),
+    ("bad-environment-duplicate", "environment.duplicate"),
+    ("bad-duration-too-long", "schema.value"),
     ("bad-endpoints-unknown-version", "endpoints.unknown-version"),
     ("bad-endpoints-list-for-versioned", "endpoints.versions"),
     ("bad-endpoints-address", "schema.value"),
@@ -73,7 +75,7 @@ RULES = [
     ("bad-patch-identity", "patch.op-failed"),
     ("bad-override-split-keeps-stable", "traffic.shape"),
 ]
-DIAGNOSTIC_LINE = re.compile(r"^(environments|policies)/[^:]+\.yaml:\d+:\d+: (error|warning|note): \S.*$")
+DIAGNOSTIC_LINE = re.compile(r"^(environments|policies)/[^:]+\.ya?ml:\d+:\d+: (error|warning|note): \S.*$")
 
 
 def test_every_rule_has_a_case_and_every_case_a_rule():

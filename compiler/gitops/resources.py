@@ -20,6 +20,8 @@ import jsonpatch
 import orjson
 import yaml
 
+# Only rendered output is read here: compiler.emit wrote it for YAML 1.1 readers (quoting
+# "on", "yes", ...), so PyYAML reads it back exactly. Inputs go through compiler.load.
 try:
     _Loader = yaml.CSafeLoader
 except AttributeError:  # pragma: no cover - PyYAML without libyaml

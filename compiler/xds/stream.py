@@ -16,9 +16,10 @@ istiod's `ShouldRespond`):
 - pushes go clusters → endpoints → listeners → routes, only kinds whose
   version changed (endpoints also after any clusters push: a modified EDS
   cluster warms only once it hears its assignment again);
-- Delta: only changed resources plus `removed_resources`; subscription
-  changes apply even on a stale nonce; `initial_resource_versions` seeds
-  what the client already has.
+- Delta: only changed resources plus `removed_resources` (and, after a
+  clusters push, the assignments of the EDS clusters it modified); subscription
+  changes apply even on a stale nonce, and turning on the wildcard is answered;
+  `initial_resource_versions` seeds what the client already has.
 """
 
 from __future__ import annotations
@@ -231,12 +232,17 @@ class DeltaStream(_Stream):
             watch = self._watches[kind] = _Watch(wildcard, frozenset(subscribe - {"*"}),
                                                  known=dict(req.initial_resource_versions))
             return self._respond(kind, push=False, always=True, asked=subscribe)
+        wildcard_before = watch.wildcard
         new = self._apply_subscriptions(watch, subscribe, set(req.resource_names_unsubscribe))
         if req.response_nonce and req.response_nonce == watch.nonce:
             if req.HasField("error_detail"):
                 self._record_nack(kind, watch, req.response_nonce, req.error_detail)
             else:
                 self._record_ack(kind, watch, watch.version)
+        if watch.wildcard and not wildcard_before:
+            # A wildcard subscription is answered even when the client already has
+            # everything, as a first wildcard request is: it may be waiting for it.
+            return self._respond(kind, push=False, always=True, asked=new)
         return self._respond(kind, push=False, asked=new) if new else []
 
     def _apply_subscriptions(self, watch: _Watch, subscribe: set[str],
@@ -253,22 +259,39 @@ class DeltaStream(_Stream):
         return new
 
     def on_snapshot(self) -> list[bytes]:
+        """Push each kind's changes in PUSH_ORDER; after a clusters push, also the
+        assignments of the EDS clusters it modified (as SotW re-sends endpoints),
+        because a modified cluster warms until it hears its assignment again."""
         out: list[bytes] = []
+        modified: frozenset[str] = frozenset()
         for kind in PUSH_ORDER:
-            if kind in self._watches:
-                out += self._respond(kind, push=True)
+            watch = self._watches.get(kind)
+            if watch is None:
+                continue
+            if kind == "clusters":
+                modified = frozenset(n for n in self._changed(kind) if n in watch.known)
+            out += self._respond(kind, push=True, resend=modified if kind == "endpoints" else ())
         return out
 
+    def _changed(self, kind: str, resend: Iterable[str] = ()) -> list[str]:
+        """Names (sorted) the client wants and lacks at the current version, plus those
+        of `resend` it wants and the snapshot holds."""
+        watch = self._watches[kind]
+        resources = self._state().snapshot.kinds[kind].resources
+        wanted = watch.names | (resources.keys() if watch.wildcard else set())
+        resend = set(resend)
+        return [n for n in sorted(wanted) if n in resources
+                and (n in resend or watch.known.get(n) != resources[n].version)]
+
     def _respond(self, kind: str, push: bool, always: bool = False,
-                 asked: Iterable[str] = ()) -> list[bytes]:
+                 asked: Iterable[str] = (), resend: Iterable[str] = ()) -> list[bytes]:
         snapshot = self._state().snapshot
         if snapshot is None:
             return []
         watch = self._watches[kind]
         typed = snapshot.kinds[kind]
         wanted = set(watch.names) | (set(typed.resources) if watch.wildcard else set())
-        changed = [typed.resources[n] for n in sorted(wanted)
-                   if n in typed.resources and watch.known.get(n) != typed.resources[n].version]
+        changed = [typed.resources[n] for n in self._changed(kind, resend)]
         removed = {n for n in watch.known if n not in typed.resources
                    and (watch.wildcard or n in wanted)}
         # A name asked for that does not exist is reported as removed, so the
