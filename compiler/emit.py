@@ -7,17 +7,21 @@ reads them back as strings. JSON is orjson with sorted keys, two-space indent
 and a final newline.
 
 `write_rendered` builds each environment's directory beside the old one and
-swaps it in with renames, so a reader never sees half a directory.
+swaps the two atomically (renameat2's RENAME_EXCHANGE; two renames where the
+kernel lacks it), so a reader never sees half a directory, nor none.
 """
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import io
 import json
 import os
 import shutil
 import tempfile
+import time
+from functools import lru_cache
 from pathlib import Path
 from typing import Mapping
 
@@ -35,7 +39,7 @@ class _Dumper(getattr(yaml, "CSafeDumper", yaml.SafeDumper)):
     def ignore_aliases(self, data) -> bool:
         return True
 
-    _resolved: dict = {}
+    _resolved: dict = {}  # (scalar, implicit) → tag; shared, and emptied past _RESOLVED_LIMIT
 
     def resolve(self, kind, value, implicit):
         if kind is not ScalarNode:
@@ -43,6 +47,8 @@ class _Dumper(getattr(yaml, "CSafeDumper", yaml.SafeDumper)):
         key = (value, implicit)
         tag = self._resolved.get(key)
         if tag is None:
+            if len(self._resolved) > _RESOLVED_LIMIT:
+                self._resolved.clear()
             tag = self._resolved[key] = super().resolve(kind, value, implicit)
         return tag
 
@@ -50,6 +56,7 @@ class _Dumper(getattr(yaml, "CSafeDumper", yaml.SafeDumper)):
 _REPRESENTER = _Dumper(io.StringIO())
 
 KUSTOMIZATION = "kustomization.yaml"
+_RESOLVED_LIMIT = 100_000
 
 
 class Serializer:
@@ -178,6 +185,7 @@ def write_rendered(out_dir: Path, outputs: Outputs, prune: bool = False) -> None
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    _remove_leftovers(out_dir)
     for env, files in outputs.items():
         _replace_dir(out_dir / env, files)
     if prune:
@@ -208,15 +216,45 @@ def _replace_dir(target: Path, files: Mapping[str, bytes]) -> None:
         for d in made:
             os.chmod(d, 0o755)
         old = None
-        if target.exists():
+        if not target.exists():
+            os.rename(staging, target)
+        elif _exchange(staging, target):  # one atomic step: rendered/<env> never goes missing
+            old = Path(staging)
+        else:
             old = target.parent / f".{target.name}.old-{os.getpid()}"
             os.rename(target, old)
-        os.rename(staging, target)
+            os.rename(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     if old is not None:
         shutil.rmtree(old)
+
+
+def _exchange(a: str, b: Path) -> bool:
+    """Swap two directories atomically (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+    renameat2 = getattr(_libc(), "renameat2", None)
+    if renameat2 is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(str(b)), rename_exchange) == 0
+
+
+@lru_cache(maxsize=1)
+def _libc():
+    try:
+        return ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return None
+
+
+def _remove_leftovers(out_dir: Path) -> None:
+    """Staging and old directories a killed compile left behind (older than ten minutes, so
+    a concurrent compile's own are never touched)."""
+    cutoff = time.time() - 600
+    for p in out_dir.glob(".*"):
+        if p.is_dir() and (".new-" in p.name or ".old-" in p.name) and p.stat().st_mtime < cutoff:
+            shutil.rmtree(p, ignore_errors=True)
 
 
 def _link_if_same(old: str, new: str, content: bytes) -> bool:

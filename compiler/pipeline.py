@@ -396,7 +396,8 @@ def _ingress_clash(units: list[Unit]) -> bool:
 
 
 def _mesh(ctx: _EnvContext, policies: list[Policy], units: dict) -> m.Mesh:
-    """The environment's model; services the cache supplied are rebuilt (cheap: no checks, no lowering)."""
+    """The environment's model. Services the cache supplied are rebuilt through overlay,
+    validation, model and checks (no lowering, no emission): ~0.2 ms a service."""
     services = []
     for policy in policies:
         unit = units[(ctx.env.name, policy.key)]

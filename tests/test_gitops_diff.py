@@ -11,7 +11,8 @@ from compiler.gitops.diff import EnvDiff, Line, Report
 from compiler.gitops.render import MARKER, markdown
 from compiler.gitops.resources import Change, FieldChange, ResourceChange, field_changes
 from compiler.gitops.review import diff_revisions
-from test_gitops_support import DETAILS, RATINGS, REVIEWS, SAMPLE, commit_files, edit, environment, make_repo
+from test_gitops_support import (DETAILS, PROD_OVERRIDES, RATINGS, REVIEWS, SAMPLE, commit_files, edit, environment,
+                                 make_repo)
 
 REVIEWS_25 = edit(REVIEWS, "weight: 10", "weight: 25")
 
@@ -97,6 +98,46 @@ def test_an_environment_edit_that_renders_nothing_new_is_flagged(repo):
     report = diff_revisions(repo.workdir, "main")
     assert not report.changed
     assert [str(w) for w in report.warnings] == ["dev: environments/dev.yaml changed but rendered/dev does not"]
+
+
+def test_a_pinning_override_in_a_yml_environment_file_is_named(tmp_path):
+    """`.yml` is an environment file too (compiler.load): the hint names the file that pins."""
+    files = {p: t for p, t in SAMPLE.items() if p != "environments/prod.yaml"}
+    repo = make_repo(tmp_path / "r", files | {"environments/prod.yml": environment("prod", PROD_OVERRIDES)})
+    write(repo, "policies/bookinfo/reviews.yaml", REVIEWS_25)
+    write(repo, "environments/prod.yml", environment("prod", PROD_OVERRIDES) + "  # tuned later\n")
+
+    warnings = [str(w) for w in diff_revisions(repo.workdir, "main").warnings if w.code == "no-effect"]
+
+    assert warnings == ["prod: environments/prod.yml changed but rendered/prod does not",
+                        "prod · bookinfo/reviews: the change to policies/bookinfo/reviews.yaml has no effect here "
+                        "(an override in environments/prod.yml pins it)"]
+
+
+def test_policies_are_read_as_yaml_1_2_like_the_compiler_reads_them(repo):
+    """A policy named `on` (YAML 1.1 would read true) is still found behind its override."""
+    on = edit(RATINGS, "name: ratings", "name: on")
+    commit_files(repo, {"policies/bookinfo/on.yaml": on,
+                        "environments/prod.yaml": environment("prod", PROD_OVERRIDES + "    bookinfo/on: {timeout: 3s}\n")},
+                 "a service named on")
+    write(repo, "policies/bookinfo/on.yaml", edit(on, "timeout: 2s", "timeout: 5s"))
+
+    report = diff_revisions(repo.workdir, "main")
+
+    assert "dev, staging · bookinfo/on: timeout 2s → 5s" in [str(l) for l in report.summary]
+    assert [str(w) for w in report.warnings if w.code == "no-effect"] == [
+        "prod · bookinfo/on: the change to policies/bookinfo/on.yaml has no effect here "
+        "(an override in environments/prod.yaml pins it)"]
+
+
+def test_envoy_resource_kinds_are_the_files_the_compiler_emits():
+    from compiler.gitops.build import render_files
+    from compiler.gitops.resources import ENVOY_KINDS
+
+    outputs = render_files({p: t.encode() for p, t in SAMPLE.items() if p.endswith(".yaml")})
+    emitted = {rel.removeprefix("envoy/").removesuffix(".json") for files in outputs.values()
+               for rel in files if rel.startswith("envoy/")}
+    assert set(ENVOY_KINDS) == emitted  # every kind named, and no name for a file never written
 
 
 def test_new_environment_and_exit_codes(repo, capsys):

@@ -358,3 +358,54 @@ def test_a_proxy_waits_for_the_first_valid_snapshot(tmp_path):
         sample.write_snapshot(tmp_path, ENV, res)
         assert names_of(c.recv()) == [V1, V2]
         c.close()
+
+
+def test_delta_wildcard_subscribed_later_is_answered(channel):
+    c = DeltaClient(channel)
+    c.send(node=NODE, type_url=CDS, resource_names_subscribe=[V1])
+    r = c.recv()
+    assert delta_names(r) == [V1]
+    c.send(type_url=CDS, response_nonce=r.nonce, resource_names_subscribe=["*"])
+    r = c.recv()
+    assert r is not None and r.type_url == CDS, "no answer to the wildcard subscription"
+    assert delta_names(r) == [V2] and not r.removed_resources
+    c.send(type_url=CDS, response_nonce=r.nonce)
+    assert c.quiet()
+    # A client that already holds everything is still answered (with nothing new).
+    c.send(type_url=EDS, resource_names_subscribe=[V1, V2])
+    r = c.recv()
+    assert delta_names(r) == [V1, V2]
+    c.send(type_url=EDS, response_nonce=r.nonce, resource_names_subscribe=["*"])
+    r = c.recv()
+    assert r is not None and r.type_url == EDS and delta_names(r) == []
+    c.close()
+
+
+def test_delta_clusters_push_resends_assignments_of_modified_clusters(channel, server, rendered):
+    """A modified EDS cluster warms until it hears its assignment again (as SotW re-sends it)."""
+    c = DeltaClient(channel)
+    c.send(node=NODE, type_url=CDS)
+    r = c.recv()
+    c.send(type_url=CDS, response_nonce=r.nonce)
+    c.send(type_url=EDS, resource_names_subscribe=[V1, V2])
+    r = c.recv()
+    assert delta_names(r) == [V1, V2]
+    c.send(type_url=EDS, response_nonce=r.nonce)
+    assert c.quiet()
+
+    res = resources()
+    res["clusters"][0]["lb_policy"] = "LEAST_REQUEST"          # V1 changes; no assignment does
+    publish(server, rendered, res)
+    r = c.recv()
+    assert r.type_url == CDS and delta_names(r) == [V1]
+    r = c.recv()
+    assert r is not None and r.type_url == EDS, "the assignment of the modified cluster is not re-sent"
+    assert delta_names(r) == [V1] and not r.removed_resources
+    c.send(type_url=EDS, response_nonce=r.nonce)
+    assert c.quiet()
+
+    # A push that modifies no cluster re-sends no assignment.
+    publish(server, rendered, resources({"v1": 50, "v2": 50}) | {"clusters": res["clusters"]})
+    c.send(type_url=CDS, response_nonce=r.nonce)
+    assert c.quiet()
+    c.close()

@@ -4,7 +4,8 @@
 diff go through the same content-addressed cache (`compiler.cache`): they
 share every unchanged policy × environment unit, so the second side costs
 only what the change touched. The head goes first because it is usually
-warm already (`meshc validate` and `compile --check` ran on it).
+warm already (`meshc compile --check` ran on it). Saving the cache is the
+pipeline's job (after each clean compile); nothing here saves it again.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ Render = Callable[[Files, str], Outputs]  # (files, what they are, for messages)
 
 
 def open_cache(repo_dir: Path | str | None):
-    """The repo's re-compile cache, or None (no directory given)."""
+    """The repo's re-compile cache (in the user's cache directory), or None (no directory given).
+    The caller closes it."""
     if repo_dir is None:
         return None
     from compiler.cache import Cache
@@ -40,8 +42,6 @@ def renderer(cache=None) -> Render:
     """A Render that raises CompileFailed (with the diagnostics) on any error."""
     def render(files: Files, what: str = "the source") -> Outputs:
         result = compile_files(files, cache, models=False)  # publishing needs the files only
-        if cache is not None:
-            cache.save()
         if not result.ok:
             raise CompileFailed(what, result.diagnostics)
         return result.outputs
@@ -52,9 +52,7 @@ render_files = renderer()
 
 
 def compile_pair(base: Files, head: Files, cache=None):
-    """(base result, head result), sharing `cache` (saved afterwards) when given."""
+    """(base result, head result), sharing `cache` when given."""
     head_result = compile_files(head, cache)
     base_result = head_result if base == head else compile_files(base, cache)
-    if cache is not None:
-        cache.save()
     return base_result, head_result

@@ -19,7 +19,7 @@ def diff_revisions(repo_dir: Path | str, base: str, head: str | None = None, cac
 
     `repo_dir` may be a subdirectory of the git repository (a monorepo): the
     policies are then read from that directory in both revisions. With
-    `cache`, both compiles share `<repo_dir>/.meshc-cache`.
+    `cache`, both compiles share the re-compile cache of `repo_dir`.
     Raises RepoError for a missing repository or an unknown revision.
     """
     repo = open_repo(repo_dir)
@@ -29,7 +29,12 @@ def diff_revisions(repo_dir: Path | str, base: str, head: str | None = None, cac
         head_label, head_files = WORKING_TREE, dict(source_from_dir(Path(repo_dir)).files)
     else:
         head_label, head_files = _read(repo, head, prefix)
-    base_result, head_result = compile_pair(base_files, head_files, open_cache(repo_dir) if cache else None)
+    shared = open_cache(repo_dir) if cache else None
+    try:
+        base_result, head_result = compile_pair(base_files, head_files, shared)
+    finally:
+        if shared is not None:
+            shared.close()
     return compare(Side(base_label, base_files, base_result), Side(head_label, head_files, head_result))
 
 

@@ -50,8 +50,7 @@ def service_objects(svc: m.Service, env: m.Environment) -> list[dict]:
     dr = destination_rule(svc)
     if dr:
         docs.append(dr)
-    if svc.ports:
-        docs.append(virtual_service(svc))
+    docs.append(virtual_service(svc))  # every service has a port (the schema requires one)
     if svc.ingress:
         docs += [gateway(svc, env), ingress_virtual_service(svc)]
     return docs

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 import grpc
@@ -264,6 +264,8 @@ class DeltaStream(_Stream):
         because a modified cluster warms until it hears its assignment again."""
         out: list[bytes] = []
         modified: frozenset[str] = frozenset()
+        if self._state().snapshot is None:
+            return out
         for kind in PUSH_ORDER:
             watch = self._watches.get(kind)
             if watch is None:
@@ -278,9 +280,8 @@ class DeltaStream(_Stream):
         of `resend` it wants and the snapshot holds."""
         watch = self._watches[kind]
         resources = self._state().snapshot.kinds[kind].resources
-        wanted = watch.names | (resources.keys() if watch.wildcard else set())
         resend = set(resend)
-        return [n for n in sorted(wanted) if n in resources
+        return [n for n in sorted(_wanted(watch, resources)) if n in resources
                 and (n in resend or watch.known.get(n) != resources[n].version)]
 
     def _respond(self, kind: str, push: bool, always: bool = False,
@@ -290,10 +291,9 @@ class DeltaStream(_Stream):
             return []
         watch = self._watches[kind]
         typed = snapshot.kinds[kind]
-        wanted = set(watch.names) | (set(typed.resources) if watch.wildcard else set())
         changed = [typed.resources[n] for n in self._changed(kind, resend)]
         removed = {n for n in watch.known if n not in typed.resources
-                   and (watch.wildcard or n in wanted)}
+                   and (watch.wildcard or n in watch.names)}
         # A name asked for that does not exist is reported as removed, so the
         # client stops waiting for it (xds_protocol: "resource does not exist").
         removed |= {n for n in asked if n != "*" and n not in typed.resources}
@@ -310,6 +310,11 @@ class DeltaStream(_Stream):
             watch.known.pop(name, None)
         self._sent(kind, watch, nonce, typed.version, push)
         return [body]
+
+
+def _wanted(watch: _Watch, resources: Mapping[str, object]) -> set[str]:
+    """The names a Delta watch subscribes to: its named ones, and all for a wildcard."""
+    return set(watch.names) | (set(resources) if watch.wildcard else set())
 
 
 def _sotw_names(kind: str, names: Iterable[str]) -> tuple[bool, frozenset[str]]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from compiler.diagnostics import Diagnostic, Severity, Span
 from compiler.model import Service, TrafficShape
+from compiler.values import format_duration
 
 CLUSTER = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
 ENDPOINTS = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
@@ -39,10 +40,7 @@ def gateway_route_name(port: int) -> str:
     return f"http.{port}"
 
 
-def duration(ms: int) -> str:
-    """Whole milliseconds as a protobuf JSON Duration: 250 → "0.250s", 4000 → "4s"."""
-    seconds, millis = divmod(ms, 1000)
-    return f"{seconds}s" if not millis else f"{seconds}.{millis:03d}s"
+duration = format_duration  # whole milliseconds as a protobuf JSON Duration: 250 → "0.250s"
 
 
 def span_of(service: Service, *path: str) -> list | None:
