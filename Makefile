@@ -30,4 +30,4 @@ demo: $(STAMP)
 	$(BIN)/python -m compiler.xds.demo
 
 clean:
-	rm -rf $(VENV) .meshc-cache .meshc-demo .pytest_cache
+	rm -rf $(VENV) .meshc-demo .pytest_cache
