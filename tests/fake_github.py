@@ -3,15 +3,20 @@
 No forge can run here, so this implements just what meshc calls, the way
 https://docs.github.com/en/rest/issues/comments documents it:
 
+    GET   /user                                                       (the token's account)
     GET   /repos/{owner}/{repo}/issues/{n}/comments?per_page=&page=   (Link: rel="next")
     POST  /repos/{owner}/{repo}/issues/{n}/comments
-    PATCH /repos/{owner}/{repo}/issues/comments/{id}
+    PATCH /repos/{owner}/{repo}/issues/comments/{id}                  (any comment: write access edits all)
 
-with bearer-token auth (401 "Bad credentials"), read-only tokens (403
-"Resource not accessible by integration"), 404 for an unknown repository or
-pull request, an optional path prefix (GitHub Enterprise's /api/v3), and
-scripted failures (`fail_next`) for the retry paths. Every request is
-recorded in `requests`.
+A token listed in `users` belongs to that account (a personal or machine
+user's token): /user answers with it and its comments carry it. Any other
+token is an installation token, like Actions' GITHUB_TOKEN: /user answers
+403 "Resource not accessible by integration" and it posts as
+github-actions[bot]. Also: bearer-token auth (401 "Bad credentials"),
+read-only tokens (403 "Resource not accessible by integration"), 404 for an
+unknown repository or pull request, an optional path prefix (GitHub
+Enterprise's /api/v3), and scripted failures (`fail_next`) for the retry
+paths. Every request is recorded in `requests`.
 """
 
 from __future__ import annotations
@@ -35,9 +40,10 @@ class Fault:
 
 class FakeGitHub:
     def __init__(self, repository: str = "acme/mesh", prs: tuple[int, ...] = (7,), token: str = "good-token",
-                 readonly_tokens: tuple[str, ...] = (), prefix: str = ""):
+                 readonly_tokens: tuple[str, ...] = (), prefix: str = "", users: dict[str, dict] | None = None):
         self.repository = repository
         self.token = token
+        self.users = dict(users or {})  # token → {"login", "type"}; other tokens are installation tokens
         self.readonly_tokens = set(readonly_tokens)
         self.prefix = prefix
         self.comments: dict[int, list[dict]] = {pr: [] for pr in prs}
@@ -81,10 +87,14 @@ class FakeGitHub:
                 fault = self.faults.pop(0)
                 return fault.status, fault.headers, fault.body
         token = (headers.get("Authorization") or "").removeprefix("Bearer ").removeprefix("token ")
-        if token not in {self.token, *self.readonly_tokens}:
+        if token not in {self.token, *self.readonly_tokens, *self.users}:
             return 401, {}, {"message": "Bad credentials", "documentation_url": "https://docs.github.com/rest"}
         url = urlsplit(target)
         path = url.path.removeprefix(self.prefix)
+        if path == "/user" and method == "GET":
+            if token not in self.users:
+                return 403, {}, {"message": "Resource not accessible by integration"}
+            return 200, {}, self.users[token]
         repo = re.escape(self.repository)
         if m := re.fullmatch(rf"/repos/{repo}/issues/(\d+)/comments", path):
             pr = int(m.group(1))
@@ -95,7 +105,7 @@ class FakeGitHub:
             if method == "POST":
                 if token in self.readonly_tokens:
                     return 403, {}, {"message": "Resource not accessible by integration"}
-                return 201, {}, self.add_comment(pr, json.loads(body)["body"], BOT)
+                return 201, {}, self.add_comment(pr, json.loads(body)["body"], self.users.get(token, BOT))
         if (m := re.fullmatch(rf"/repos/{repo}/issues/comments/(\d+)", path)) and method == "PATCH":
             if token in self.readonly_tokens:
                 return 403, {}, {"message": "Resource not accessible by integration"}

@@ -10,7 +10,7 @@ from compiler.cli import main
 from compiler.gitops.comment import GitHub, Retry
 from compiler.gitops.errors import GitHubError
 from compiler.gitops.render import MARKER
-from fake_github import FakeGitHub
+from fake_github import BOT, FakeGitHub
 from test_gitops_support import REVIEWS, edit, make_repo
 
 
@@ -39,28 +39,57 @@ def test_creates_then_updates_one_comment(fake):
     assert gh.upsert_comment(7, "second diff")[0] == "unchanged"
     [comment] = fake.comments[7]
     assert comment["body"] == f"{MARKER}\nsecond diff"
-    assert [m for m, _ in fake.requests] == ["GET", "POST", "GET", "PATCH", "GET"]
+    comments = "/repos/acme/mesh/issues/7/comments?per_page=100"
+    assert fake.requests == [("GET", comments), ("POST", "/repos/acme/mesh/issues/7/comments"),
+                             ("GET", comments), ("GET", "/user"),  # asked once, and only once there is a marked comment
+                             ("PATCH", f"/repos/acme/mesh/issues/comments/{comment['id']}"), ("GET", comments)]
     assert fake.comments[8] == []
 
 
 def test_prefers_the_bot_comment_over_a_pasted_marker(fake):
     pasted = fake.add_comment(7, f"quoting: {MARKER} see above")
-    bot = fake.add_comment(7, f"{MARKER}\nold diff", user={"login": "github-actions[bot]", "type": "Bot"})
+    bot = fake.add_comment(7, f"{MARKER}\nold diff", user=BOT)
     action, comment = client(fake).upsert_comment(7, "new diff")
     assert action == "updated" and comment["id"] == bot["id"]
     assert pasted["body"] == f"quoting: {MARKER} see above"
 
 
+def test_never_overwrites_a_persons_comment_that_carries_the_marker(fake):
+    """GITHUB_TOKEN cannot read /user: only a bot's comment is taken for meshc's own."""
+    pasted = fake.add_comment(7, f"{MARKER}\nthe diff I ran locally, pasted whole")
+    action, made = client(fake).upsert_comment(7, "new diff")
+    assert action == "created" and made["user"] == BOT
+    assert client(fake).upsert_comment(7, "newer diff")[1]["id"] == made["id"]
+    assert pasted["body"] == f"{MARKER}\nthe diff I ran locally, pasted whole"
+    assert [c["id"] for c in fake.comments[7]] == [pasted["id"], made["id"]]
+
+
+def test_a_user_token_adopts_only_the_comments_of_its_own_account():
+    machine = {"login": "meshc-bot", "type": "User"}
+    with FakeGitHub(prs=(7, 8), users={"bot-pat": machine}) as fake:
+        fake.add_comment(7, f"{MARKER}\npasted", user={"login": "someone", "type": "User"})
+        fake.add_comment(7, f"{MARKER}\nanother app", user={"login": "other-app[bot]", "type": "Bot"})
+        mine = fake.add_comment(7, f"{MARKER}\nold diff", user=machine)
+        fake.add_comment(8, f"{MARKER}\nwritten by the Actions token", user=BOT)
+
+        assert client(fake, "bot-pat").upsert_comment(7, "new diff") == ("updated", {**mine, "body": f"{MARKER}\nnew diff"})
+        action, made = client(fake, "bot-pat").upsert_comment(8, "new diff")
+
+        assert action == "created" and made["user"] == machine
+        assert [c["body"] for c in fake.comments[7]][:2] == [f"{MARKER}\npasted", f"{MARKER}\nanother app"]
+        assert fake.comments[8][0]["body"] == f"{MARKER}\nwritten by the Actions token"
+
+
 def test_finds_its_comment_on_a_later_page(fake):
     for i in range(230):
         fake.add_comment(7, f"review comment {i}")
-    mine = fake.add_comment(7, f"{MARKER}\nold diff")
+    mine = fake.add_comment(7, f"{MARKER}\nold diff", user=BOT)
     fake.add_comment(7, "a reply after the diff")
 
     action, comment = client(fake).upsert_comment(7, "new diff")
 
     assert action == "updated" and comment["id"] == mine["id"]
-    gets = [t for m, t in fake.requests if m == "GET"]
+    gets = [t for m, t in fake.requests if m == "GET" and t != "/user"]
     assert len(gets) == 3 and gets[-1].endswith("page=3")  # followed Link rel="next" to the last page
     assert sum(MARKER in c["body"] for c in fake.comments[7]) == 1
 

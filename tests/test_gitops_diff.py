@@ -140,6 +140,28 @@ def test_envoy_resource_kinds_are_the_files_the_compiler_emits():
     assert set(ENVOY_KINDS) == emitted  # every kind named, and no name for a file never written
 
 
+def test_only_the_pipeline_saves_the_cache(repo, monkeypatch):
+    """compile_source saves after each clean compile; the GitOps commands add no saves of their own."""
+    import sys
+
+    from compiler.cache import Cache
+    from compiler.gitops.build import open_cache, renderer
+
+    callers, real_save = [], Cache.save
+
+    def save(self):
+        callers.append(sys._getframe(1).f_globals["__name__"])
+        real_save(self)
+
+    monkeypatch.setattr(Cache, "save", save)
+    write(repo, "policies/bookinfo/reviews.yaml", REVIEWS_25)
+    diff_revisions(repo.workdir, "main")
+    cache = open_cache(repo.workdir)
+    renderer(cache)({p: t.encode() for p, t in SAMPLE.items() if p.endswith(".yaml")})
+    cache.close()
+    assert callers and set(callers) == {"compiler.pipeline"}
+
+
 def test_new_environment_and_exit_codes(repo, capsys):
     assert meshc("diff", "--repo", repo.workdir, "--base", "main", "--exit-code") == 0
     assert "No environment changes." in capsys.readouterr().out

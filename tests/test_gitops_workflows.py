@@ -4,6 +4,7 @@ with what `meshc publish` actually commits."""
 from __future__ import annotations
 
 import fnmatch
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -56,6 +57,61 @@ def test_pull_request_workflow_validates_checks_diffs_and_comments():
     assert "--format markdown" in diff_step["run"]
     assert comment_step["env"]["GITHUB_TOKEN"] == "${{ secrets.GITHUB_TOKEN }}"
     assert "--body-file" in comment_step["run"]
+
+
+def test_the_comment_is_posted_whenever_diff_wrote_a_report():
+    """meshc diff exits 2 when a side does not compile, and that report is the one reviewers need."""
+    wf = load(WORKFLOWS / "meshc-pr.yml")
+    _, diff_step = step_running(wf, "meshc diff --base")
+    _, comment_step = step_running(wf, "meshc comment --pr")
+    assert diff_step["continue-on-error"] is True  # its exit 2 neither stops the job nor fails it
+    condition = comment_step["if"]
+    assert "steps.diff.outputs.report == 'true'" in condition and "steps.diff.outcome" not in condition
+    assert "!cancelled()" in condition and "head.repo.full_name == github.repository" in condition
+
+
+def run_step(step: dict, cwd: Path, tmp: Path, base_ref: str) -> tuple[int, str, str]:
+    """Run a workflow step's script the way the runner does (`bash -eo pipefail`), with the real
+    meshc on PATH; (exit code, job summary, step outputs)."""
+    bin_dir, runner_temp = tmp / "bin", tmp / "runner"
+    bin_dir.mkdir()
+    runner_temp.mkdir()
+    (bin_dir / "meshc").write_text(f'#!/bin/sh\nexec "{sys.executable}" -m compiler "$@"\n')
+    (bin_dir / "meshc").chmod(0o755)
+    script = tmp / "step.sh"
+    script.write_text(step["run"])
+    summary, outputs = tmp / "summary.md", tmp / "outputs"
+    summary.touch()
+    outputs.touch()
+    assert step["env"]["BASE_REF"] == "${{ github.base_ref }}"
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "PYTHONPATH": str(REPO), "HOME": str(tmp),
+           "MESHC_CACHE_DIR": os.environ.get("MESHC_CACHE_DIR", str(tmp / "cache")), "BASE_REF": base_ref,
+           "RUNNER_TEMP": str(runner_temp), "GITHUB_STEP_SUMMARY": str(summary), "GITHUB_OUTPUT": str(outputs)}
+    done = subprocess.run(["bash", "--noprofile", "--norc", "-eo", "pipefail", str(script)], cwd=cwd, env=env,
+                          capture_output=True, text=True)
+    return done.returncode, summary.read_text(), outputs.read_text()
+
+
+def test_the_diff_step_keeps_the_report_of_a_base_that_does_not_compile(tmp_path):
+    from compiler.gitops.render import MARKER
+    from test_gitops_support import REVIEWS, SAMPLE, clone, edit, make_remote
+
+    broken = {**SAMPLE, "policies/bookinfo/reviews.yaml": edit(REVIEWS, "weight: 10", "weight: 140")}
+    checkout = clone(make_remote(tmp_path, broken), tmp_path / "pr")  # the pull request fixes main
+    (Path(checkout.workdir) / "policies/bookinfo/reviews.yaml").write_text(REVIEWS)
+    _, diff_step = step_running(load(WORKFLOWS / "meshc-pr.yml"), "meshc diff --base")
+
+    (tmp_path / "ok").mkdir()
+    code, summary, outputs = run_step(diff_step, Path(checkout.workdir), tmp_path / "ok", "main")
+
+    assert code == 2  # the step's outcome is a failure (continue-on-error lets the job go on) ...
+    assert "report=true" in outputs.splitlines()  # ... and the comment step runs
+    assert summary.startswith(MARKER) and "does not compile" in summary
+    assert "policies/bookinfo/reviews.yaml:" in summary and ": error: " in summary  # the base's diagnostics
+
+    (tmp_path / "unknown").mkdir()
+    code, summary, outputs = run_step(diff_step, Path(checkout.workdir), tmp_path / "unknown", "no-such-branch")
+    assert code == 2 and summary == "" and outputs == ""  # no report: nothing to post
 
 
 def test_publish_workflow_pushes_and_skips_its_own_commits():

@@ -87,11 +87,13 @@ def run_publish(args) -> int:
     options = Options(branch=args.branch, push=args.push, author=args.author,
                       committer=args.committer or args.author, attempts=args.attempts,
                       credentials=credentials_from_env(os.environ))
+    cache = None
     try:
         repo = open_repo(args.repo)
         if repo.workdir and Path(repo.workdir).resolve() != Path(args.repo).resolve():
             raise RepoError(f"publish needs --repo to be the top of the git repository ({repo.workdir.rstrip('/')})")
-        result = publish(repo, options, renderer(None if args.no_cache else open_cache(args.repo)))
+        cache = None if args.no_cache else open_cache(args.repo)
+        result = publish(repo, options, renderer(cache))
     except CompileFailed as err:
         for d in err.diagnostics:
             print(d.render(), file=sys.stderr)
@@ -102,6 +104,9 @@ def run_publish(args) -> int:
         return _fail(err, EXIT_USAGE)
     except (pygit2.GitError, OSError) as err:  # an I/O or repository failure: one line, not a traceback
         return _fail(f"git: {err}", EXIT_FAILED)
+    finally:
+        if cache is not None:
+            cache.close()
     branch = result.ref.removeprefix("refs/heads/")
     where = f" and pushed to {args.push}" if result.pushed else ""
     if result.commit:
@@ -162,7 +167,7 @@ def _repo(parser: argparse.ArgumentParser) -> None:
 
 
 def _no_cache(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--no-cache", action="store_true", help="ignore and do not update .meshc-cache/")
+    parser.add_argument("--no-cache", action="store_true", help="ignore and do not update the re-compile cache")
 
 
 def _identity(text: str) -> Identity:

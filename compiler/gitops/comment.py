@@ -3,12 +3,16 @@
 `GitHub.upsert_comment(pr, body)` finds meshc's earlier comment on the pull
 request by a hidden marker, across every page of the comment list (the
 `Link: rel="next"` header), and updates it with PATCH, or creates it with
-POST; an unchanged body is left alone. Requests are retried with
-exponential backoff on connection errors, 5xx, 429 and rate limits (a 403
-carrying `Retry-After` or `X-RateLimit-Remaining: 0`), waiting as long as
-GitHub asks. 401, 403 and 404 become one-line `GitHubError`s.
+POST; an unchanged body is left alone. Only a comment the token's own
+account wrote is ever updated (`GET /user`; an installation token such as
+Actions' GITHUB_TOKEN cannot read /user and posts as a bot, so then a bot's
+comment): a person who pasted the marker keeps their comment. Requests are
+retried with exponential backoff on connection errors, 5xx, 429 and rate
+limits (a 403 carrying `Retry-After` or `X-RateLimit-Remaining: 0`), waiting
+as long as GitHub asks. 401, 403 and 404 become one-line `GitHubError`s.
 
 Endpoints: https://docs.github.com/en/rest/issues/comments
+           https://docs.github.com/en/rest/users/users#get-the-authenticated-user
 Rate limits: https://docs.github.com/en/rest/using-the-rest-api/best-practices-for-using-the-rest-api
 """
 
@@ -47,6 +51,7 @@ class GitHub:
         self.retry = retry
         self._sleep, self._clock, self._timeout = sleep, clock, timeout_s
         self._session = session or requests.Session()
+        self._author: Author | None = None
         self._session.headers.update({
             "Authorization": f"Bearer {token}",
             "Accept": "application/vnd.github+json",
@@ -57,7 +62,8 @@ class GitHub:
     def upsert_comment(self, pr: int, body: str, marker: str = MARKER) -> tuple[str, dict]:
         """("created" | "updated" | "unchanged", the comment) for meshc's one comment on `pr`."""
         body = _with_marker(body, marker)
-        existing = _ours([c for c in self.comments(pr) if marker in (c.get("body") or "")])
+        marked = [c for c in self.comments(pr) if marker in (c.get("body") or "")]
+        existing = next((c for c in marked if self.author(pr).wrote(c)), None) if marked else None
         if existing is None:
             made = self._call("POST", f"/repos/{self.repository}/issues/{pr}/comments", pr, json={"body": body})
             return "created", made.json()
@@ -66,6 +72,19 @@ class GitHub:
         updated = self._call("PATCH", f"/repos/{self.repository}/issues/comments/{existing['id']}", pr,
                              json={"body": body})
         return "updated", updated.json()
+
+    def author(self, pr: int) -> "Author":
+        """Who this token comments as: its login from `GET /user`, or, for an installation
+        token (403 "Resource not accessible by integration"), any bot."""
+        if self._author is None:
+            response = self._call("GET", "/user", pr, accept=(403, 404))
+            try:
+                user = response.json() if response.status_code < 300 else None
+            except ValueError:
+                user = None
+            login = user.get("login") if isinstance(user, dict) else None
+            self._author = Author(login if isinstance(login, str) and login else None)
+        return self._author
 
     def comments(self, pr: int) -> Iterator[dict]:
         """Every comment on the pull request, oldest first, following pagination."""
@@ -76,7 +95,9 @@ class GitHub:
             yield from response.json()
             url, params = response.links.get("next", {}).get("url"), None  # `next` carries its own query
 
-    def _call(self, method: str, url: str, pr: int, **kwargs) -> requests.Response:
+    def _call(self, method: str, url: str, pr: int, accept: tuple[int, ...] = (), **kwargs) -> requests.Response:
+        """The response to a request, retried as GitHub asks; a final failure raises GitHubError
+        unless its status is in `accept`."""
         full = url if url.startswith(("http://", "https://")) else self.api_url + url
         for attempt in range(1, self.retry.attempts + 1):
             try:
@@ -89,6 +110,8 @@ class GitHub:
             if response.status_code < 300:
                 return response
             wait = self._retry_wait(response, attempt)
+            if wait is None and response.status_code in accept:
+                return response
             if wait is None or attempt == self.retry.attempts:
                 raise _error(response, method, pr, self.repository, retried=attempt > 1)
             if wait > self.retry.max_wait_s:
@@ -143,11 +166,16 @@ def _message(response: requests.Response) -> str:
     return f": {' '.join(str(message).split())[:200]}" if message else ""
 
 
-def _ours(marked: list[dict]) -> dict | None:
-    """The comment to update: a bot's (GITHUB_TOKEN posts as github-actions[bot]) before a
-    person's who pasted the marker; the first of them, as GitHub lists oldest first."""
-    bots = [c for c in marked if (c.get("user") or {}).get("type") == "Bot"]
-    return (bots or marked or [None])[0]
+@dataclass(frozen=True)
+class Author:
+    """The identity meshc's comments carry: a login, or None for "some bot" (an installation
+    token, e.g. GITHUB_TOKEN posting as github-actions[bot], cannot ask who it is)."""
+
+    login: str | None
+
+    def wrote(self, comment: dict) -> bool:
+        user = comment.get("user") or {}
+        return user.get("login") == self.login if self.login else user.get("type") == "Bot"
 
 
 def _with_marker(body: str, marker: str) -> str:
