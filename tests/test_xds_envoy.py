@@ -252,3 +252,55 @@ def _sent_counts(hub) -> tuple:
                  for k in ("clusters", "endpoints", "listeners", "routes")
                  for r in ("push", "request")) + (
         m.value("meshc_xds_rest_requests_total", type="clusters", code="200"),)
+
+
+def _clusters_dump(envoy: Envoy) -> dict:
+    """The ClustersConfigDump: dynamic_active_clusters and dynamic_warming_clusters."""
+    return next(c for c in envoy.config_dump()["configs"]
+                if c["@type"].endswith(".ClustersConfigDump"))
+
+
+def test_delta_modified_cluster_becomes_active_and_traffic_continues(mesh, tmp_path):
+    """A modified EDS cluster warms until it hears its assignment; Delta re-sends it."""
+    mesh.write({"v1": 50, "v2": 50})
+    with _server(mesh) as server:
+        bootstrap = sample.ads_bootstrap("proxy-delta", ENV, ("127.0.0.1", server.server.grpc_port),
+                                         delta=True)
+        with Envoy(bootstrap, tmp_path / "envoy") as envoy:
+            assert set(_split(mesh, envoy)) == {"v1", "v2"}
+            traffic = _Traffic(mesh.url)
+            traffic.start()
+            changed = mesh.resources({"v1": 50, "v2": 50})
+            for cluster in changed["clusters"]:
+                cluster["lb_policy"] = "LEAST_REQUEST"
+                cluster["connect_timeout"] = "2s"
+            sample.write_snapshot(mesh.rendered, ENV, changed)
+            want = sample.response_document("clusters", changed["clusters"])["version_info"]
+
+            def served() -> dict[str, str]:    # Delta: Envoy reports each resource's version
+                clusters = server.server.hub.cache.get(ENV).snapshot.kinds["clusters"]
+                return clusters.version == want and {n: r.version
+                                                     for n, r in clusters.resources.items()}
+
+            deadline = time.monotonic() + 5
+            while not (versions := server.call(served)):
+                assert time.monotonic() < deadline, "server did not publish the new clusters"
+                time.sleep(0.01)
+
+            def active() -> bool:
+                dump = _clusters_dump(envoy)
+                clusters = dump.get("dynamic_active_clusters", [])
+                return (not dump.get("dynamic_warming_clusters")
+                        and {c["cluster"]["name"]: c["version_info"] for c in clusters} == versions
+                        and all(c["cluster"]["lb_policy"] == "LEAST_REQUEST" for c in clusters))
+
+            # Envoy's initial_fetch_timeout (15 s) would end a stuck warm-up; well before it:
+            envoy.wait_until(active, timeout=5, interval=0.05,
+                             message="modified clusters active, none warming")
+            assert envoy.stat("cluster_manager.warming_clusters") == 0
+            split = count_responses(mesh.url, N)
+            bodies = traffic.stop()
+            assert not traffic.errors and set(bodies) <= {"v1", "v2"}, (traffic.errors, bodies)
+            assert set(split) == {"v1", "v2"} and _within_binomial(split["v2"], N, 50), split
+            assert envoy.stat("cluster.{}.upstream_cx_connect_fail".format(
+                sample.cluster_name("v1"))) == 0

@@ -15,6 +15,7 @@ import pytest
 import requests
 
 from compiler.xds import sample
+from compiler.xds.proxies import Proxies
 from compiler.xds.server import Options, ServerThread
 
 ENV = "demo"
@@ -115,6 +116,46 @@ def test_rest_limits_and_methods(server):
     assert requests.post(server.http_url + "/v3/discovery:secrets", data=b"{}",
                          timeout=5).status_code == 404
     assert requests.get(server.http_url + "/../../etc/passwd", timeout=5).status_code == 404
+
+
+@pytest.mark.parametrize("declared", [b"\xb2", b"-1", b"1_0", b"0x10"],
+                         ids=["superscript-two", "negative", "underscore", "hex"])
+def test_rest_malformed_content_length_is_400(server, declared):
+    """"²" passes str.isdigit() but not int(): it must be refused, not crash the connection."""
+    host, port = server.server.options.http_host, server.server.http_port
+    with socket.create_connection((host, port), timeout=5) as sock:
+        sock.sendall(b"POST /v3/discovery:clusters HTTP/1.1\r\nhost: x\r\n"
+                     b"content-length: " + declared + b"\r\n\r\n")
+        assert sock.recv(100).startswith(b"HTTP/1.1 400")
+    assert discover(server, "clusters").status_code == 200
+
+
+def test_rest_slow_body_times_out(server, monkeypatch):
+    monkeypatch.setattr("compiler.xds.rest._BODY_SECONDS", 0.3, raising=False)
+    host, port = server.server.options.http_host, server.server.http_port
+    with socket.create_connection((host, port), timeout=5) as sock:
+        sock.sendall(b"POST /v3/discovery:clusters HTTP/1.1\r\nhost: x\r\n"
+                     b"content-length: 100\r\n\r\n{\"node\":")     # 9 of 100 bytes, then silence
+        started = time.monotonic()
+        assert sock.recv(100).startswith(b"HTTP/1.1 408")
+        assert time.monotonic() - started < 3
+        while sock.recv(4096):      # and the connection is closed
+            pass
+
+
+def test_idle_rest_clients_are_forgotten_on_the_next_poll(monkeypatch):
+    """Not only when /metrics or /debug/proxies is read: memory stays bounded."""
+    monkeypatch.setattr("compiler.xds.proxies._REST_IDLE_SECONDS", 0.2)
+    proxies = Proxies()
+    for i in range(100):
+        proxies.rest_client(f"old-{i}", ENV, "127.0.0.1")
+    kept = proxies.rest_client("busy", ENV, "127.0.0.1")
+    time.sleep(0.15)
+    assert proxies.rest_client("busy", ENV, "127.0.0.1") is kept     # touched: stays
+    time.sleep(0.1)
+    proxies.rest_client("new", ENV, "127.0.0.1")
+    assert sorted(key[0] for key in proxies._rest) == ["busy", "new"]   # no scrape needed
+    assert [p.node_id for p in proxies.all()] == ["busy", "new"]
 
 
 def test_health_ready_metrics(server):

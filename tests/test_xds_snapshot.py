@@ -10,9 +10,14 @@ from pathlib import Path
 import pytest
 import requests
 
+from compiler.emit import write_rendered
+from compiler.load import source_from_dir
+from compiler.pipeline import compile_source
 from compiler.xds import consistency_errors, sample
 from compiler.xds.server import Options, ServerThread
-from compiler.xds.snapshot import SnapshotError, load_snapshot, read_files
+from compiler.xds.rest import RestView, rest_config_source
+from compiler.xds.snapshot import (NAMED_BODIES_LIMIT, SnapshotError, environment_dirs,
+                                   load_snapshot, read_files)
 
 ENV = "demo"
 V1, V2 = sample.cluster_name("v1"), sample.cluster_name("v2")
@@ -155,6 +160,26 @@ def test_half_written_file_is_refused(tmp_path, res):
         load_snapshot(ENV, read_files(tmp_path / ENV / "envoy"))
 
 
+# --- response bodies ------------------------------------------------------------------
+
+def test_named_bodies_are_built_once_per_name_set_and_bounded(tmp_path, res):
+    snap = load(tmp_path, res)
+    eds = snap.kinds["endpoints"]
+    body = eds.sotw_body(frozenset({V2, V1}))
+    assert body == eds.header + eds.resources[V1].sotw_field + eds.resources[V2].sotw_field
+    assert eds.sotw_body(frozenset([V1, V2, "not-there"])) == body
+    assert eds.sotw_body(frozenset([V1, V2])) is body          # a lookup, not a rebuild
+    for i in range(NAMED_BODIES_LIMIT + 10):
+        eds.sotw_body(frozenset({V1, f"x{i}"}))
+    assert len(eds.named) == NAMED_BODIES_LIMIT                 # bounded; oldest dropped
+    assert eds.sotw_body(frozenset([V1, V2])) == body
+
+    rest = RestView.build(snap, rest_config_source("xds_cluster", "1s")).kinds["endpoints"]
+    rest_body = rest.body(frozenset({V1}))
+    assert json.loads(rest_body)["resources"][0]["cluster_name"] == V1
+    assert rest.body(frozenset({V1})) is rest_body
+
+
 # --- reloads in a running server ---------------------------------------------------
 
 def _snapshots(server: ServerThread) -> dict:
@@ -262,12 +287,52 @@ def test_reload_follows_a_directory_swap(tmp_path, res, watch):
         assert list(_snapshots(server)) == [ENV]      # staging copies are not environments
 
 
-REPO_RENDERED = Path(__file__).resolve().parents[1] / "rendered"
+@pytest.mark.parametrize("watch", ["inotify", "poll"])
+def test_reload_follows_every_compile(tmp_path, res, watch):
+    """`meshc compile` swaps rendered/<env> as a whole (RENAME_EXCHANGE where the kernel
+    has it); the watcher must keep following after the first swap, not only see it."""
+    rendered = tmp_path / "rendered"
+
+    def compile_weights(weight: int) -> str:
+        changed = sample.sample_resources(
+            ("127.0.0.1", 10000), {"v1": ("127.0.0.1", 8001), "v2": ("127.0.0.1", 8002)},
+            {"v1": 100 - weight, "v2": weight})
+        docs = {k: sample.response_document(k, v) for k, v in changed.items()}
+        write_rendered(rendered, {ENV: {
+            f"envoy/{k}.json": (json.dumps(d, indent=2, sort_keys=True) + "\n").encode()
+            for k, d in docs.items()} | {"kustomization.yaml": b"resources: []\n"}})
+        return docs["routes"]["version_info"]
+
+    compile_weights(10)
+    options = Options(rendered=rendered, grpc_port=0, http_port=0, debounce=0.01,
+                      watch=watch, poll_interval=0.05)
+    with ServerThread(options) as server:
+        for weight in (20, 30, 40):
+            want = compile_weights(weight)
+            _wait(lambda: _snapshots(server)[ENV]["versions"]["routes"] == want)
 
 
-@pytest.mark.skipif(not any(REPO_RENDERED.glob("*/envoy")), reason="nothing compiled yet")
-@pytest.mark.parametrize("env", sorted(p.parent.name for p in REPO_RENDERED.glob("*/envoy")))
-def test_compiled_environments_load(env):
-    """What `meshc compile` emitted is servable: strict parse and consistency pass."""
-    snapshot = load_snapshot(env, read_files(REPO_RENDERED / env / "envoy"))
-    assert all(snapshot.kinds[k].resources for k in ("clusters", "listeners", "routes"))
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory) -> tuple[Path, tuple[str, ...]]:
+    """The example repo (policies/, environments/) compiled now into a fresh rendered/,
+    so a compiler change that breaks what `serve` accepts fails here."""
+    source = source_from_dir(REPO)
+    result = compile_source(source, models=False)
+    assert result.ok, [str(d) for d in result.diagnostics]
+    rendered = tmp_path_factory.mktemp("compiled") / "rendered"
+    write_rendered(rendered, result.outputs)
+    return rendered, result.environments
+
+
+def test_compiled_environments_load(compiled):
+    """What `meshc compile` emits for every example environment is servable:
+    strict parse and consistency pass, and nothing is empty."""
+    rendered, environments = compiled
+    assert environments, "the example repo defines no environment"
+    assert [d.parent.name for d in environment_dirs(rendered)] == sorted(environments)
+    for env in environments:
+        snapshot = load_snapshot(env, read_files(rendered / env / "envoy"))
+        assert all(snapshot.kinds[k].resources for k in ("clusters", "listeners", "routes")), env

@@ -74,15 +74,26 @@ class Proxies:
         tells apart proxies on different hosts that share one.)
         """
         key = (node_id, env, peer)
-        status = self._rest.get(key)
+        status = self._rest.pop(key, None)
+        self._prune()
         if status is None:
-            status = self._rest[key] = ProxyStatus(node_id, env, "rest", peer=peer)
+            status = ProxyStatus(node_id, env, "rest", peer=peer)
         status.last_seen = time.monotonic()
+        self._rest[key] = status        # re-inserted: the dict stays in last_seen order
         return status
 
     def all(self) -> list[ProxyStatus]:
-        cutoff = time.monotonic() - _REST_IDLE_SECONDS
-        for key in [k for k, s in self._rest.items() if s.last_seen < cutoff]:
-            del self._rest[key]
+        self._prune()
         return sorted([*self._streams, *self._rest.values()],
                       key=lambda s: (s.env, s.node_id, s.protocol, s.connected_unix))
+
+    def _prune(self) -> None:
+        """Forget REST clients idle for `_REST_IDLE_SECONDS`: the oldest are first in `_rest`,
+        so each poll costs O(1) plus the clients it drops, and memory stays bounded by
+        the clients of the last few minutes whether or not anyone scrapes /metrics."""
+        cutoff = time.monotonic() - _REST_IDLE_SECONDS
+        while self._rest:
+            key, status = next(iter(self._rest.items()))
+            if status.last_seen >= cutoff:
+                return
+            del self._rest[key]

@@ -1,8 +1,8 @@
 """The HTTP port: REST-JSON xDS polling, health, metrics and debug pages.
 
 Owns a small HTTP/1.1 server on asyncio streams (keep-alive, Content-Length
-bodies only, bounded head and body sizes) and the REST view of a snapshot:
-the JSON bodies, prepared once per snapshot, with every ADS config source
+bodies only, bounded head and body sizes and read times) and the REST view of
+a snapshot: the JSON bodies, prepared once per snapshot, with every ADS config source
 rewritten into a REST one naming the proxy's xDS cluster, because Envoy has no
 "same source as the parent" for REST.
 
@@ -19,12 +19,13 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from compiler.xds.proxies import Nack
-from compiler.xds.snapshot import PUSH_ORDER, TYPE_URLS, WILDCARD_KINDS, Snapshot
+from compiler.xds.snapshot import PUSH_ORDER, TYPE_URLS, WILDCARD_KINDS, NamedBodies, Snapshot
 from compiler.xds.stream import Hub
 
 __all__ = ["RestKind", "RestView", "HttpServer", "rest_config_source"]
@@ -32,10 +33,12 @@ __all__ = ["RestKind", "RestView", "HttpServer", "rest_config_source"]
 log = logging.getLogger("meshc.xds")
 
 _MAX_HEAD = 64 * 1024
-_IDLE_SECONDS = 120.0
+_IDLE_SECONDS = 120.0           # for the next request head on a keep-alive connection
+_BODY_SECONDS = 30.0            # for a request body, once its head has arrived
 _REASONS = {200: "OK", 304: "Not Modified", 400: "Bad Request", 404: "Not Found",
-            405: "Method Not Allowed", 411: "Length Required", 413: "Content Too Large",
-            431: "Request Header Fields Too Large", 503: "Service Unavailable"}
+            405: "Method Not Allowed", 408: "Request Timeout", 411: "Length Required",
+            413: "Content Too Large", 431: "Request Header Fields Too Large",
+            503: "Service Unavailable"}
 
 
 def rest_config_source(cluster: str, refresh_delay: str) -> dict:
@@ -62,10 +65,15 @@ class RestKind:
     type_url: str
     resources: Mapping[str, bytes]      # name → JSON of the rewritten resource
     full_body: bytes
+    named: NamedBodies = field(default_factory=NamedBodies, compare=False, repr=False)
 
     def body(self, names: frozenset[str] | None) -> bytes:
+        """The response for `names` (all for None); each name set built once per snapshot."""
         if names is None:
             return self.full_body
+        return self.named.get(names, self._named_body)
+
+    def _named_body(self, names: frozenset[str]) -> bytes:
         return self._assemble([self.resources[n] for n in sorted(names) if n in self.resources])
 
     def _assemble(self, items: list[bytes]) -> bytes:
@@ -161,11 +169,20 @@ class HttpServer:
             self._write(writer, _Response(411, b"send a Content-Length body\n"), keep=False)
             return False
         declared = headers.get("content-length", "0")
-        length = int(declared) if declared.isdigit() else -1
-        if length < 0 or length > self.max_body:
+        if not re.fullmatch(r"\d+", declared, re.ASCII):     # str.isdigit() takes "²"
+            self._write(writer, _Response(400, b"bad content-length\n"), keep=False)
+            return False
+        length = int(declared)
+        if length > self.max_body:
             self._write(writer, _Response(413, b"request body too large\n"), keep=False)
             return False
-        body = await reader.readexactly(length) if length else b""
+        try:
+            async with asyncio.timeout(_BODY_SECONDS):     # a slow client cannot hold a task
+                body = await reader.readexactly(length) if length else b""
+        except TimeoutError:
+            self._write(writer, _Response(408, b"request body not received in time\n"),
+                        keep=False)
+            return False
         try:
             peer = writer.get_extra_info("peername") or ("",)
             response = self.handle(method, target, body, peer=str(peer[0]))
@@ -250,7 +267,7 @@ class HttpServer:
         if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
             raise _HttpError(400, "resource_names must be a list of strings")
         status = self.hub.proxies.rest_client(str(node_id), env, peer)
-        subscription = (kind, tuple(sorted(names)))
+        subscription = (kind, frozenset(names))     # also the key of the memoised body
         version = request.get("version_info") or ""
         self._ack_or_nack(kind, subscription, status, version, request.get("error_detail"))
         current = version == view.version and subscription in status.rest_sent
@@ -260,7 +277,7 @@ class HttpServer:
         # if its version matches: its names may be new to it, e.g. after a restart.)
         wildcard = "*" in names or (kind in WILDCARD_KINDS and not names)
         status.rest_sent[subscription] = status.sent[kind] = view.version
-        return _Response(200, view.body(None if wildcard else frozenset(names)),
+        return _Response(200, view.body(None if wildcard else subscription[1]),
                          "application/json")
 
     def _ack_or_nack(self, kind: str, subscription: tuple, status, version: str,

@@ -4,7 +4,8 @@ Owns loading `rendered/<env>/envoy/{clusters,endpoints,listeners,routes}.json`,
 the strict parse of every resource into its xds-protos type, the version
 rule (`content_version`), running the one consistency check (defined in
 `consistency`, re-exported here for the compiler's Envoy target), and the
-wire bytes every response is assembled from, computed once per snapshot.
+wire bytes every response is assembled from, computed once per snapshot (the
+bodies of named subscriptions once per name set, on first use).
 
 A snapshot is immutable. Loading either returns a complete `Snapshot` or
 raises `SnapshotError` carrying every problem found; there is no partial
@@ -16,8 +17,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from google.protobuf import json_format
@@ -27,7 +28,8 @@ from compiler.xds import protos
 from compiler.xds.consistency import consistency_errors
 
 __all__ = [
-    "KINDS", "PUSH_ORDER", "TYPE_URLS", "WILDCARD_KINDS", "Resource", "Snapshot",
+    "KINDS", "NAMED_BODIES_LIMIT", "PUSH_ORDER", "TYPE_URLS", "WILDCARD_KINDS", "NamedBodies",
+    "Resource", "Snapshot",
     "SnapshotError", "TypeSnapshot", "consistency_errors", "content_version", "environment_dirs",
     "files_digest",
     "kind_of", "load_snapshot", "read_files",
@@ -51,6 +53,8 @@ KINDS = PUSH_ORDER
 WILDCARD_KINDS = frozenset({"clusters", "listeners"})
 
 _MAX_FILE_BYTES = 64 * 1024 * 1024
+#: Distinct named subscriptions whose bodies one kind of one snapshot remembers.
+NAMED_BODIES_LIMIT = 256
 
 
 def kind_of(type_url: str) -> str | None:
@@ -83,6 +87,34 @@ class Resource:
     delta_field: bytes
 
 
+class NamedBodies:
+    """Response bodies of named subscriptions (RDS, EDS), memoised by name set.
+
+    Building a body sorts and joins the named resources; every later push or
+    poll for the same names is a dict lookup. At most `limit` name sets are
+    kept per kind and snapshot, the oldest dropped first. Used from the event
+    loop only; a snapshot's memo dies with the snapshot.
+    """
+
+    __slots__ = ("_bodies", "limit")
+
+    def __init__(self, limit: int = NAMED_BODIES_LIMIT) -> None:
+        self._bodies: dict[frozenset[str], bytes] = {}
+        self.limit = limit
+
+    def get(self, names: frozenset[str], build: Callable[[frozenset[str]], bytes]) -> bytes:
+        """The body for `names`, from `build(names)` the first time."""
+        body = self._bodies.get(names)
+        if body is None:
+            if len(self._bodies) >= self.limit:
+                del self._bodies[next(iter(self._bodies))]
+            body = self._bodies[names] = build(names)
+        return body
+
+    def __len__(self) -> int:
+        return len(self._bodies)
+
+
 @dataclass(frozen=True, slots=True)
 class TypeSnapshot:
     """All resources of one kind; `version` is the file's `version_info` (a content hash)."""
@@ -92,12 +124,18 @@ class TypeSnapshot:
     version: str
     resources: Mapping[str, Resource]   # sorted by name
     header: bytes                       # DiscoveryResponse{version_info, type_url}
-    all_fields: bytes                   # every resource's sotw_field, in name order
+    full_body: bytes                    # header + every resource's sotw_field, in name order
+    named: NamedBodies = field(default_factory=NamedBodies, compare=False, repr=False)
 
     def sotw_body(self, names: frozenset[str] | None) -> bytes:
-        """`header` plus the resources named (all of them for None), without a nonce."""
+        """`header` plus the resources named (all of them for None), without a nonce.
+
+        The body of a name set is built once per snapshot (see `NamedBodies`)."""
         if names is None:
-            return self.header + self.all_fields
+            return self.full_body
+        return self.named.get(names, self._named_body)
+
+    def _named_body(self, names: frozenset[str]) -> bytes:
         return self.header + b"".join(self.resources[n].sotw_field
                                       for n in sorted(names) if n in self.resources)
 
@@ -232,7 +270,7 @@ def _load_kind(kind: str, data: bytes) -> TypeSnapshot:
                                              type_url=type_url).SerializeToString()
     return TypeSnapshot(kind=kind, type_url=type_url, version=response.version_info,
                         resources=ordered, header=header,
-                        all_fields=b"".join(r.sotw_field for r in ordered.values()))
+                        full_body=header + b"".join(r.sotw_field for r in ordered.values()))
 
 
 def _resource(name: str, msg) -> Resource:

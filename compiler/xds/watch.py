@@ -9,14 +9,17 @@ Polling compares the bytes of every envoy file (by hash).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
+from watchdog.observers.api import ObservedWatch
 
 from compiler.xds.snapshot import KINDS, environment_dirs
 
@@ -50,6 +53,64 @@ class _Handler(FileSystemEventHandler):
             self._kick()
 
 
+class _Inotify:
+    """Non-recursive inotify watches on `root`, each `root/<env>` and each `root/<env>/envoy`.
+
+    Not one recursive watch: watchdog's recursive watch loses track (its reader
+    thread dies with a KeyError, and no event arrives again) when a watched
+    directory is exchanged with renameat2(RENAME_EXCHANGE), which is how
+    `meshc compile` swaps `rendered/<env>`. `refresh()` re-aims the watches at the
+    directories now at those paths; the watcher calls it on every event, before
+    the debounced reload reads the files, so nothing written meanwhile is missed.
+    """
+
+    def __init__(self, root: Path, kick: Callable[[], None]) -> None:
+        self._root = root
+        self._handler = _Handler(kick)
+        self._observer = Observer()
+        self._observer.daemon = True
+        self._watches: dict[str, tuple[tuple[int, int], ObservedWatch]] = {}
+        self._observer.schedule(self._handler, str(root), recursive=False)   # OSError if missing
+        self._observer.start()
+        self.refresh()
+
+    def refresh(self) -> None:
+        wanted = {}
+        for path in _watched_dirs(self._root):
+            try:
+                stat = os.stat(path)
+            except OSError:
+                continue
+            wanted[str(path)] = (stat.st_dev, stat.st_ino)
+        for path, (ident, watch) in list(self._watches.items()):
+            if wanted.get(path) != ident:
+                del self._watches[path]
+                with contextlib.suppress(KeyError, OSError):    # its emitter may have ended
+                    self._observer.unschedule(watch)
+        for path, ident in wanted.items():
+            if path not in self._watches:
+                try:
+                    watch = self._observer.schedule(self._handler, path, recursive=False)
+                except OSError:
+                    continue        # gone again; its parent's event brings us back
+                self._watches[path] = (ident, watch)
+
+    def stop(self) -> None:
+        self._observer.stop()
+        self._observer.join(timeout=2)
+
+
+def _watched_dirs(root: Path) -> list[Path]:
+    """`root/<env>` (not hidden) and `root/<env>/envoy`, where they are directories."""
+    try:
+        names = sorted(e.name for e in os.scandir(root) if not e.name.startswith(".")
+                       and e.is_dir(follow_symlinks=False))
+    except OSError:
+        return []
+    envs = [root / name for name in names]
+    return envs + [env / "envoy" for env in envs if (env / "envoy").is_dir()]
+
+
 class Watcher:
     """Calls `on_change()` on `loop`, debounced, after anything under `root` changes.
 
@@ -64,7 +125,7 @@ class Watcher:
         self._debounce = debounce
         self._mode = mode
         self._poll_interval = poll_interval
-        self._observer = None
+        self._observer: _Inotify | None = None
         self._poller: asyncio.Task | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._first_event = 0.0
@@ -73,11 +134,7 @@ class Watcher:
     def start(self) -> None:
         if self._mode in ("auto", "inotify"):
             try:
-                observer = Observer()
-                observer.schedule(_Handler(self._kick_threadsafe), str(self._root), recursive=True)
-                observer.daemon = True
-                observer.start()
-                self._observer, self.using = observer, "inotify"
+                self._observer, self.using = _Inotify(self._root, self._kick_threadsafe), "inotify"
                 return
             except OSError as exc:
                 if self._mode == "inotify":
@@ -92,7 +149,6 @@ class Watcher:
     def stop(self) -> None:
         if self._observer is not None:
             self._observer.stop()
-            self._observer.join(timeout=2)
         if self._poller is not None:
             self._poller.cancel()
         if self._timer is not None:
@@ -117,6 +173,8 @@ class Watcher:
             pass                # loop closed while shutting down
 
     def _kick(self) -> None:
+        if self._observer is not None:
+            self._observer.refresh()
         now = time.monotonic()
         if self._timer is None:
             self._first_event = now
