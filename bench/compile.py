@@ -47,7 +47,7 @@ def policy(i: int, rng: random.Random) -> str:
         *[f"    {v}: {{labels: {{version: {v}}}}}" for v in versions],
     ]
     if i % 4 == 0:
-        lines += ["  traffic:", f"    split: {{v1: 70, v2: 30}}"]
+        lines += ["  traffic:", "    split: {v1: 70, v2: 30}"]
     else:
         lines += [
             "  traffic:",

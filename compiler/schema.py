@@ -21,7 +21,7 @@ from typing import Callable
 import cerberus
 from cerberus import errors as cerrors
 
-from compiler.diagnostics import Diagnostics, Note, SpanMap
+from compiler.diagnostics import Diagnostics, SpanMap
 from compiler.values import is_ip, parse_duration
 
 API_VERSION = "meshc.dev/v1"

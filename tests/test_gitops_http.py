@@ -18,7 +18,7 @@ from compiler.gitops.errors import PublishError
 from compiler.gitops.publish import Options, publish
 from compiler.gitops.remote import Credentials, credentials_from_env
 from test_gitops_publish import assert_sources_rendered_once
-from test_gitops_support import REVIEWS, SAMPLE, clone, commit_files, edit, git, make_remote
+from test_gitops_support import REVIEWS, SAMPLE, commit_files, edit, git, make_remote
 
 TOKEN = "ghs_test_token"
 

@@ -25,7 +25,7 @@ from google.protobuf import json_format
 from envoy.service.discovery.v3 import discovery_pb2
 
 from compiler.xds import protos
-from compiler.xds.consistency import consistency_errors
+from compiler.xds.consistency import consistency_errors, content_version
 
 __all__ = [
     "KINDS", "NAMED_BODIES_LIMIT", "PUSH_ORDER", "TYPE_URLS", "WILDCARD_KINDS", "NamedBodies",
@@ -150,14 +150,6 @@ class Snapshot:
 
     def versions(self) -> dict[str, str]:
         return {kind: self.kinds[kind].version for kind in PUSH_ORDER}
-
-
-def content_version(resources: Sequence[dict]) -> str:
-    """The `version_info` of a kind: SHA-256 of its resources as canonical JSON
-    (sorted keys, no spaces), the rule the Envoy target writes by. Recomputing it
-    at load catches a hand edit or a file that does not match its own version."""
-    canonical = json.dumps(list(resources), sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 def environment_dirs(rendered: Path) -> list[Path]:

@@ -31,17 +31,14 @@ from them: nothing downstream may mutate either.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections import Counter
 from operator import itemgetter
 
-from compiler.emit import canonical_json
 from compiler.model import Environment, Mesh, Service
 from compiler.targets import Lowered, OutputFile
 from compiler.targets.envoy import clusters, endpoints, listeners, routes
 from compiler.targets.envoy.common import CLUSTER, ENDPOINTS, LISTENER, ROUTES, diagnostic, span_of
-from compiler.xds.consistency import consistency_errors
+from compiler.xds.consistency import consistency_errors, content_version
 
 __all__ = ["NAME", "InconsistentSnapshot", "assemble", "lower", "lower_service"]
 
@@ -113,19 +110,8 @@ def assemble(env: Environment, fragments: list[dict]) -> Lowered:
 
 
 def discovery_response(type_url: str, resources: list[dict]) -> dict:
-    """DiscoveryResponse JSON; `version_info` hashes the resources' canonical JSON.
-
-    The canonical JSON is `json.dumps(resources, sort_keys=True,
-    separators=(",", ":"))`. orjson writes the same bytes (keys sorted by code
-    point, the same escapes) except that it leaves DEL and non-ASCII
-    characters unescaped, so its output is used when it holds neither, and
-    json's otherwise. (The resources hold no floats, where the two differ too.)
-    """
-    canonical = canonical_json(resources)
-    if not canonical.isascii() or b"\x7f" in canonical:
-        canonical = json.dumps(resources, sort_keys=True, separators=(",", ":")).encode()
-    return {"version_info": hashlib.sha256(canonical).hexdigest(), "type_url": type_url,
-            "resources": resources}
+    """DiscoveryResponse JSON; `version_info` is the content hash the xDS server checks."""
+    return {"version_info": content_version(resources), "type_url": type_url, "resources": resources}
 
 
 def _sorted(resources: list[dict], kind: str) -> list[dict]:
