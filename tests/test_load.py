@@ -1,0 +1,33 @@
+"""The loader: YAML 1.2 scalars, positions, and inputs built to hurt."""
+
+from __future__ import annotations
+
+from compiler.diagnostics import Diagnostics, Span
+from compiler.load import MAX_VALUES, parse
+
+
+def _load(text: str):
+    diags = Diagnostics()
+    doc = parse("p.yaml", text.encode(), diags)
+    return doc, [d.render() for d in diags]
+
+
+def test_scalars_resolve_by_yaml_1_2():
+    doc, problems = _load("a: on\nb: yes\nc: 0b101\nd: 0o17\ne: 0x1F\nf: 1_000\ng: ~\nh: true\ni: 1.5\nj: '10'\n")
+    assert problems == []
+    assert doc.data == {"a": "on", "b": "yes", "c": 5, "d": 15, "e": 31, "f": 1000, "g": None, "h": True, "i": 1.5, "j": "10"}
+
+
+def test_every_value_and_key_has_its_position():
+    doc, _ = _load("spec:\n  timeout: 4s\n  ports:\n    - {name: http}\n")
+    assert doc.spans.at(("spec", "timeout")) == Span("p.yaml", 2, 12)
+    assert doc.spans.key_at(("spec", "timeout")) == Span("p.yaml", 2, 3)
+    assert doc.spans.at(("spec", "ports", 0, "name")) == Span("p.yaml", 4, 14)
+
+
+def test_an_alias_bomb_is_refused_not_expanded():
+    levels = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    levels += [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 10) + "]" for i in range(1, 7)]
+    doc, problems = _load("\n".join(levels) + "\n")
+    assert doc is None
+    assert problems == [f"p.yaml:1:1: error: the document expands to more than {MAX_VALUES:,} values (through aliases?)"]
