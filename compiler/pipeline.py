@@ -105,7 +105,6 @@ class Unit:
     ingress_hosts: tuple[str, ...]
     fragments: dict  # target NAME → what its `lower_service` returned (JSON-able)
     diagnostics: tuple[Diagnostic, ...] = ()
-
     yaml_keys: dict = field(default_factory=dict)  # target NAME → memo key (hex) of each YAML document
 
     def to_json(self) -> dict:
