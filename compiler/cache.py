@@ -12,8 +12,10 @@ and every value is JSON (never pickle). Two tables:
   each valid input file, parsed, keyed by the fingerprint, its path and its
   bytes. Only clean results are stored (no diagnostics), so a cached result
   never hides one.
-- `yaml`: serialised YAML documents, keyed by SHA-256 of the fingerprint and
-  the document's canonical JSON.
+- `blobs`: the serialised pieces (`emit.Piece`: a resource's or document's
+  canonical JSON and its text) that units refer to, keyed by SHA-256 of the
+  stored bytes, so a piece shared by many units (the same cluster in every
+  environment) is stored once.
 
 The fingerprint hashes the compiler's own source and the versions of the
 libraries that shape the output bytes, so any change to either starts over.
@@ -32,9 +34,9 @@ import orjson
 import yaml
 
 import compiler
+from compiler.emit import Piece
 
-PRUNE_SLACK = 1000  # unused unit entries tolerated beyond twice this run's
-YAML_LIMIT = 200_000  # documents; past this the memo starts over
+PRUNE_SLACK = 1000  # unused entries tolerated beyond twice this run's
 
 
 @lru_cache(maxsize=1)
@@ -77,10 +79,11 @@ class Cache:
         self.directory = Path(directory)
         self._db: sqlite3.Connection | None = None
         self.units: dict[bytes, bytes] = {}
-        self.yaml: dict[bytes, bytes] = {}
+        self.blobs: dict[bytes, bytes] = {}
         self._new_units: dict[bytes, bytes] = {}
+        self._new_blobs: dict[bytes, bytes] = {}
         self._used: set[bytes] = set()
-        self._new_yaml: dict[bytes, bytes] = {}
+        self._used_blobs: set[bytes] = set()
         self._open()
 
     def _open(self) -> None:
@@ -89,12 +92,13 @@ class Cache:
             self._db = sqlite3.connect(self.directory / "cache.sqlite", timeout=5)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")  # a cache: no fsync per commit
+            self._db.execute("DROP TABLE IF EXISTS yaml")  # meshc 0.1's document memo, superseded by blobs
             self._db.execute("CREATE TABLE IF NOT EXISTS units (key BLOB PRIMARY KEY, value BLOB NOT NULL)")
-            self._db.execute("CREATE TABLE IF NOT EXISTS yaml (key BLOB PRIMARY KEY, value BLOB NOT NULL)")
+            self._db.execute("CREATE TABLE IF NOT EXISTS blobs (key BLOB PRIMARY KEY, value BLOB NOT NULL)")
             self.units = dict(self._db.execute("SELECT key, value FROM units"))
-            self.yaml = dict(self._db.execute("SELECT key, value FROM yaml"))
+            self.blobs = dict(self._db.execute("SELECT key, value FROM blobs"))
         except (OSError, sqlite3.Error):
-            self._db, self.units, self.yaml = None, {}, {}
+            self._db, self.units, self.blobs = None, {}, {}
 
     def get_json(self, key: bytes):
         self._used.add(key)
@@ -112,30 +116,99 @@ class Cache:
         self.units[key] = raw
         self._new_units[key] = raw
 
-    def put_yaml(self, entries: dict[bytes, bytes]) -> None:
-        for key, value in entries.items():
-            if key not in self.yaml:
-                self.yaml[key] = value
-                self._new_yaml[key] = value
+    def get_pieces(self, key: bytes):
+        """A JSON value stored by `put_pieces`, its pieces restored; None when absent or damaged."""
+        value = self.get_json(key)
+        if value is None:
+            return None
+        try:
+            return unpack(value, self.blobs, self._used_blobs)
+        except (KeyError, ValueError, TypeError):  # a blob went missing or is damaged: recompute
+            return None
+
+    def put_pieces(self, key: bytes, value) -> None:
+        """Store a JSON value that holds pieces: each piece goes to `blobs` once, the value refers to it."""
+        new: dict[bytes, bytes] = {}
+        self.put_json(key, pack(value, new, self._used_blobs))
+        for ref, blob in new.items():
+            if ref not in self.blobs:
+                self.blobs[ref] = self._new_blobs[ref] = blob
 
     def save(self) -> None:
-        if self._db is None or not (self._new_units or self._new_yaml):
+        if self._db is None or not (self._new_units or self._new_blobs):
             return
+        # Keep the cache near the size of one repo: entries this run did not use go once they dominate.
         stale = [(k,) for k in self.units if k not in self._used] if len(self.units) > 2 * len(self._used) + PRUNE_SLACK else []
+        stale_blobs = ([(k,) for k in self.blobs if k not in self._used_blobs]
+                       if len(self.blobs) > 2 * len(self._used_blobs) + PRUNE_SLACK else [])
         try:
             with self._db:
                 self._db.executemany("INSERT OR REPLACE INTO units VALUES (?, ?)", self._new_units.items())
-                self._db.executemany("INSERT OR REPLACE INTO yaml VALUES (?, ?)", self._new_yaml.items())
-                # Keep the cache near the size of one repo: entries this run did not use go once they dominate.
+                self._db.executemany("INSERT OR REPLACE INTO blobs VALUES (?, ?)", self._new_blobs.items())
                 self._db.executemany("DELETE FROM units WHERE key = ?", stale)
-                if len(self.yaml) > YAML_LIMIT:
-                    self._db.execute("DELETE FROM yaml")
+                self._db.executemany("DELETE FROM blobs WHERE key = ?", stale_blobs)
         except sqlite3.Error:
             pass  # a cache that cannot be written only costs time next run
         self._new_units.clear()
-        self._new_yaml.clear()
+        self._new_blobs.clear()
 
     def close(self) -> None:
         if self._db is not None:
             self._db.close()
             self._db = None
+
+
+def pack(value, blobs: dict[bytes, bytes], refs: set[bytes] | None = None) -> dict:
+    """`value` as plain JSON: `{"value": value with each piece null, "pieces": [[path, KEY, depth]]}`,
+    each piece's bytes in `blobs[KEY]`. Unpacking then visits the pieces, not the whole value."""
+    found: list = []
+    skeleton = _strip(value, [], found)
+    pieces = []
+    for path, piece in found:
+        blob = (piece.canonical or b"") + b"\n" + piece.text  # canonical JSON never holds a raw newline
+        ref = hashlib.sha256(blob).digest()
+        blobs[ref] = blob
+        if refs is not None:
+            refs.add(ref)
+        pieces.append([path, ref.hex(), piece.depth])
+    return {"value": skeleton, "pieces": pieces}
+
+
+def _strip(value, path: list, found: list):
+    kind = type(value)
+    if kind is Piece:
+        found.append((list(path), value))
+        return None
+    if kind is dict:
+        out = {}
+        for k, v in value.items():
+            path.append(k)
+            out[k] = _strip(v, path, found)
+            path.pop()
+        return out
+    if kind is list or kind is tuple:
+        out = []
+        for i, v in enumerate(value):
+            path.append(i)
+            out.append(_strip(v, path, found))
+            path.pop()
+        return out
+    return value
+
+
+def unpack(record: dict, blobs: dict[bytes, bytes], refs: set[bytes] | None = None):
+    """What `pack` packed (the record is consumed). Raises KeyError when a blob is missing."""
+    value = record["value"]
+    for path, ref, depth in record["pieces"]:
+        key = bytes.fromhex(ref)
+        canonical, _, text = blobs[key].partition(b"\n")
+        if refs is not None:
+            refs.add(key)
+        piece = Piece(text, depth, canonical or None)
+        if not path:
+            return piece
+        node = value
+        for step in path[:-1]:
+            node = node[step]
+        node[path[-1]] = piece
+    return value

@@ -14,7 +14,6 @@ kernel lacks it), so a reader never sees half a directory, nor none.
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import io
 import json
 import os
@@ -31,6 +30,7 @@ from yaml.nodes import MappingNode, ScalarNode, SequenceNode
 
 from compiler.targets import OutputFile
 
+_UNPARSED = object()
 
 
 class _Dumper(getattr(yaml, "CSafeDumper", yaml.SafeDumper)):
@@ -59,61 +59,90 @@ KUSTOMIZATION = "kustomization.yaml"
 _RESOLVED_LIMIT = 100_000
 
 
-class Serializer:
-    """Serialises output files, each distinct YAML document once.
+class Piece:
+    """Output serialised once, then spliced into every file that holds it as bytes.
 
-    YAML emission is most of a compile's time, and most documents recur:
-    the same Service in every environment, the same document on every
-    re-compile. Documents are memoised by SHA-256 of their canonical JSON;
-    `known` is a read-only memo from the cache, `new` what this run added.
-    A multi-document file is its documents joined by `---` lines, exactly
-    what one `yaml.dump_all` would write.
+    A re-compile rebuilds each environment's Envoy files from thousands of
+    resources that did not change; parsing them back from the cache only to
+    serialise them again would cost more than all its other work. So a
+    resource (or a YAML document) is lowered into a piece, once, in the worker
+    that computed it. `text` is its rendering: a YAML document, or JSON as
+    `json_bytes` indents it at `depth` (a top-level array's items are at depth
+    1); spliced in at that depth it is copied verbatim, deeper it is indented
+    further. `canonical` (YAML pieces) is the document's canonical JSON.
+    `value` parses it back, only when something must look inside (a patch, a
+    domain list to filter, a test). Pieces are immutable: build a new one to
+    change a value.
     """
 
-    def __init__(self, known: Mapping[bytes, bytes] | None = None, salt: bytes = b""):
-        self.known = known or {}
-        self.salt = salt  # the compiler's fingerprint: bytes a changed emitter wrote are never reused
-        self.new: dict[bytes, bytes] = {}
-        self._keys: dict[int, tuple[object, bytes]] = {}  # id(document) → (document, memo key)
+    __slots__ = ("text", "depth", "canonical", "_value")
 
-    def serialize(self, file: OutputFile) -> bytes:
-        if file.format == "yaml":
-            return b"---\n".join(self.document(doc) for doc in file.content)
-        if file.format == "json":
-            return json_bytes(file.content)
-        raise ValueError(f"unknown output format {file.format!r}")
+    def __init__(self, text: bytes, depth: int = 0, canonical: bytes | None = None, value=_UNPARSED):
+        self.text = text
+        self.depth = depth
+        self.canonical = canonical
+        self._value = value
 
-    def document(self, doc) -> bytes:
-        known = self._keys.get(id(doc))
-        key = known[1] if known is not None and known[0] is doc else self.key(doc)
-        out = self.new.get(key) or self.known.get(key)
-        if out is None:
-            out = self.new[key] = yaml_bytes([doc])
-        return out
+    @classmethod
+    def json(cls, value, depth: int) -> "Piece":
+        text = _pretty(value)
+        return cls(text.replace(b"\n", _INDENT[depth]) if depth else text, depth, None, value)
 
-    def key(self, doc) -> bytes:
-        return hashlib.sha256(self.salt + canonical_json(doc)).digest()
+    @classmethod
+    def yaml(cls, document) -> "Piece":
+        canonical = canonical_json(document)
+        text = _YAML_MEMO.get(canonical)
+        if text is None:
+            if len(_YAML_MEMO) >= _YAML_MEMO_LIMIT:
+                _YAML_MEMO.clear()
+            text = _YAML_MEMO[canonical] = yaml_bytes([document])
+        return cls(text, 0, canonical, document)
 
-    def warm(self, documents) -> list[str]:
-        """Serialise ahead of time (in a worker process), so `serialize` only looks up.
+    @property
+    def value(self):
+        if self._value is _UNPARSED:
+            self._value = _loads(self.canonical if self.canonical is not None else self.text)
+        return self._value
 
-        Returns each document's memo key (hex), for `know`.
-        """
-        keys = []
-        for doc in documents:
-            key = self.key(doc)
-            if key not in self.new and key not in self.known:
-                self.new[key] = yaml_bytes([doc])
-            keys.append(key.hex())
-        return keys
+    def __eq__(self, other) -> bool:
+        return (type(other) is Piece and self.text == other.text and self.depth == other.depth
+                and self.canonical == other.canonical)
 
-    def know(self, documents, keys: list[str]) -> None:
-        """Remember the memo keys `warm` gave for these very document objects."""
-        for doc, key in zip(documents, keys):
-            self._keys[id(doc)] = (doc, bytes.fromhex(key))
+    def __hash__(self) -> int:
+        return hash(self.text)
 
-    def learn(self, entries: Mapping[bytes, bytes]) -> None:
-        self.new.update(entries)
+    def __reduce__(self):  # to a worker's parent: the bytes, not the parsed value
+        return Piece, (self.text, self.depth, self.canonical)
+
+    def __repr__(self) -> str:
+        return f"Piece({self.text[:60]!r}..., depth={self.depth})"
+
+
+_YAML_MEMO: dict[bytes, bytes] = {}  # per process: the same Service in every environment renders once
+_YAML_MEMO_LIMIT = 50_000
+_INDENT = [b"\n" + b"  " * d for d in range(32)]
+
+
+def plain(value):
+    """`value` with every piece replaced by the value it holds: plain JSON data."""
+    kind = type(value)
+    if kind is Piece:
+        return value.value
+    if kind is dict:
+        return {k: plain(v) for k, v in value.items()}
+    if kind is list or kind is tuple:
+        return [plain(v) for v in value]
+    return value
+
+
+def file_bytes(file: OutputFile) -> bytes:
+    """An output file's bytes: YAML documents joined by `---` lines (exactly what one
+    `yaml.dump_all` writes), or JSON as `json_bytes` writes it. Pieces are spliced in."""
+    if file.format == "yaml":
+        return b"---\n".join(d.text if type(d) is Piece else yaml_bytes([d]) for d in file.content)
+    if file.format == "json":
+        return json_bytes(file.content)
+    raise ValueError(f"unknown output format {file.format!r}")
 
 
 def yaml_bytes(documents: list) -> bytes:
@@ -159,19 +188,54 @@ def _node(value):
 def json_bytes(value) -> bytes:
     """Two-space indent, sorted keys, UTF-8, final newline: the bytes `json.dumps(value,
     indent=2, sort_keys=True, ensure_ascii=False) + "\\n"` would give, 30× faster (Python's
-    C encoder is bypassed whenever `indent` is set)."""
+    C encoder is bypassed whenever `indent` is set). Pieces inside are spliced in as they are."""
     try:
-        return orjson.dumps(value, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS) + b"\n"
+        return orjson.dumps(_spliced(value, 0), option=_INDENTED) + b"\n"
     except orjson.JSONEncodeError:  # integers beyond 64 bits: the standard library has no limit
-        return (json.dumps(value, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode("utf-8")
+        return (json.dumps(plain(value), indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode("utf-8")
 
 
 def canonical_json(value) -> bytes:
-    """Compact, sorted-key JSON: the bytes a content hash is taken over."""
+    """Compact, sorted-key JSON: the bytes a YAML document's identity is taken over."""
     try:
         return orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
     except orjson.JSONEncodeError:
         return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+_INDENTED = orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS
+
+
+def _pretty(value) -> bytes:
+    """A plain value's `json_bytes` without the final newline."""
+    try:
+        return orjson.dumps(value, option=_INDENTED)
+    except orjson.JSONEncodeError:
+        return json.dumps(value, indent=2, sort_keys=True, ensure_ascii=False).encode("utf-8")
+
+
+def _spliced(value, depth: int):
+    """`value` with each piece an `orjson.Fragment` of its text, indented for `depth` (orjson
+    writes a fragment verbatim, so the indent is ours). Only containers are rebuilt."""
+    kind = type(value)
+    if kind is Piece:
+        if value.depth == depth:
+            return orjson.Fragment(value.text)
+        if value.depth > depth:
+            raise ValueError(f"a piece made for depth {value.depth} cannot go at depth {depth}")
+        return orjson.Fragment(value.text.replace(b"\n", b"\n" + b"  " * (depth - value.depth)))
+    if kind is dict:
+        return {k: _spliced(v, depth + 1) for k, v in value.items()}
+    if kind is list or kind is tuple:
+        return [_spliced(v, depth + 1) for v in value]
+    return value
+
+
+def _loads(data: bytes):
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError:  # integers beyond 64 bits
+        return json.loads(data)
 
 
 Outputs = Mapping[str, Mapping[str, bytes]]  # environment → (path inside rendered/<env>/ → bytes)

@@ -21,9 +21,9 @@ from typing import Sequence
 
 from compiler import build, check, schema
 from compiler import model as m
-from compiler.cache import Cache, file_key, fingerprint, unit_key
+from compiler.cache import Cache, file_key, unit_key
 from compiler.diagnostics import Diagnostic, Diagnostics, Note, Span, SpanMap, sorted_unique
-from compiler.emit import Serializer
+from compiler.emit import file_bytes
 from compiler.load import Document, Source, parse
 from compiler.overlay import Layer, effective, overlay_note, policy_note
 from compiler.targets import registry
@@ -97,22 +97,21 @@ class Unit:
     """One service in one environment, compiled: each target's fragment.
 
     `service` is the model when this run built it, None when the unit came
-    from the cache (which stores only clean units, as JSON).
+    from the cache (which stores only clean units, as JSON and pieces).
     """
 
     key: str
     service: m.Service | None
     ingress_hosts: tuple[str, ...]
-    fragments: dict  # target NAME → what its `lower_service` returned (JSON-able)
+    fragments: dict  # target NAME → what its `lower_service` returned (JSON-able, with pieces)
     diagnostics: tuple[Diagnostic, ...] = ()
-    yaml_keys: dict = field(default_factory=dict)  # target NAME → memo key (hex) of each YAML document
 
     def to_json(self) -> dict:
-        return {"ingress_hosts": list(self.ingress_hosts), "fragments": self.fragments, "yaml_keys": self.yaml_keys}
+        return {"ingress_hosts": list(self.ingress_hosts), "fragments": self.fragments}
 
     @classmethod
     def from_json(cls, key: str, value: dict) -> "Unit":
-        return cls(key, None, tuple(value["ingress_hosts"]), value["fragments"], (), value["yaml_keys"])
+        return cls(key, None, tuple(value["ingress_hosts"]), value["fragments"])
 
 
 def compile_source(
@@ -163,11 +162,10 @@ def _compile(source: Source, envs: Sequence[str] | None, jobs: int | None, cache
     if diags.has_errors:
         result.diagnostics = sorted_unique(diags)
         return result
-    serializer = Serializer(cache.yaml if cache else {}, salt=fingerprint())
     contexts = [_EnvContext.of(e, policies, diags) for e in environments]
-    units = _units(contexts, policies, jobs, cache, serializer)
+    units = _units(contexts, policies, jobs, cache)
     for ctx in contexts:
-        files = _assemble(ctx, [units[(ctx.env.name, p.key)] for p in policies], serializer, diags)
+        files = _assemble(ctx, [units[(ctx.env.name, p.key)] for p in policies], diags)
         if files is not None:
             result.outputs[ctx.env.name] = files
             if models:
@@ -176,7 +174,6 @@ def _compile(source: Source, envs: Sequence[str] | None, jobs: int | None, cache
     if not result.ok:
         result.outputs = {}
     elif cache is not None:
-        cache.put_yaml(serializer.new)
         cache.save()
     return result
 
@@ -292,35 +289,35 @@ class _EnvContext:
         return _EnvLayers.of(self.file.spec, self.file.spans)
 
 
-def _units(contexts: list[_EnvContext], policies: list[Policy], jobs: int | None, cache: Cache | None, serializer) -> dict:
+def _units(contexts: list[_EnvContext], policies: list[Policy], jobs: int | None, cache: Cache | None) -> dict:
     """Every (environment, policy) unit, from the cache where it holds one."""
     units: dict[tuple[str, str], Unit] = {}
     todo: list[tuple[int, int]] = []
     for ci, ctx in enumerate(contexts):
         for pi, policy in enumerate(policies):
-            cached = cache.get_json(unit_key(policy.file_key, ctx.file.file_key)) if cache else None
+            cached = cache.get_pieces(unit_key(policy.file_key, ctx.file.file_key)) if cache else None
             if cached is not None:
                 units[(ctx.env.name, policy.key)] = Unit.from_json(policy.key, cached)
             else:
                 todo.append((ci, pi))
-    for (ci, pi), unit in zip(todo, _compute(contexts, policies, todo, jobs, serializer, keep_spans=cache is None)):
+    for (ci, pi), unit in zip(todo, _compute(contexts, policies, todo, jobs, keep_spans=cache is None)):
         units[(contexts[ci].env.name, policies[pi].key)] = unit
         if cache is not None and unit.service is not None and not unit.diagnostics:
-            cache.put_json(unit_key(policies[pi].file_key, contexts[ci].file.file_key), unit.to_json())
+            cache.put_pieces(unit_key(policies[pi].file_key, contexts[ci].file.file_key), unit.to_json())
     return units
 
 
-def _compute(contexts, policies, todo, jobs, serializer, keep_spans: bool) -> list[Unit]:
+def _compute(contexts, policies, todo, jobs, keep_spans: bool) -> list[Unit]:
     jobs = jobs if jobs is not None else (os.cpu_count() or 1)
     for _, pi in todo:
         policies[pi].document()  # parse in the parent: workers inherit it
     if jobs <= 1 or len(todo) < PARALLEL_THRESHOLD:
-        return [_unit(contexts[ci], policies[pi], serializer, keep_spans) for ci, pi in todo]
+        return [_unit(contexts[ci], policies[pi], keep_spans) for ci, pi in todo]
     from concurrent.futures import ProcessPoolExecutor
     from multiprocessing import get_context
 
     global _WORK
-    _WORK = (contexts, policies, serializer, keep_spans)  # inherited by the forked workers, not pickled
+    _WORK = (contexts, policies, keep_spans)  # inherited by the forked workers, not pickled
     chunks = [todo[i::jobs] for i in range(jobs)]
     try:
         with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("fork")) as pool:
@@ -328,8 +325,7 @@ def _compute(contexts, policies, todo, jobs, serializer, keep_spans: bool) -> li
     finally:
         _WORK = None
     by_item = {}
-    for chunk, (units, new_yaml) in zip(chunks, results):
-        serializer.learn(new_yaml)
+    for chunk, units in zip(chunks, results):
         by_item.update(zip(chunk, units))
     return [by_item[item] for item in todo]
 
@@ -338,27 +334,22 @@ _WORK = None
 
 
 def _compute_chunk(chunk):
-    contexts, policies, serializer, keep_spans = _WORK
-    units = [_unit(contexts[ci], policies[pi], serializer, keep_spans) for ci, pi in chunk]
-    return units, serializer.new
+    contexts, policies, keep_spans = _WORK
+    return [_unit(contexts[ci], policies[pi], keep_spans) for ci, pi in chunk]
 
 
-def _unit(ctx: _EnvContext, policy: Policy, serializer, keep_spans: bool) -> Unit:
+def _unit(ctx: _EnvContext, policy: Policy, keep_spans: bool) -> Unit:
     diags = Diagnostics()
     svc = _service(ctx.env, policy, ctx.layers, diags)
     if svc is None:
         return Unit(policy.key, None, (), {}, tuple(diags))
-    fragments, yaml_keys = {}, {}
-    for target in registry():
-        fragments[target.NAME] = fragment = target.lower_service(svc, ctx.env)
-        if getattr(target, "FRAGMENT_IS_YAML", False):
-            yaml_keys[target.NAME] = serializer.warm(fragment)
+    fragments = {target.NAME: target.lower_service(svc, ctx.env) for target in registry()}
     if not keep_spans:
         svc = replace(svc, spans=SpanMap())
-    return Unit(policy.key, svc, svc.ingress.hosts if svc.ingress else (), fragments, tuple(diags), yaml_keys)
+    return Unit(policy.key, svc, svc.ingress.hosts if svc.ingress else (), fragments, tuple(diags))
 
 
-def _assemble(ctx: _EnvContext, units: list[Unit], serializer, diags: Diagnostics):
+def _assemble(ctx: _EnvContext, units: list[Unit], diags: Diagnostics):
     """The environment's files from its units (in mesh order). → files | None on error."""
     for unit in units:
         diags.extend(unit.diagnostics)
@@ -374,14 +365,11 @@ def _assemble(ctx: _EnvContext, units: list[Unit], serializer, diags: Diagnostic
         return None
     files: dict[str, bytes] = {}
     errors = diags.error_count
-    for u in units:  # documents whose memo key is known need no canonical JSON to be found
-        for name, keys in u.yaml_keys.items():
-            serializer.know(u.fragments[name], keys)
     for target in registry():
         lowered = target.assemble(ctx.env, [u.fragments[target.NAME] for u in units])
         diags.extend(lowered.diagnostics)
         for f in lowered.files:
-            files[f.path] = serializer.serialize(f)
+            files[f.path] = file_bytes(f)
     if diags.error_count > errors:
         return None
     return dict(sorted(files.items()))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 
+import compiler.cache as cache_module
 import compiler.pipeline as pipeline
 from compiler.cache import Cache, cache_root
 from compiler.load import source_from_dir
@@ -84,16 +85,33 @@ def test_a_damaged_cache_is_recomputed_not_trusted(example_repo, tmp_path):
     assert _rendered(_compile(example_repo, cache_dir)) == expected
 
 
-def test_yaml_memo_is_keyed_by_the_compiler_fingerprint(example_repo, tmp_path, monkeypatch):
-    """Bytes an older emitter wrote are never reused by a changed compiler."""
+def test_a_changed_compiler_never_reuses_stored_bytes(example_repo, tmp_path, monkeypatch):
+    """Units are keyed by the compiler's fingerprint; the blobs they refer to by their own bytes.
+    So a changed compiler computes every unit again and never reaches an older emitter's bytes."""
     cache_dir = tmp_path / "cache"
     _compile(example_repo, cache_dir)
     with sqlite3.connect(cache_dir / "cache.sqlite") as db:
-        db.execute("UPDATE yaml SET value = CAST('stale: bytes' || char(10) AS BLOB)")
-        db.execute("DELETE FROM units")
+        assert db.execute("SELECT COUNT(*) FROM blobs").fetchone()[0] > 15
+        db.execute("UPDATE blobs SET value = CAST('{}' || char(10) || 'stale: bytes' || char(10) AS BLOB)")
     db.close()
-    monkeypatch.setattr(pipeline, "fingerprint", lambda: b"another compiler")
+    computed = _counting_units(monkeypatch)
+    monkeypatch.setattr(cache_module, "fingerprint", lambda: b"another compiler")
     assert _rendered(_compile(example_repo, cache_dir)) == _rendered(_compile(example_repo))
+    assert len(computed) == 2 * 15, "every unit computed again (with the cache, then without)"
+
+
+def test_a_unit_whose_blob_is_gone_is_computed_again(example_repo, tmp_path, monkeypatch):
+    cache_dir = tmp_path / "cache"
+    expected = _rendered(_compile(example_repo, cache_dir))
+    with sqlite3.connect(cache_dir / "cache.sqlite") as db:
+        db.execute("DELETE FROM blobs WHERE rowid = (SELECT MIN(rowid) FROM blobs)")
+    db.close()
+    computed = _counting_units(monkeypatch)
+    assert _rendered(_compile(example_repo, cache_dir)) == expected
+    assert 0 < len(computed) < 15
+    computed.clear()
+    assert _rendered(_compile(example_repo, cache_dir)) == expected
+    assert computed == [], "the recomputed units were stored again"
 
 
 def test_cli_keeps_its_cache_outside_the_repo(example_repo):

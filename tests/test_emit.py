@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import random
 
+import pytest
 import yaml
 
-from compiler.emit import Serializer, json_bytes, yaml_bytes
+from compiler.emit import Piece, canonical_json, file_bytes, json_bytes, plain, yaml_bytes
 from compiler.load import source_from_dir
 from compiler.pipeline import compile_source
 from compiler.targets import OutputFile
@@ -50,11 +52,61 @@ def test_yaml_bytes_match_pyyaml_on_every_compiled_document():
         assert yaml_bytes(docs) == _reference(docs) == data, name
 
 
-def test_memoised_multi_document_file_equals_one_dump_all():
+def test_a_file_of_pieces_equals_one_dump_all():
     docs = TRICKY + [TRICKY[1]]
-    serializer = Serializer()
-    assert serializer.serialize(OutputFile("x.yaml", docs, "yaml")) == _reference(docs)
-    assert len(serializer.new) == 2  # the repeated document was emitted once
+    pieces = [Piece.yaml(d) for d in docs]
+    assert file_bytes(OutputFile("x.yaml", pieces, "yaml")) == _reference(docs)
+    assert file_bytes(OutputFile("x.yaml", docs, "yaml")) == _reference(docs)  # plain documents too
+    assert pieces[1] == pieces[2] and pieces[0] != pieces[1]
+
+
+def _random_value(rng: random.Random, depth: int = 0):
+    """Plain JSON data of every shape: nested, empty, non-ASCII, DEL, escapes."""
+    roll = rng.random()
+    if depth < 4 and roll < 0.3:
+        return {rng.choice(["a", "b", "@type", "é", "k\x7f", "z\"q", "名"]) + str(i): _random_value(rng, depth + 1)
+                for i in range(rng.randint(0, 4))}
+    if depth < 4 and roll < 0.5:
+        return [_random_value(rng, depth + 1) for _ in range(rng.randint(0, 4))]
+    return rng.choice([None, True, False, 0, -7, 2**40, 10**20, 1.5, "", "plain", "é ✓", "tab\tnew\nline", "\x7f", "</script>"])
+
+
+def _with_pieces(rng: random.Random, value, depth: int = 0):
+    """`value` with some of its inner values (and maybe itself) made pieces, some for a shallower depth."""
+    if rng.random() < 0.3:
+        return Piece.json(value, rng.randint(0, depth))
+    if isinstance(value, dict):
+        return {k: _with_pieces(rng, v, depth + 1) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_with_pieces(rng, v, depth + 1) for v in value]
+    return value
+
+
+@pytest.mark.parametrize("seed", range(300))
+def test_pieces_splice_to_the_bytes_of_the_plain_value(seed):
+    rng = random.Random(seed)
+    value = {"resources": [_random_value(rng) for _ in range(rng.randint(0, 5))], "type_url": "t", "nested": _random_value(rng)}
+    spliced = _with_pieces(rng, value)
+    assert plain(spliced) == value
+    assert json_bytes(spliced) == json_bytes(value) == (json.dumps(value, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode()
+
+
+def test_a_piece_never_goes_shallower_than_it_was_made_for():
+    with pytest.raises(ValueError, match="depth 2"):
+        json_bytes([Piece.json({"a": [1]}, 2)])
+
+
+def test_canonical_json_is_compact_and_sorted():
+    assert canonical_json({"b": [1, {"d": None, "c": "é"}], "a": True}) == '{"a":true,"b":[1,{"c":"é","d":null}]}'.encode()
+
+
+def test_a_piece_parses_back_only_when_asked_and_survives_pickling():
+    import pickle
+
+    piece = Piece.json({"name": "c", "é": [1, {}]}, 1)
+    copy = pickle.loads(pickle.dumps(piece))
+    assert copy == piece and copy._value is not piece._value
+    assert copy.value == {"name": "c", "é": [1, {}]}
 
 
 def test_json_bytes_match_json_dumps():

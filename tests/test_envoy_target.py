@@ -13,13 +13,15 @@ import pytest
 from google.protobuf import any_pb2, json_format, symbol_database
 
 from compiler.diagnostics import Severity, Span, SpanMap
-from compiler.emit import json_bytes
+from compiler import cache
+from compiler.emit import json_bytes, plain
 from compiler.load import source_from_dir
 from compiler.model import (ConnectionPool, ConsistentHash, HashOn, Ingress, LoadBalancer, MatchKind, Mesh,
                             OutlierDetection, Protocol, Retries, SimpleLb, Tls, TlsMode, Traffic)
 from compiler.pipeline import compile_source
 from compiler.targets import envoy
 from compiler.targets.envoy.common import duration
+from compiler.xds.consistency import content_version
 from conftest import REPO
 from envoy_meshes import canary, http, kitchen_sink, mesh, service, split, stable
 
@@ -51,7 +53,7 @@ def lower(*services, address="0.0.0.0"):
 
 
 def files(lowered) -> dict[str, dict]:
-    return {f.path.removeprefix("envoy/").removesuffix(".json"): f.content for f in lowered.files}
+    return {f.path.removeprefix("envoy/").removesuffix(".json"): plain(f.content) for f in lowered.files}
 
 
 def by_name(lowered, kind: str) -> dict[str, dict]:
@@ -122,7 +124,7 @@ def test_four_discovery_responses_with_content_hash_versions():
         assert set(content) == {"version_info", "type_url", "resources"}
         assert content["type_url"] == f"type.googleapis.com/{urls[kind]}"
         assert {r["@type"] for r in resources} == {content["type_url"]}
-        canonical = json.dumps(resources, sort_keys=True, separators=(",", ":")).encode()
+        canonical = json.dumps(resources, indent=2, sort_keys=True, ensure_ascii=False).encode()
         assert content["version_info"] == hashlib.sha256(canonical).hexdigest()
         names = [r["cluster_name" if kind == "endpoints" else "name"] for r in resources]
         assert names == sorted(names) and len(set(names)) == len(names)
@@ -130,7 +132,7 @@ def test_four_discovery_responses_with_content_hash_versions():
 
 def test_output_is_byte_identical_across_runs():
     def render():
-        return [json.dumps(f.content, indent=2, sort_keys=True, ensure_ascii=False)
+        return [json_bytes(f.content)
                 for f in envoy.lower(kitchen_sink()).files]
     assert render() == render()
 
@@ -571,6 +573,12 @@ def _rendered(lowered) -> tuple:
     return [(f.path, f.format, json_bytes(f.content)) for f in lowered.files], lowered.diagnostics
 
 
+def _through_cache(fragment):
+    """A fragment as a re-compile gets it back: packed (pieces to blobs), JSON bytes, unpacked."""
+    blobs: dict[bytes, bytes] = {}
+    return cache.unpack(orjson.loads(orjson.dumps(cache.pack(fragment, blobs))), blobs)
+
+
 def _assert_plain_json(value, where="fragment"):
     """Only dict (str keys), list, str, int, float, bool and None, exactly: no tuples, enums, dataclasses."""
     kind = type(value)
@@ -589,7 +597,7 @@ def _assert_plain_json(value, where="fragment"):
 def test_assemble_from_json_fragments_equals_lower_for_the_test_meshes(name):
     lowered_mesh = _test_meshes()[name]
     fragments = [envoy.lower_service(s, lowered_mesh.environment) for s in lowered_mesh.services]
-    cached = [orjson.loads(orjson.dumps(f)) for f in fragments]
+    cached = [_through_cache(f) for f in fragments]
     assert cached == fragments
     assert _rendered(envoy.assemble(lowered_mesh.environment, cached)) == _rendered(envoy.lower(lowered_mesh))
 
@@ -598,7 +606,7 @@ def test_assemble_from_json_fragments_equals_lower_for_every_example_environment
     meshes = _example_meshes()
     assert sorted(meshes) == ["example-dev", "example-prod", "example-staging"]
     for name, example in meshes.items():
-        cached = [orjson.loads(orjson.dumps(envoy.lower_service(s, example.environment))) for s in example.services]
+        cached = [_through_cache(envoy.lower_service(s, example.environment)) for s in example.services]
         assert _rendered(envoy.assemble(example.environment, cached)) == _rendered(envoy.lower(example)), name
 
 
@@ -614,14 +622,14 @@ def test_fragments_are_plain_json(name):
     meshes = _example_meshes() if name == "example" else {name: _test_meshes()[name]}
     for each in meshes.values():
         for svc in each.services:
-            fragment = envoy.lower_service(svc, each.environment)
-            orjson.dumps(fragment)  # no `default`: anything orjson cannot write natively fails here
-            _assert_plain_json(fragment)
+            packed = cache.pack(envoy.lower_service(svc, each.environment), {})
+            orjson.dumps(packed)  # no `default`: anything orjson cannot write natively fails here
+            _assert_plain_json(packed)
 
 
 def test_cross_service_diagnostics_keep_their_spans_through_json():
     conflicts = _conflicts()
-    cached = [orjson.loads(orjson.dumps(envoy.lower_service(s, conflicts.environment))) for s in conflicts.services]
+    cached = [_through_cache(envoy.lower_service(s, conflicts.environment)) for s in conflicts.services]
     diagnostics = envoy.assemble(conflicts.environment, cached).diagnostics
     assert sorted({d.code for d in diagnostics}) == [
         "envoy.ambiguous-short-name", "envoy.ingress-host-conflict", "envoy.ingress-port-conflict",
@@ -635,25 +643,24 @@ def test_cross_service_diagnostics_keep_their_spans_through_json():
 
 def test_diagnostics_without_spans_survive_json_as_none():
     lone = mesh(service(tls=Tls(TlsMode.MUTUAL)))
-    cached = [orjson.loads(orjson.dumps(envoy.lower_service(s, lone.environment))) for s in lone.services]
+    cached = [_through_cache(envoy.lower_service(s, lone.environment)) for s in lone.services]
     [diagnostic] = envoy.assemble(lone.environment, cached).diagnostics
     assert (diagnostic.code, diagnostic.span) == ("envoy.tls-mutual-without-credential", None)
 
 
-def test_version_hashes_are_json_dumps_canonical_even_beyond_ascii():
-    # orjson leaves DEL and non-ASCII unescaped where json.dumps escapes them
+def test_version_hashes_are_json_dumps_indented_even_beyond_ascii():
     odd = service(versions=("v1", "v2"),
-                  traffic=canary("v1", "v2", 10, {"x-canary": (MatchKind.EXACT, "é\x7f☃")}))
+                  traffic=canary("v1", "v2", 10, {"x-canary": (MatchKind.EXACT, "é\x7f☃\\\"")}))
     for content in files(lower(odd)).values():
-        canonical = json.dumps(content["resources"], sort_keys=True, separators=(",", ":")).encode()
-        assert content["version_info"] == hashlib.sha256(canonical).hexdigest()
+        indented = json.dumps(content["resources"], indent=2, sort_keys=True, ensure_ascii=False).encode()
+        assert content["version_info"] == hashlib.sha256(indented).hexdigest() == content_version(content["resources"])
 
 
 def test_assemble_leaves_its_fragments_alone():
     # The pipeline may hold fragments in memory across compiles; assemble shares values with them.
     conflicts = _conflicts()
     fragments = [envoy.lower_service(s, conflicts.environment) for s in conflicts.services]
-    before = orjson.dumps(fragments)
+    before = orjson.dumps(plain(fragments))
     envoy.assemble(conflicts.environment, fragments)
     envoy.assemble(conflicts.environment, fragments)
-    assert orjson.dumps(fragments) == before
+    assert orjson.dumps(plain(fragments)) == before

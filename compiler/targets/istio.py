@@ -12,11 +12,11 @@ from __future__ import annotations
 
 from compiler import model as m
 from compiler.diagnostics import Diagnostics
+from compiler.emit import Piece
 from compiler.targets import Lowered, OutputFile
 from compiler.values import format_duration
 
 NAME = "istio"
-FRAGMENT_IS_YAML = True  # a service's fragment is its YAML documents, emitted as they are unless patched
 NETWORKING = "networking.istio.io/v1"
 MANAGED_BY = {"app.kubernetes.io/managed-by": "meshc"}
 
@@ -25,21 +25,23 @@ def lower(mesh: m.Mesh) -> Lowered:
     return assemble(mesh.environment, [lower_service(svc, mesh.environment) for svc in mesh.services])
 
 
-def lower_service(svc: m.Service, env: m.Environment) -> list[dict]:
-    """One service's objects: a pure function of the service and its environment (cacheable)."""
-    return service_objects(svc, env)
+def lower_service(svc: m.Service, env: m.Environment) -> list[list]:
+    """One service's documents, in file order, each as `[identity, Piece]` (identity:
+    `[apiVersion, kind, name, namespace]`): a pure function of the service and its
+    environment, serialised once."""
+    return [[list(_identity(doc)), Piece.yaml(doc)] for doc in service_objects(svc, env)]
 
 
-def assemble(env: m.Environment, fragments: list[list[dict]]) -> Lowered:
-    """The environment's files from each service's objects (in mesh order): patches, then kustomization.
+def assemble(env: m.Environment, fragments: list[list[list]]) -> Lowered:
+    """The environment's files from each service's documents (in mesh order): patches, then kustomization.
 
     Generated names never collide: `check.generated_names` refuses the one way they could.
     """
     diags = Diagnostics()
-    objects = {f"{docs[0]['metadata']['namespace']}/{docs[0]['metadata']['name']}": docs for docs in fragments}
+    objects = {f"{docs[0][0][3]}/{docs[0][0][2]}": docs for docs in fragments}
     for patch in env.patches:
         _apply_patch(patch, objects, diags)
-    files = [OutputFile(f"istio/{key}.yaml", docs, "yaml") for key, docs in objects.items()]
+    files = [OutputFile(f"istio/{key}.yaml", [piece for _, piece in docs], "yaml") for key, docs in objects.items()]
     files.append(OutputFile("kustomization.yaml", [kustomization(f.path for f in files)], "yaml"))
     return Lowered(tuple(files), tuple(diags))
 
@@ -280,8 +282,8 @@ def _apply_patch(patch: m.Patch, objects: dict[str, list[dict]], diags: Diagnost
     hits = [
         (key, i)
         for key, docs in objects.items()
-        for i, doc in enumerate(docs)
-        if doc["kind"] == t.kind and doc["metadata"]["name"] == t.name and (t.namespace is None or doc["metadata"]["namespace"] == t.namespace)
+        for i, ((_, kind, name, namespace), _) in enumerate(docs)
+        if kind == t.kind and name == t.name and (t.namespace is None or namespace == t.namespace)
     ]
     where = f"{t.kind} {t.namespace + '/' if t.namespace else ''}{t.name}"
     if not hits:
@@ -292,8 +294,8 @@ def _apply_patch(patch: m.Patch, objects: dict[str, list[dict]], diags: Diagnost
         return
     key, i = hits[0]
     objects[key] = list(objects[key])  # fragments may be shared (cached); patch a copy
-    doc = objects[key][i]
-    identity = _identity(doc)
+    identity, piece = objects[key][i]
+    doc = piece.value  # jsonpatch applies to a copy: the piece's value stays as it was
     for n, op in enumerate(patch.ops):
         try:
             doc = jsonpatch.JsonPatch([op]).apply(doc)
@@ -301,11 +303,11 @@ def _apply_patch(patch: m.Patch, objects: dict[str, list[dict]], diags: Diagnost
             problem = f"failed: {exc}"
         else:
             # The identity names the object's file and its entry in kustomization.yaml (and a later patch's target).
-            problem = None if _identity(doc) == identity else "would change its apiVersion, kind, metadata.name or metadata.namespace"
+            problem = None if list(_identity(doc) or ()) == identity else "would change its apiVersion, kind, metadata.name or metadata.namespace"
         if problem:
             diags.error("patch.op-failed", f"patch {patch.index + 1}, op {n + 1} ({op['op']} {op['path']}) on {where} {problem}", patch.spans.at(("ops", n)))
             return
-    objects[key][i] = doc
+    objects[key][i] = [identity, Piece.yaml(doc)]
 
 
 def _identity(doc) -> tuple | None:

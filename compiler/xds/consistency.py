@@ -8,10 +8,9 @@ before it publishes. Re-exported by `compiler.xds.snapshot`.
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Iterator, Mapping, Sequence
 
-import orjson
+from compiler.emit import json_bytes
 
 __all__ = ["consistency_errors"]
 
@@ -115,19 +114,10 @@ def _route_clusters(action: dict) -> Iterator[str]:
             yield mirror["cluster"]
 
 
-def content_version(resources: Sequence[dict]) -> str:
-    """The `version_info` of one type's resources: SHA-256 of their canonical JSON.
-
-    Canonical JSON is `json.dumps(resources, sort_keys=True, separators=(",", ":"))`.
-    orjson writes the same bytes (keys sorted by code point, the same escapes)
-    except that it leaves DEL and non-ASCII characters unescaped, so its output is
-    used when it holds neither, and json's otherwise. The compiler writes versions
-    by this rule and the server checks them by it, so a hand edit is caught.
+def content_version(resources: Sequence) -> str:
+    """The `version_info` of one type's resources: SHA-256 of their JSON as
+    `json.dumps(resources, indent=2, sort_keys=True, ensure_ascii=False)` writes it
+    (`compiler.emit.json_bytes` writes the same bytes, faster). The compiler writes
+    versions by this rule and the server checks them by it, so a hand edit is caught.
     """
-    try:
-        canonical = orjson.dumps(list(resources), option=orjson.OPT_SORT_KEYS)
-    except orjson.JSONEncodeError:  # integers beyond 64 bits
-        canonical = b"\x7f"
-    if not canonical.isascii() or b"\x7f" in canonical:
-        canonical = json.dumps(list(resources), sort_keys=True, separators=(",", ":")).encode()
-    return hashlib.sha256(canonical).hexdigest()
+    return hashlib.sha256(json_bytes(list(resources))[:-1]).hexdigest()

@@ -2,13 +2,20 @@
 
 Lowering runs in two steps, so the pipeline can compute services in parallel
 and reuse them from its cache. `lower_service` turns one service into a
-fragment of plain JSON data: its clusters, ClusterLoadAssignments, virtual
-hosts, TCP proxies and the diagnostics it raises on its own. `assemble`
-builds an environment's files from every service's fragment, without the
-model: route configurations and listeners per port, the checks between
-services (shared ports, shared short names, ingress clashes), the consistency
-check (`compiler.xds.consistency.consistency_errors`, the one the xDS server
-runs), and the files `envoy/{clusters,endpoints,listeners,routes}.json`.
+fragment: its clusters, ClusterLoadAssignments and virtual hosts, each
+serialised once as an `emit.Piece`, its TCP proxies and the diagnostics it
+raises on its own. `assemble` builds an environment's files from every
+service's fragment, without the model and without parsing a piece: route
+configurations and listeners per port, the checks between services (shared
+ports, shared short names, ingress clashes) and the files
+`envoy/{clusters,endpoints,listeners,routes}.json`.
+
+The consistency check (`compiler.xds.consistency.consistency_errors`, the one
+the xDS server runs) runs in two halves that together cover the whole
+snapshot: `lower_service` checks that every reference inside a service's
+resources resolves among that service's own resources (all of which reach the
+snapshot), and `assemble` checks what it adds (listeners → route
+configurations and TCP proxy clusters) and that no two resources share a name.
 
 Each file is `{"version_info", "type_url", "resources"}` with resources
 sorted by name and `version_info` the SHA-256 of the canonical JSON of its
@@ -17,34 +24,39 @@ resources, so equal content means equal versions on every machine.
 A fragment (every list in the service's order unless said otherwise):
 
     {"service": "namespace/name",
-     "clusters": [Cluster], "endpoints": [ClusterLoadAssignment],
-     "http": [{"port": int, "virtual_host": VirtualHost}],   # domains sorted, short names included
+     "clusters": [[name, Piece(Cluster)]], "endpoints": [[cluster_name, Piece(ClusterLoadAssignment)]],
+     "http": [{"port": int, "name": str, "domains": [str], "virtual_host": Piece(VirtualHost)}],
+                                        # domains sorted, short names included
      "tcp": [{"port": int, "tcp_proxy": TcpProxy}],
-     "ingress": null | {"port": int, "virtual_hosts": [[host, VirtualHost]]}
+     "ingress": null | {"port": int, "virtual_hosts": [[host, Piece(VirtualHost)]]}
                      | {"port": int, "virtual_hosts": null, "problem": problem},  # no HTTP port
      "problems": [problem],             # {"code", "message", "severity", "span"}
      "spans": {"service", "ports", "ingress_port", "ingress_hosts": [path, line, col] | null}}
 
-Fragments share nested values with one another and with the files built
-from them: nothing downstream may mutate either.
+Fragments share values with one another and with the files built from them:
+nothing downstream may mutate either.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections import Counter
 from operator import itemgetter
 
+from compiler.emit import Piece, json_bytes
 from compiler.model import Environment, Mesh, Service
 from compiler.targets import Lowered, OutputFile
 from compiler.targets.envoy import clusters, endpoints, listeners, routes
 from compiler.targets.envoy.common import CLUSTER, ENDPOINTS, LISTENER, ROUTES, diagnostic, span_of
-from compiler.xds.consistency import consistency_errors, content_version
+from compiler.xds.consistency import consistency_errors
 
 __all__ = ["NAME", "InconsistentSnapshot", "assemble", "lower", "lower_service"]
 
 NAME = "envoy"
+# Where pieces land in a file's `resources` array: resources are its items; a virtual
+# host is an item of a route configuration's `virtual_hosts`.
+RESOURCE_DEPTH, VIRTUAL_HOST_DEPTH = 1, 3
 _TYPE_URLS = {"clusters": CLUSTER, "endpoints": ENDPOINTS, "listeners": LISTENER, "routes": ROUTES}
-_NAME_KEYS = {"clusters": "name", "endpoints": "cluster_name", "listeners": "name", "routes": "name"}
 
 
 class InconsistentSnapshot(AssertionError):
@@ -65,20 +77,27 @@ def lower(mesh: Mesh) -> Lowered:
 
 
 def lower_service(service: Service, env: Environment) -> dict:
-    """One service's fragment (see the module docstring): a pure function of the service, JSON-able.
+    """One service's fragment (see the module docstring): a pure function of the service.
 
-    `env` is part of the targets' contract; nothing here depends on it (the
-    listener address is applied by `assemble`).
+    Raises InconsistentSnapshot when the service's resources do not reference
+    each other consistently. Nothing else here depends on `env` (the listener
+    address is applied by `assemble`).
     """
     upstreams = endpoints.upstreams(service)
     cluster_list, problems = clusters.lower(service, upstreams)
+    assignments = endpoints.lower(upstreams)
     http, ingress = routes.lower(service)
+    tcp = listeners.lower(service)
+    _check_service(env, service, cluster_list, assignments, http, ingress, tcp)
+    if ingress is not None and ingress["virtual_hosts"] is not None:
+        ingress = {**ingress, "virtual_hosts": [[host, Piece.json(vh, VIRTUAL_HOST_DEPTH)] for host, vh in ingress["virtual_hosts"]]}
     return {
         "service": service.key,
-        "clusters": cluster_list,
-        "endpoints": endpoints.lower(upstreams),
-        "http": http,
-        "tcp": listeners.lower(service),
+        "clusters": [[c["name"], Piece.json(c, RESOURCE_DEPTH)] for c in cluster_list],
+        "endpoints": [[e["cluster_name"], Piece.json(e, RESOURCE_DEPTH)] for e in assignments],
+        "http": [{"port": e["port"], "name": e["virtual_host"]["name"], "domains": e["virtual_host"]["domains"],
+                  "virtual_host": Piece.json(e["virtual_host"], VIRTUAL_HOST_DEPTH)} for e in http],
+        "tcp": tcp,
         "ingress": ingress,
         "problems": problems,
         "spans": {"service": span_of(service), "ports": span_of(service, "ports"),
@@ -87,45 +106,67 @@ def lower_service(service: Service, env: Environment) -> dict:
     }
 
 
+def _check_service(env: Environment, service: Service, cluster_list, assignments, http, ingress, tcp) -> None:
+    """Every reference inside one service's resources resolves among them."""
+    hosts = [e["virtual_host"] for e in http]
+    if ingress is not None:
+        hosts += [vh for _, vh in ingress["virtual_hosts"] or ()]
+    problems = consistency_errors({
+        "clusters": cluster_list,
+        "endpoints": assignments,
+        "routes": [{"name": service.key, "virtual_hosts": hosts}],
+        "listeners": [{"name": f"{service.key} TCP {e['port']}",
+                       "filter_chains": [{"filters": [{"typed_config": e["tcp_proxy"]}]}]} for e in tcp],
+    })
+    if problems:
+        raise InconsistentSnapshot(env.name, problems)
+
+
 def assemble(env: Environment, fragments: list[dict]) -> Lowered:
     """The environment's four files from every service's fragment, in mesh order.
 
-    Raises InconsistentSnapshot as `lower` does.
+    Raises InconsistentSnapshot when a listener names a route configuration or
+    cluster that does not exist, or two resources of one type share a name.
     """
     route_list, route_problems = routes.assemble(fragments)
     listener_list, listener_problems = listeners.assemble(env.envoy.listener_address, fragments)
-    resources = {
-        "clusters": _sorted([c for f in fragments for c in f["clusters"]], "clusters"),
-        "endpoints": _sorted([e for f in fragments for e in f["endpoints"]], "endpoints"),
-        "listeners": _sorted(listener_list, "listeners"),
-        "routes": _sorted(route_list, "routes"),
-    }
-    problems = consistency_errors(resources) + _duplicates(resources)
+    route_list.sort(key=itemgetter("name"))
+    listener_list.sort(key=itemgetter("name"))
+    cluster_items = sorted((c for f in fragments for c in f["clusters"]), key=itemgetter(0))
+    endpoint_items = sorted((e for f in fragments for e in f["endpoints"]), key=itemgetter(0))
+    names = {"clusters": [n for n, _ in cluster_items], "endpoints": [n for n, _ in endpoint_items],
+             "listeners": [r["name"] for r in listener_list], "routes": [r["name"] for r in route_list]}
+    # Each service's own references were checked by lower_service; these are the ones assembly adds.
+    problems = consistency_errors({"listeners": listener_list,
+                                   "routes": [{"name": n} for n in names["routes"]],
+                                   "clusters": [{"name": n} for n in names["clusters"]]}) + _duplicates(names)
     if problems:
         raise InconsistentSnapshot(env.name, problems)
+    resources = {
+        "clusters": [piece for _, piece in cluster_items],
+        "endpoints": [piece for _, piece in endpoint_items],
+        "listeners": listener_list,
+        "routes": route_list,
+    }
     files = tuple(OutputFile(f"envoy/{kind}.json", discovery_response(_TYPE_URLS[kind], items), "json")
                   for kind, items in sorted(resources.items()))
     service_problems = [diagnostic(p) for f in fragments for p in f["problems"]]
     return Lowered(files, tuple(service_problems + route_problems + listener_problems))
 
 
-def discovery_response(type_url: str, resources: list[dict]) -> dict:
-    """DiscoveryResponse JSON; `version_info` is the content hash the xDS server checks."""
-    return {"version_info": content_version(resources), "type_url": type_url, "resources": resources}
+def discovery_response(type_url: str, resources: list) -> dict:
+    """DiscoveryResponse JSON; `version_info` is the content hash the xDS server checks
+    (`content_version`: SHA-256 of the resources' indented JSON, computed here once and
+    spliced into the file as it is)."""
+    array = json_bytes(resources)[:-1]
+    return {"version_info": hashlib.sha256(array).hexdigest(), "type_url": type_url, "resources": Piece(array)}
 
 
-def _sorted(resources: list[dict], kind: str) -> list[dict]:
-    resources.sort(key=itemgetter(_NAME_KEYS[kind]))
-    return resources
-
-
-def _duplicates(resources: dict[str, list[dict]]) -> list[str]:
+def _duplicates(names: dict[str, list[str]]) -> list[str]:
     """Two resources of one type with one name: Envoy would keep only one of them."""
     problems = []
-    for kind, items in sorted(resources.items()):
-        key = _NAME_KEYS[kind]
-        if len({r[key] for r in items}) == len(items):
+    for kind, items in sorted(names.items()):
+        if len(set(items)) == len(items):
             continue
-        counts = Counter(r[key] for r in items)
-        problems += [f"{kind}: two resources named {n!r}" for n, c in sorted(counts.items()) if c > 1]
+        problems += [f"{kind}: two resources named {n!r}" for n, c in sorted(Counter(items).items()) if c > 1]
     return problems

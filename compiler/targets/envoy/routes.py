@@ -14,6 +14,7 @@ from collections import Counter, defaultdict
 from operator import itemgetter
 
 from compiler.diagnostics import Diagnostic, Severity
+from compiler.emit import Piece
 from compiler.model import ConsistentHash, HashOn, HeaderMatch, MatchKind, Retries, Service
 from compiler.targets.envoy.common import (PREVIOUS_HOSTS, ROUTES, cluster_name, default_destinations, diagnostic,
                                            duration, gateway_route_name, problem, span, span_of)
@@ -33,7 +34,7 @@ def lower(service: Service) -> tuple[list[dict], dict | None]:
     the ingress's host order (duplicates kept for `assemble` to report), or
     `{"port", "virtual_hosts": None, "problem"}` when there is no HTTP port to
     route to). Sidecar domains include the short names; `assemble` drops those
-    another service shares.
+    another service shares. Plain data: the target's `lower_service` makes pieces of the virtual hosts.
     """
     action = _action_policy(service)
     http = [{"port": port.number,
@@ -67,7 +68,7 @@ def _sidecar_configs(fragments: list[dict]) -> tuple[list[dict], list[Diagnostic
     by_port: dict[int, list[tuple[dict, dict]]] = defaultdict(list)
     for fragment in fragments:
         for entry in fragment["http"]:
-            by_port[entry["port"]].append((fragment, entry["virtual_host"]))
+            by_port[entry["port"]].append((fragment, entry))
     configs, problems = [], []
     for port in sorted(by_port):
         hosts, found = _sidecar_hosts(by_port[port], port)
@@ -76,14 +77,14 @@ def _sidecar_configs(fragments: list[dict]) -> tuple[list[dict], list[Diagnostic
     return configs, problems
 
 
-def _sidecar_hosts(entries: list[tuple[dict, dict]], port: int) -> tuple[list[dict], list[Diagnostic]]:
-    """Virtual hosts `FQDN:PORT`; a short name two namespaces share is left out of both."""
-    counts = Counter(d for _, host in entries for d in host["domains"])
+def _sidecar_hosts(entries: list[tuple[dict, dict]], port: int) -> tuple[list[tuple[str, Piece]], list[Diagnostic]]:
+    """Virtual hosts `FQDN:PORT`, by name; a short name two namespaces share is left out of both."""
+    counts = Counter(d for _, entry in entries for d in entry["domains"])
     if all(c == 1 for c in counts.values()):
-        return [host for _, host in entries], []
+        return [(entry["name"], entry["virtual_host"]) for _, entry in entries], []
     hosts, problems = [], []
-    for fragment, host in entries:
-        domains = host["domains"]  # sorted, so every filtered list below is too
+    for fragment, entry in entries:
+        domains = entry["domains"]  # sorted, so every filtered list below is too
         for name in (d for d in domains if counts[d] > 1 and ":" not in d):
             problems.append(Diagnostic(
                 "envoy.ambiguous-short-name",
@@ -91,7 +92,10 @@ def _sidecar_hosts(entries: list[tuple[dict, dict]], port: int) -> tuple[list[di
                 f"service; route configuration '{port}' leaves it out (use the namespaced name)",
                 span(fragment["spans"]["service"]), Severity.WARNING))
         unique = [d for d in domains if counts[d] == 1]
-        hosts.append(host if len(unique) == len(domains) else {**host, "domains": unique})
+        host = entry["virtual_host"]
+        if len(unique) != len(domains):
+            host = Piece.json({**host.value, "domains": unique}, host.depth)
+        hosts.append((entry["name"], host))
     return hosts, problems
 
 
@@ -104,7 +108,7 @@ def _service_domains(service: Service, port: int) -> list[str]:
 # --- gateway: one route configuration per ingress port -----------------------
 
 def _gateway_configs(fragments: list[dict]) -> tuple[list[dict], list[Diagnostic]]:
-    by_port: dict[int, dict[str, tuple[str, dict]]] = defaultdict(dict)  # port → host → (service, virtual host)
+    by_port: dict[int, dict[str, tuple[str, Piece]]] = defaultdict(dict)  # port → host → (service, virtual host)
     problems = []
     for fragment in fragments:
         ingress = fragment["ingress"]
@@ -123,20 +127,25 @@ def _gateway_configs(fragments: list[dict]) -> tuple[list[dict], list[Diagnostic
                     span(fragment["spans"]["ingress_hosts"]), Severity.ERROR))
                 continue
             hosts[host] = (fragment["service"], virtual_host)
-    configs = [_config(gateway_route_name(port), [host for _, host in by_port[port].values()])
+    configs = [_config(gateway_route_name(port), [(_gateway_host_name(host, port), vh) for host, (_, vh) in by_port[port].items()])
                for port in sorted(by_port)]
     return configs, problems
 
 
 def _gateway_host(host: str, port: int, routes: list[dict]) -> dict:
     domains = [host] if host == "*" else [host, f"{host}:{port}"]
-    return _virtual_host(f"{host}:{port}", domains, routes)
+    return _virtual_host(_gateway_host_name(host, port), domains, routes)
+
+
+def _gateway_host_name(host: str, port: int) -> str:
+    return f"{host}:{port}"
 
 
 # --- shared -----------------------------------------------------------------
 
-def _config(name: str, hosts: list[dict]) -> dict:
-    return {"@type": ROUTES, "name": name, "virtual_hosts": sorted(hosts, key=itemgetter("name"))}
+def _config(name: str, hosts: list[tuple[str, Piece]]) -> dict:
+    """A route configuration of (name, virtual host) pairs, sorted by name."""
+    return {"@type": ROUTES, "name": name, "virtual_hosts": [vh for _, vh in sorted(hosts, key=itemgetter(0))]}
 
 
 def _virtual_host(name: str, domains: list[str], routes: list[dict]) -> dict:
