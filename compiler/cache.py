@@ -159,7 +159,7 @@ class Cache:
 
 
 def pack(value, blobs: dict[bytes, bytes], refs: set[bytes] | None = None) -> dict:
-    """`value` as plain JSON: `{"value": value with each piece null, "pieces": [[path, KEY, depth]]}`,
+    """`value` as plain JSON: `{"value": value with each piece null, "pieces": [[path, KEY, depth, many]]}`,
     each piece's bytes in `blobs[KEY]`. Unpacking then visits the pieces, not the whole value."""
     found: list = []
     skeleton = _strip(value, [], found)
@@ -170,7 +170,7 @@ def pack(value, blobs: dict[bytes, bytes], refs: set[bytes] | None = None) -> di
         blobs[ref] = blob
         if refs is not None:
             refs.add(ref)
-        pieces.append([path, ref.hex(), piece.depth])
+        pieces.append([path, ref.hex(), piece.depth, piece.many])
     return {"value": skeleton, "pieces": pieces}
 
 
@@ -199,12 +199,12 @@ def _strip(value, path: list, found: list):
 def unpack(record: dict, blobs: dict[bytes, bytes], refs: set[bytes] | None = None):
     """What `pack` packed (the record is consumed). Raises KeyError when a blob is missing."""
     value = record["value"]
-    for path, ref, depth in record["pieces"]:
+    for path, ref, depth, many in record["pieces"]:
         key = bytes.fromhex(ref)
         canonical, _, text = blobs[key].partition(b"\n")
         if refs is not None:
             refs.add(key)
-        piece = Piece(text, depth, canonical or None)
+        piece = Piece(text, depth, canonical or None, many)
         if not path:
             return piece
         node = value

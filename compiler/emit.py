@@ -69,69 +69,98 @@ class Piece:
     that computed it. `text` is its rendering: a YAML document, or JSON as
     `json_bytes` indents it at `depth` (a top-level array's items are at depth
     1); spliced in at that depth it is copied verbatim, deeper it is indented
-    further. `canonical` (YAML pieces) is the document's canonical JSON.
+    further. A piece may hold a run of values (`many`): several items of one
+    list, or several documents of one file; a service's clusters are one
+    piece. `canonical` (YAML pieces) is the documents' canonical JSON.
     `value` parses it back, only when something must look inside (a patch, a
     domain list to filter, a test). Pieces are immutable: build a new one to
     change a value.
     """
 
-    __slots__ = ("text", "depth", "canonical", "_value")
+    __slots__ = ("text", "depth", "canonical", "many", "_value")
 
-    def __init__(self, text: bytes, depth: int = 0, canonical: bytes | None = None, value=_UNPARSED):
+    def __init__(self, text: bytes, depth: int = 0, canonical: bytes | None = None, many: bool = False, value=_UNPARSED):
         self.text = text
         self.depth = depth
         self.canonical = canonical
+        self.many = many
         self._value = value
 
     @classmethod
     def json(cls, value, depth: int) -> "Piece":
-        text = _pretty(value)
-        return cls(text.replace(b"\n", _INDENT[depth]) if depth else text, depth, None, value)
+        """One JSON value, for `depth`."""
+        return cls(_pretty(value).replace(b"\n", _INDENT[depth]) if depth else _pretty(value), depth, value=value)
 
     @classmethod
-    def yaml(cls, document) -> "Piece":
-        canonical = canonical_json(document)
-        text = _YAML_MEMO.get(canonical)
-        if text is None:
-            if len(_YAML_MEMO) >= _YAML_MEMO_LIMIT:
-                _YAML_MEMO.clear()
-            text = _YAML_MEMO[canonical] = yaml_bytes([document])
-        return cls(text, 0, canonical, document)
+    def json_items(cls, values: list, depth: int) -> "Piece | None":
+        """Several items of one list, at `depth` (≥ 1); None for no items (a list holds no empty run)."""
+        if not values:
+            return None
+        text = _INDENT_COMMA[depth].join(_pretty(v).replace(b"\n", _INDENT[depth]) for v in values)
+        return cls(text, depth, many=True, value=values)
+
+    @classmethod
+    def yaml(cls, documents: list) -> "Piece":
+        """Every YAML document of one file, as one `yaml.dump_all` would write them."""
+        canonical = canonical_json(documents)
+        return cls(b"---\n".join(map(_yaml_document, documents)), 0, canonical, many=True, value=documents)
 
     @property
     def value(self):
+        """The value, or for a run the list of its values."""
         if self._value is _UNPARSED:
-            self._value = _loads(self.canonical if self.canonical is not None else self.text)
+            if self.canonical is not None:
+                self._value = _loads(self.canonical)
+            else:
+                self._value = _loads(b"[" + self.text + b"]" if self.many else self.text)
         return self._value
 
     def __eq__(self, other) -> bool:
         return (type(other) is Piece and self.text == other.text and self.depth == other.depth
-                and self.canonical == other.canonical)
+                and self.canonical == other.canonical and self.many == other.many)
 
     def __hash__(self) -> int:
         return hash(self.text)
 
     def __reduce__(self):  # to a worker's parent: the bytes, not the parsed value
-        return Piece, (self.text, self.depth, self.canonical)
+        return Piece, (self.text, self.depth, self.canonical, self.many)
 
     def __repr__(self) -> str:
         return f"Piece({self.text[:60]!r}..., depth={self.depth})"
 
 
-_YAML_MEMO: dict[bytes, bytes] = {}  # per process: the same Service in every environment renders once
+def _yaml_document(document) -> bytes:
+    """One document's YAML, memoised per process: the same Service in every environment renders once."""
+    canonical = canonical_json(document)
+    text = _YAML_MEMO.get(canonical)
+    if text is None:
+        if len(_YAML_MEMO) >= _YAML_MEMO_LIMIT:
+            _YAML_MEMO.clear()
+        text = _YAML_MEMO[canonical] = yaml_bytes([document])
+    return text
+
+
+_YAML_MEMO: dict[bytes, bytes] = {}
 _YAML_MEMO_LIMIT = 50_000
 _INDENT = [b"\n" + b"  " * d for d in range(32)]
+_INDENT_COMMA = [b"," + i for i in _INDENT]
 
 
 def plain(value):
-    """`value` with every piece replaced by the value it holds: plain JSON data."""
+    """`value` with every piece replaced by the value it holds (a run by its values): plain JSON data."""
     kind = type(value)
     if kind is Piece:
         return value.value
     if kind is dict:
         return {k: plain(v) for k, v in value.items()}
     if kind is list or kind is tuple:
-        return [plain(v) for v in value]
+        out = []
+        for v in value:
+            if type(v) is Piece and v.many:
+                out.extend(v.value)
+            else:
+                out.append(plain(v))
+        return out
     return value
 
 

@@ -54,10 +54,18 @@ def test_yaml_bytes_match_pyyaml_on_every_compiled_document():
 
 def test_a_file_of_pieces_equals_one_dump_all():
     docs = TRICKY + [TRICKY[1]]
-    pieces = [Piece.yaml(d) for d in docs]
-    assert file_bytes(OutputFile("x.yaml", pieces, "yaml")) == _reference(docs)
+    assert file_bytes(OutputFile("x.yaml", [Piece.yaml(docs)], "yaml")) == _reference(docs)
+    assert file_bytes(OutputFile("x.yaml", [Piece.yaml(docs[:1]), Piece.yaml(docs[1:])], "yaml")) == _reference(docs)
     assert file_bytes(OutputFile("x.yaml", docs, "yaml")) == _reference(docs)  # plain documents too
-    assert pieces[1] == pieces[2] and pieces[0] != pieces[1]
+    assert Piece.yaml(docs).value == docs
+
+
+def test_a_run_of_list_items_splices_as_those_items():
+    items = [{"name": "b", "x": [1, {}]}, {"name": "a"}, []]
+    value = {"resources": [{"first": True}, Piece.json_items(items, 2), "last"]}
+    assert json_bytes(value) == json_bytes({"resources": [{"first": True}, *items, "last"]})
+    assert plain(value) == {"resources": [{"first": True}, *items, "last"]}
+    assert Piece.json_items([], 2) is None
 
 
 def _random_value(rng: random.Random, depth: int = 0):

@@ -25,23 +25,23 @@ def lower(mesh: m.Mesh) -> Lowered:
     return assemble(mesh.environment, [lower_service(svc, mesh.environment) for svc in mesh.services])
 
 
-def lower_service(svc: m.Service, env: m.Environment) -> list[list]:
-    """One service's documents, in file order, each as `[identity, Piece]` (identity:
-    `[apiVersion, kind, name, namespace]`): a pure function of the service and its
-    environment, serialised once."""
-    return [[list(_identity(doc)), Piece.yaml(doc)] for doc in service_objects(svc, env)]
+def lower_service(svc: m.Service, env: m.Environment) -> dict:
+    """One service's documents, in file order: `{"identities": [[apiVersion, kind, name, namespace]],
+    "documents": Piece}`. A pure function of the service and its environment, serialised once."""
+    docs = service_objects(svc, env)
+    return {"identities": [list(_identity(doc)) for doc in docs], "documents": Piece.yaml(docs)}
 
 
-def assemble(env: m.Environment, fragments: list[list[list]]) -> Lowered:
+def assemble(env: m.Environment, fragments: list[dict]) -> Lowered:
     """The environment's files from each service's documents (in mesh order): patches, then kustomization.
 
     Generated names never collide: `check.generated_names` refuses the one way they could.
     """
     diags = Diagnostics()
-    objects = {f"{docs[0][0][3]}/{docs[0][0][2]}": docs for docs in fragments}
+    objects = {f"{f['identities'][0][3]}/{f['identities'][0][2]}": f for f in fragments}
     for patch in env.patches:
         _apply_patch(patch, objects, diags)
-    files = [OutputFile(f"istio/{key}.yaml", [piece for _, piece in docs], "yaml") for key, docs in objects.items()]
+    files = [OutputFile(f"istio/{key}.yaml", [f["documents"]], "yaml") for key, f in objects.items()]
     files.append(OutputFile("kustomization.yaml", [kustomization(f.path for f in files)], "yaml"))
     return Lowered(tuple(files), tuple(diags))
 
@@ -275,14 +275,14 @@ def ingress_virtual_service(svc: m.Service) -> dict:
 # -- patches and kustomization -------------------------------------------------------------
 
 
-def _apply_patch(patch: m.Patch, objects: dict[str, list[dict]], diags: Diagnostics) -> None:
+def _apply_patch(patch: m.Patch, objects: dict[str, dict], diags: Diagnostics) -> None:
     import jsonpatch  # only environments with patches pay for it
 
     t = patch.target
     hits = [
         (key, i)
-        for key, docs in objects.items()
-        for i, ((_, kind, name, namespace), _) in enumerate(docs)
+        for key, fragment in objects.items()
+        for i, (_, kind, name, namespace) in enumerate(fragment["identities"])
         if kind == t.kind and name == t.name and (t.namespace is None or namespace == t.namespace)
     ]
     where = f"{t.kind} {t.namespace + '/' if t.namespace else ''}{t.name}"
@@ -293,12 +293,12 @@ def _apply_patch(patch: m.Patch, objects: dict[str, list[dict]], diags: Diagnost
         diags.error("patch.ambiguous-target", f"patch {patch.index + 1}: {where} matches objects in several namespaces; add `namespace`", patch.spans.at(("target",)))
         return
     key, i = hits[0]
-    objects[key] = list(objects[key])  # fragments may be shared (cached); patch a copy
-    identity, piece = objects[key][i]
-    doc = piece.value  # jsonpatch applies to a copy: the piece's value stays as it was
+    fragment = objects[key]
+    docs = list(fragment["documents"].value)  # fragments may be shared (cached); patch a copy
+    doc, identity = docs[i], fragment["identities"][i]
     for n, op in enumerate(patch.ops):
         try:
-            doc = jsonpatch.JsonPatch([op]).apply(doc)
+            doc = jsonpatch.JsonPatch([op]).apply(doc)  # a copy: the piece's value stays as it was
         except (jsonpatch.JsonPatchException, jsonpatch.JsonPointerException) as exc:
             problem = f"failed: {exc}"
         else:
@@ -307,7 +307,8 @@ def _apply_patch(patch: m.Patch, objects: dict[str, list[dict]], diags: Diagnost
         if problem:
             diags.error("patch.op-failed", f"patch {patch.index + 1}, op {n + 1} ({op['op']} {op['path']}) on {where} {problem}", patch.spans.at(("ops", n)))
             return
-    objects[key][i] = [identity, Piece.yaml(doc)]
+    docs[i] = doc
+    objects[key] = {**fragment, "documents": Piece.yaml(docs)}
 
 
 def _identity(doc) -> tuple | None:

@@ -17,14 +17,17 @@ resources resolves among that service's own resources (all of which reach the
 snapshot), and `assemble` checks what it adds (listeners → route
 configurations and TCP proxy clusters) and that no two resources share a name.
 
-Each file is `{"version_info", "type_url", "resources"}` with resources
-sorted by name and `version_info` the SHA-256 of the canonical JSON of its
-resources, so equal content means equal versions on every machine.
+Each file is `{"version_info", "type_url", "resources"}`: listeners and
+route configurations sorted by name; clusters and assignments by service
+(mesh order), then by name, so a service's resources read as one block.
+`version_info` is the SHA-256 of the resources' JSON (`content_version`), so
+equal content means equal versions on every machine.
 
 A fragment (every list in the service's order unless said otherwise):
 
     {"service": "namespace/name",
-     "clusters": [[name, Piece(Cluster)]], "endpoints": [[cluster_name, Piece(ClusterLoadAssignment)]],
+     "clusters": {"names": [name], "piece": Piece([Cluster]) | None},      # each sorted by name
+     "endpoints": {"names": [cluster_name], "piece": Piece([ClusterLoadAssignment]) | None},
      "http": [{"port": int, "name": str, "domains": [str], "virtual_host": Piece(VirtualHost)}],
                                         # domains sorted, short names included
      "tcp": [{"port": int, "tcp_proxy": TcpProxy}],
@@ -93,8 +96,8 @@ def lower_service(service: Service, env: Environment) -> dict:
         ingress = {**ingress, "virtual_hosts": [[host, Piece.json(vh, VIRTUAL_HOST_DEPTH)] for host, vh in ingress["virtual_hosts"]]}
     return {
         "service": service.key,
-        "clusters": [[c["name"], Piece.json(c, RESOURCE_DEPTH)] for c in cluster_list],
-        "endpoints": [[e["cluster_name"], Piece.json(e, RESOURCE_DEPTH)] for e in assignments],
+        "clusters": _run(cluster_list, "name"),
+        "endpoints": _run(assignments, "cluster_name"),
         "http": [{"port": e["port"], "name": e["virtual_host"]["name"], "domains": e["virtual_host"]["domains"],
                   "virtual_host": Piece.json(e["virtual_host"], VIRTUAL_HOST_DEPTH)} for e in http],
         "tcp": tcp,
@@ -104,6 +107,12 @@ def lower_service(service: Service, env: Environment) -> dict:
                   "ingress_port": span_of(service, "ingress", "port"),
                   "ingress_hosts": span_of(service, "ingress", "hosts")},
     }
+
+
+def _run(resources: list[dict], name_key: str) -> dict:
+    """A service's resources of one type, sorted by name, as one piece."""
+    resources = sorted(resources, key=itemgetter(name_key))
+    return {"names": [r[name_key] for r in resources], "piece": Piece.json_items(resources, RESOURCE_DEPTH)}
 
 
 def _check_service(env: Environment, service: Service, cluster_list, assignments, http, ingress, tcp) -> None:
@@ -132,9 +141,8 @@ def assemble(env: Environment, fragments: list[dict]) -> Lowered:
     listener_list, listener_problems = listeners.assemble(env.envoy.listener_address, fragments)
     route_list.sort(key=itemgetter("name"))
     listener_list.sort(key=itemgetter("name"))
-    cluster_items = sorted((c for f in fragments for c in f["clusters"]), key=itemgetter(0))
-    endpoint_items = sorted((e for f in fragments for e in f["endpoints"]), key=itemgetter(0))
-    names = {"clusters": [n for n, _ in cluster_items], "endpoints": [n for n, _ in endpoint_items],
+    names = {"clusters": [n for f in fragments for n in f["clusters"]["names"]],
+             "endpoints": [n for f in fragments for n in f["endpoints"]["names"]],
              "listeners": [r["name"] for r in listener_list], "routes": [r["name"] for r in route_list]}
     # Each service's own references were checked by lower_service; these are the ones assembly adds.
     problems = consistency_errors({"listeners": listener_list,
@@ -143,8 +151,8 @@ def assemble(env: Environment, fragments: list[dict]) -> Lowered:
     if problems:
         raise InconsistentSnapshot(env.name, problems)
     resources = {
-        "clusters": [piece for _, piece in cluster_items],
-        "endpoints": [piece for _, piece in endpoint_items],
+        "clusters": [f["clusters"]["piece"] for f in fragments if f["clusters"]["piece"] is not None],
+        "endpoints": [f["endpoints"]["piece"] for f in fragments if f["endpoints"]["piece"] is not None],
         "listeners": listener_list,
         "routes": route_list,
     }
