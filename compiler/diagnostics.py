@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Iterable, Iterator, Mapping, NamedTuple
+from typing import Callable, Iterable, Iterator, Mapping, NamedTuple
 
 Path = tuple  # a path into a document: keys (str) and list indices (int)
 
@@ -44,11 +44,29 @@ class SpanMap:
 
     KEY = "\0key"
     REMOVED = "\0removed"  # where an overlay's explicit null removed the key at this path
-    __slots__ = ("_spans", "_by_first")
+    __slots__ = ("_spans", "_by_first", "_source")
 
     def __init__(self, spans: Mapping[Path, Span] | None = None):
         self._spans = dict(spans or {})
         self._by_first: dict | None = None
+        self._source = None
+
+    @classmethod
+    def deferred(cls, build: Callable[[], dict]) -> "SpanMap":
+        """A map whose spans `build()` makes on first use: a cached document's, or a part of a
+        large map, which a re-compile mostly never reads."""
+        spans = cls.__new__(cls)
+        spans._by_first = None
+        spans._source = build
+        return spans
+
+    def __getattr__(self, name: str):
+        # Reached only while `_spans` is unset: a deferred map's first use.
+        if name != "_spans" or self._source is None:
+            raise AttributeError(name)
+        self._spans = self._source()
+        self._source = None
+        return self._spans
 
     def at(self, path: Path) -> Span | None:
         path = tuple(path)
@@ -89,7 +107,7 @@ class SpanMap:
         """The spans below `prefix`, re-keyed relative to it."""
         n = len(prefix)
         prefix = tuple(prefix)
-        return SpanMap({p[n:]: s for p, s in self._spans.items() if p[:n] == prefix})
+        return SpanMap.deferred(lambda: {p[n:]: s for p, s in self._spans.items() if p[:n] == prefix})
 
     def children(self, prefix: Path) -> dict[object, "SpanMap"]:
         """`under(prefix + (k,))` for every key k below `prefix`, in one pass over the spans."""
@@ -113,6 +131,7 @@ class SpanMap:
     def __setstate__(self, state):
         self._spans = state
         self._by_first = None
+        self._source = None
 
 
 class Severity(StrEnum):

@@ -90,7 +90,8 @@ class Document:
 
     @classmethod
     def from_json(cls, value: dict) -> "Document":
-        spans = SpanMap({tuple(row[0]): Span(*row[1:]) for row in value["spans"]})
+        rows = value["spans"]
+        spans = SpanMap.deferred(lambda: {tuple(row[0]): Span(*row[1:]) for row in rows})
         return cls(value["path"], value["data"], spans, value["sha"])
 
 

@@ -16,10 +16,8 @@ from __future__ import annotations
 
 import difflib
 import re
+from functools import lru_cache
 from typing import Callable
-
-import cerberus
-from cerberus import errors as cerrors
 
 from compiler.diagnostics import Diagnostics, SpanMap
 from compiler.values import is_ip, parse_duration
@@ -402,42 +400,50 @@ def _fast_mapping_ok(mapping: dict, schema: dict) -> bool:
 # -- cerberus, for the messages -----------------------------------------------------------
 
 
-class _Validator(cerberus.Validator):
-    # cerberus counts booleans as integers; YAML users mean `weight: true` as a mistake.
-    types_mapping = {
-        **cerberus.Validator.types_mapping,
-        "integer": cerberus.TypeDefinition("integer", (int,), (bool,)),
-    }
+@lru_cache(maxsize=1)
+def _validator_class():
+    """cerberus' Validator with our rules; imported on the first invalid document only (~30 ms)."""
+    import cerberus
+    from cerberus import errors as cerrors
 
-    def _check_with_duration(self, field, value):
-        self._check("duration", field, value)
+    class _Validator(cerberus.Validator):
+        # cerberus counts booleans as integers; YAML users mean `weight: true` as a mistake.
+        types_mapping = {
+            **cerberus.Validator.types_mapping,
+            "integer": cerberus.TypeDefinition("integer", (int,), (bool,)),
+        }
 
-    def _check_with_load_balancer(self, field, value):
-        self._check("load_balancer", field, value)
+        def _check_with_duration(self, field, value):
+            self._check("duration", field, value)
 
-    def _check_with_endpoints(self, field, value):
-        self._check("endpoints", field, value)
+        def _check_with_load_balancer(self, field, value):
+            self._check("load_balancer", field, value)
 
-    def _check_with_ip(self, field, value):
-        self._check("ip", field, value)
+        def _check_with_endpoints(self, field, value):
+            self._check("endpoints", field, value)
 
-    def _check(self, name, field, value):
-        # cerberus runs check_with even on a null (nullable or not); the nullable rule has
-        # answered for it already, as in the fast path. CHECKS functions take non-null values.
-        if value is not None:
-            message = CHECKS[name](value)
-            if message:
-                self._error(field, message)
+        def _check_with_ip(self, field, value):
+            self._check("ip", field, value)
 
-    def _validate_regex(self, pattern, field, value):
-        """{'type': 'string'}"""
-        # cerberus matches with `pattern + "$"`, which lets a trailing newline through
-        # ("web\n"); the fast path and Kubernetes both need the whole string to match.
-        if isinstance(value, str) and not re.fullmatch(pattern, value):
-            self._error(field, cerrors.REGEX_MISMATCH)
+        def _check(self, name, field, value):
+            # cerberus runs check_with even on a null (nullable or not); the nullable rule has
+            # answered for it already, as in the fast path. CHECKS functions take non-null values.
+            if value is not None:
+                message = CHECKS[name](value)
+                if message:
+                    self._error(field, message)
 
-    def _validate_meta(self, constraint, field, value):
-        """{'type': 'dict'}"""  # schema for cerberus' own schema check: meta carries our wording
+        def _validate_regex(self, pattern, field, value):
+            """{'type': 'string'}"""
+            # cerberus matches with `pattern + "$"`, which lets a trailing newline through
+            # ("web\n"); the fast path and Kubernetes both need the whole string to match.
+            if isinstance(value, str) and not re.fullmatch(pattern, value):
+                self._error(field, cerrors.REGEX_MISMATCH)
+
+        def _validate_meta(self, constraint, field, value):
+            """{'type': 'dict'}"""  # schema for cerberus' own schema check: meta carries our wording
+
+    return _Validator
 
 
 def validate(
@@ -455,7 +461,7 @@ def validate(
             return True
     elif _fast_keys_ok(data, schema, only):
         return True
-    validator = _Validator(schema)
+    validator = _validator_class()(schema)
     if validator.validate(data):
         # Both read the same schema; a disagreement is a bug, never a silently dropped document.
         raise AssertionError("schema fast path rejected a document cerberus accepts")
@@ -473,6 +479,8 @@ def _leaves(errors):
 
 
 def _report(error, schema: dict, spans: SpanMap, diags: Diagnostics, note: Callable | None) -> None:
+    from cerberus import errors as cerrors
+
     path = tuple(error.document_path)
     field = path[-1] if path else ""
     notes = [n for n in [note(path)] if n] if note else []

@@ -20,7 +20,7 @@ from compiler.load import parse
 from conftest import GOLDEN, REPO
 
 SCHEMAS = {"POLICY": schema.POLICY, "ENVIRONMENT": schema.ENVIRONMENT, "SPEC": schema.SPEC, "PARTIAL_SPEC": schema.PARTIAL_SPEC}
-_VALIDATORS = {name: schema._Validator(s) for name, s in SCHEMAS.items()}  # reusable; building one costs ms
+_VALIDATORS = {name: schema._validator_class()(s) for name, s in SCHEMAS.items()}  # reusable; building one costs ms
 
 # Replacement values: wrong types, edges of every range, nulls and strings every rule refuses.
 ODD_VALUES = (
