@@ -124,8 +124,8 @@ def test_four_discovery_responses_with_content_hash_versions():
         assert set(content) == {"version_info", "type_url", "resources"}
         assert content["type_url"] == f"type.googleapis.com/{urls[kind]}"
         assert {r["@type"] for r in resources} == {content["type_url"]}
-        canonical = json.dumps(resources, indent=2, sort_keys=True, ensure_ascii=False).encode()
-        assert content["version_info"] == hashlib.sha256(canonical).hexdigest()
+        rest = json.dumps({"resources": resources, "type_url": content["type_url"]}, indent=2, sort_keys=True, ensure_ascii=False)
+        assert content["version_info"] == hashlib.sha256(rest.encode() + b"\n").hexdigest()
         names = [r["cluster_name" if kind == "endpoints" else "name"] for r in resources]
         assert len(set(names)) == len(names)
         if kind in ("listeners", "routes"):
@@ -659,12 +659,13 @@ def test_diagnostics_without_spans_survive_json_as_none():
     assert (diagnostic.code, diagnostic.span) == ("envoy.tls-mutual-without-credential", None)
 
 
-def test_version_hashes_are_json_dumps_indented_even_beyond_ascii():
+def test_version_hashes_the_rest_of_the_file_even_beyond_ascii():
     odd = service(versions=("v1", "v2"),
                   traffic=canary("v1", "v2", 10, {"x-canary": (MatchKind.EXACT, "é\x7f☃\\\"")}))
     for content in files(lower(odd)).values():
-        indented = json.dumps(content["resources"], indent=2, sort_keys=True, ensure_ascii=False).encode()
-        assert content["version_info"] == hashlib.sha256(indented).hexdigest() == content_version(content["resources"])
+        rest = {"resources": content["resources"], "type_url": content["type_url"]}
+        indented = (json.dumps(rest, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode()
+        assert content["version_info"] == hashlib.sha256(indented).hexdigest() == content_version(**rest)
 
 
 def test_assemble_leaves_its_fragments_alone():

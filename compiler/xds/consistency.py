@@ -114,10 +114,11 @@ def _route_clusters(action: dict) -> Iterator[str]:
             yield mirror["cluster"]
 
 
-def content_version(resources: Sequence) -> str:
-    """The `version_info` of one type's resources: SHA-256 of their JSON as
-    `json.dumps(resources, indent=2, sort_keys=True, ensure_ascii=False)` writes it
-    (`compiler.emit.json_bytes` writes the same bytes, faster). The compiler writes
-    versions by this rule and the server checks them by it, so a hand edit is caught.
+def content_version(type_url: str, resources: Sequence) -> str:
+    """The `version_info` of one type's DiscoveryResponse file: SHA-256 of the file's own
+    JSON without it, `json.dumps({"resources": resources, "type_url": type_url}, indent=2,
+    sort_keys=True, ensure_ascii=False) + "\\n"` (`compiler.emit.json_bytes` writes the same
+    bytes, faster). The compiler writes versions by this rule and the server checks them by
+    it, so a hand edit is caught.
     """
-    return hashlib.sha256(json_bytes(list(resources))[:-1]).hexdigest()
+    return hashlib.sha256(json_bytes({"resources": list(resources), "type_url": type_url})).hexdigest()

@@ -92,7 +92,7 @@ def sample_resources(listen: tuple[str, int], backends: Mapping[str, tuple[str, 
 
 def response_document(kind: str, resources: list[dict]) -> dict:
     """The DiscoveryResponse JSON for one kind; version_info hashes the canonical resources."""
-    return {"version_info": content_version(resources), "type_url": TYPE_URLS[kind],
+    return {"version_info": content_version(TYPE_URLS[kind], resources), "type_url": TYPE_URLS[kind],
             "resources": resources}
 
 

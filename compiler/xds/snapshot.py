@@ -237,9 +237,9 @@ def _load_kind(kind: str, data: bytes) -> TypeSnapshot:
         raise fail(f"type_url is {response.type_url!r}, expected {type_url!r}")
     if not response.version_info:
         raise fail("version_info is empty")
-    if response.version_info != content_version(document.get("resources", [])):
-        raise fail(f"version_info {response.version_info[:12]}… is not the SHA-256 of the "
-                   f"resources' canonical JSON: edited by hand, or not written by meshc compile")
+    if response.version_info != content_version(type_url, document.get("resources", [])):
+        raise fail(f"version_info {response.version_info[:12]}… is not the SHA-256 of the rest of "
+                   f"the file: edited by hand, or not written by meshc compile")
     problems, resources = [], {}
     cls = protos.message_class(type_url)
     for index, packed in enumerate(response.resources):

@@ -20,8 +20,8 @@ configurations and TCP proxy clusters) and that no two resources share a name.
 Each file is `{"version_info", "type_url", "resources"}`: listeners and
 route configurations sorted by name; clusters and assignments by service
 (mesh order), then by name, so a service's resources read as one block.
-`version_info` is the SHA-256 of the resources' JSON (`content_version`), so
-equal content means equal versions on every machine.
+`version_info` is the SHA-256 of the rest of the file (`content_version`),
+so equal content means equal versions on every machine.
 
 A fragment (every list in the service's order unless said otherwise):
 
@@ -56,9 +56,9 @@ from compiler.xds.consistency import consistency_errors
 __all__ = ["NAME", "InconsistentSnapshot", "assemble", "lower", "lower_service"]
 
 NAME = "envoy"
-# Where pieces land in a file's `resources` array: resources are its items; a virtual
-# host is an item of a route configuration's `virtual_hosts`.
-RESOURCE_DEPTH, VIRTUAL_HOST_DEPTH = 1, 3
+# The depth pieces land at in a file: a resource is an item of its `resources`; a
+# virtual host an item of a route configuration's `virtual_hosts`.
+RESOURCE_DEPTH, VIRTUAL_HOST_DEPTH = 2, 4
 _TYPE_URLS = {"clusters": CLUSTER, "endpoints": ENDPOINTS, "listeners": LISTENER, "routes": ROUTES}
 
 
@@ -162,12 +162,13 @@ def assemble(env: Environment, fragments: list[dict]) -> Lowered:
     return Lowered(files, tuple(service_problems + route_problems + listener_problems))
 
 
-def discovery_response(type_url: str, resources: list) -> dict:
-    """DiscoveryResponse JSON; `version_info` is the content hash the xDS server checks
-    (`content_version`: SHA-256 of the resources' indented JSON, computed here once and
-    spliced into the file as it is)."""
-    array = json_bytes(resources)[:-1]
-    return {"version_info": hashlib.sha256(array).hexdigest(), "type_url": type_url, "resources": Piece(array)}
+def discovery_response(type_url: str, resources: list) -> Piece:
+    """The DiscoveryResponse file, serialised once: `version_info` is `content_version`,
+    the SHA-256 of the file's JSON without it, which is the file's own text up to its last
+    key (`version_info` sorts last)."""
+    body = json_bytes({"resources": resources, "type_url": type_url})
+    version = hashlib.sha256(body).hexdigest()
+    return Piece(body[: -len(b"\n}\n")] + b',\n  "version_info": "' + version.encode() + b'"\n}')
 
 
 def _duplicates(names: dict[str, list[str]]) -> list[str]:
