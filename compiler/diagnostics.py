@@ -44,21 +44,37 @@ class SpanMap:
 
     KEY = "\0key"
     REMOVED = "\0removed"  # where an overlay's explicit null removed the key at this path
-    __slots__ = ("_spans", "_by_first", "_source")
+    __slots__ = ("_spans", "_by_first", "_source", "_rows")
 
     def __init__(self, spans: Mapping[Path, Span] | None = None):
         self._spans = dict(spans or {})
         self._by_first: dict | None = None
         self._source = None
+        self._rows = None
 
     @classmethod
     def deferred(cls, build: Callable[[], dict]) -> "SpanMap":
-        """A map whose spans `build()` makes on first use: a cached document's, or a part of a
-        large map, which a re-compile mostly never reads."""
+        """A map whose spans `build()` makes on first use: a part of a large map, which a
+        re-compile mostly never reads."""
         spans = cls.__new__(cls)
         spans._by_first = None
         spans._source = build
+        spans._rows = None
         return spans
+
+    @classmethod
+    def from_rows(cls, rows: Callable[[], list]) -> "SpanMap":
+        """A map of the `[path, file, line, col]` rows `rows()` gives (a cached document's).
+        Nothing is built until used, and `under` a prefix until then reads only rows: a
+        re-compile asks a large environment for a few services' spans."""
+        spans = cls.deferred(lambda: {tuple(r[0]): Span(*r[1:]) for r in spans._row_list()})
+        spans._rows = rows
+        return spans
+
+    def _row_list(self) -> list:
+        if callable(self._rows):
+            self._rows = self._rows()
+        return self._rows
 
     def __getattr__(self, name: str):
         # Reached only while `_spans` is unset: a deferred map's first use.
@@ -106,6 +122,9 @@ class SpanMap:
     def under(self, prefix: Path) -> "SpanMap":
         """The spans below `prefix`, re-keyed relative to it."""
         n = len(prefix)
+        if self._rows is not None:  # not built: filter the rows, when first asked
+            keys = list(prefix)
+            return SpanMap.from_rows(lambda: [[r[0][n:], *r[1:]] for r in self._row_list() if r[0][:n] == keys])
         prefix = tuple(prefix)
         return SpanMap.deferred(lambda: {p[n:]: s for p, s in self._spans.items() if p[:n] == prefix})
 
@@ -132,6 +151,7 @@ class SpanMap:
         self._spans = state
         self._by_first = None
         self._source = None
+        self._rows = None
 
 
 class Severity(StrEnum):

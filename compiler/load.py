@@ -91,7 +91,7 @@ class Document:
     @classmethod
     def from_json(cls, value: dict) -> "Document":
         rows = value["spans"]
-        spans = SpanMap.deferred(lambda: {tuple(row[0]): Span(*row[1:]) for row in rows})
+        spans = SpanMap.from_rows(lambda: rows)
         return cls(value["path"], value["data"], spans, value["sha"])
 
 

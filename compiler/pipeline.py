@@ -286,7 +286,7 @@ class _EnvContext:
     @cached_property
     def layers(self) -> "_EnvLayers":
         """Split out on first use: a re-compile whose units all come from the cache never needs it."""
-        return _EnvLayers.of(self.file.spec, self.file.spans)
+        return _EnvLayers(self.file.spec, self.file.spans)
 
 
 def _units(contexts: list[_EnvContext], policies: list[Policy], jobs: int | None, cache: Cache | None) -> dict:
@@ -394,30 +394,38 @@ def _mesh(ctx: _EnvContext, policies: list[Policy], units: dict) -> m.Mesh:
     return m.Mesh(ctx.env, tuple(services))
 
 
-@dataclass(frozen=True)
 class _EnvLayers:
-    """An environment's overlay layers and endpoint entries, with their spans, split out once."""
+    """An environment's overlay layers and endpoint entries, with their spans, split out as
+    units ask for them: one service at a time while few ask (a re-compile), all at once after."""
 
-    defaults: Layer | None
-    tcp_defaults: Layer | None  # `defaults` without the HTTP-only keys, for TCP-only services
-    overrides: dict[str, Layer]
-    endpoints: dict[str, tuple[object, SpanMap]]
+    FEW = 16
 
-    @classmethod
-    def of(cls, spec: dict, spans: SpanMap) -> "_EnvLayers":
-        defaults = Layer(spec["defaults"], spans.under(("defaults",))) if "defaults" in spec else None
-        override_spans = spans.children(("overrides",))
-        endpoint_spans = spans.children(("endpoints",))
-        return cls(
-            defaults=defaults,
-            tcp_defaults=_without_http_only(defaults) if defaults else None,
-            overrides={k: Layer(v, override_spans[k]) for k, v in spec.get("overrides", {}).items()},
-            endpoints={k: (v, endpoint_spans[k]) for k, v in spec.get("endpoints", {}).items()},
-        )
+    def __init__(self, spec: dict, spans: SpanMap):
+        self.defaults = Layer(spec["defaults"], spans.under(("defaults",))) if "defaults" in spec else None
+        self.tcp_defaults = _without_http_only(self.defaults) if self.defaults else None  # `defaults` for TCP-only services
+        self._spec, self._spans = spec, spans
+        self._asked = 0
+        self._sections: dict[str, dict] = {}
+
+    def override(self, key: str) -> Layer | None:
+        data = self._spec.get("overrides", {}).get(key)
+        return None if data is None else Layer(data, self._spans_of("overrides", key))
+
+    def endpoints(self, key: str) -> tuple[object, SpanMap | None]:
+        data = self._spec.get("endpoints", {}).get(key)
+        return (None, None) if data is None else (data, self._spans_of("endpoints", key))
+
+    def _spans_of(self, section: str, key: str) -> SpanMap:
+        self._asked += 1
+        if self._asked <= self.FEW:
+            return self._spans.under((section, key))
+        if section not in self._sections:
+            self._sections[section] = self._spans.children((section,))
+        return self._sections[section].get(key) or SpanMap()
 
 
 def _service(env: m.Environment, policy: Policy, layers: _EnvLayers, diags: Diagnostics) -> m.Service | None:
-    override = layers.overrides.get(policy.key)
+    override = layers.override(policy.key)
     ports = override.data.get("ports") if override and override.data.get("ports") else policy.layer.data["ports"]
     defaults = layers.defaults if _has_http_port(ports) else layers.tcp_defaults
     eff = effective(defaults, policy.layer, override)
@@ -426,7 +434,7 @@ def _service(env: m.Environment, policy: Policy, layers: _EnvLayers, diags: Diag
     if not schema.validate(eff.spec, schema.SPEC, eff.spans, diags, note=overlay_note(eff), only=touched):
         return None
     errors = diags.error_count
-    raw_endpoints, endpoint_spans = layers.endpoints.get(policy.key, (None, None))
+    raw_endpoints, endpoint_spans = layers.endpoints(policy.key)
     svc = build.service(policy.metadata, eff.spec, eff.spans, env, build.endpoints(raw_endpoints), diags)
     check.service(svc, diags)
     if raw_endpoints is not None:

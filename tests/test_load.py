@@ -31,3 +31,19 @@ def test_an_alias_bomb_is_refused_not_expanded():
     doc, problems = _load("\n".join(levels) + "\n")
     assert doc is None
     assert problems == [f"p.yaml:1:1: error: the document expands to more than {MAX_VALUES:,} values (through aliases?)"]
+
+
+def test_a_cached_documents_spans_answer_as_the_parsed_ones():
+    from compiler.load import Document
+
+    doc, _ = _load("spec:\n  overrides:\n    a/b: {timeout: 1s, ports: [{port: 80}]}\n    a/c: {timeout: 2s}\n  defaults: {x: 1}\n")
+    cached = Document.from_json(doc.to_json())
+    for prefix in [(), ("spec",), ("spec", "overrides"), ("spec", "overrides", "a/b"), ("spec", "nothing")]:
+        parsed, rows = doc.spans.under(prefix), cached.spans.under(prefix)
+        assert dict(rows.items()) == dict(parsed.items()), prefix
+        # a map under a map under the rows, asked before and after the rows were built
+        assert dict(rows.under(("overrides",)).items()) == dict(parsed.under(("overrides",)).items())
+    early = cached.spans.under(("spec",))
+    assert cached.spans.at(("spec", "defaults", "x")) == Span("p.yaml", 5, 17)  # builds the whole map
+    assert early.under(("overrides", "a/b")).at(("ports", 0, "port")) == doc.spans.at(("spec", "overrides", "a/b", "ports", 0, "port"))
+    assert cached.spans.children(("spec", "overrides"))["a/c"].at(("timeout",)) == Span("p.yaml", 4, 20)
