@@ -294,20 +294,8 @@ def _replace_dir(target: Path, files: Mapping[str, bytes]) -> None:
     files, not thousands.
     """
     staging = tempfile.mkdtemp(prefix=f".{target.name}.new-", dir=target.parent)
-    old_root = str(target)
     try:
-        made: set[str] = {staging}
-        for rel, content in files.items():
-            path = os.path.join(staging, rel)
-            parent = os.path.dirname(path)
-            if parent not in made:
-                os.makedirs(parent, exist_ok=True)
-                made.add(parent)
-            if not _link_if_same(os.path.join(old_root, rel), path, content):
-                with open(path, "wb") as f:
-                    f.write(content)
-        for d in made:
-            os.chmod(d, 0o755)
+        _fill(staging, str(target), files)
         old = None
         if not target.exists():
             os.rename(staging, target)
@@ -322,6 +310,38 @@ def _replace_dir(target: Path, files: Mapping[str, bytes]) -> None:
         raise
     if old is not None:
         shutil.rmtree(old)
+
+
+def _fill(staging: str, old_root: str, files: Mapping[str, bytes]) -> None:
+    """Write `files` under `staging` (directories 0755), linking those equal to `old_root`'s."""
+    new_dir = os.open(staging, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        old_dir = os.open(old_root, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        old_dir = None
+    try:
+        made = {""}
+        for rel, content in files.items():
+            parent = rel.rpartition("/")[0]
+            if parent not in made:
+                _make_dirs(staging, parent, made)
+            if old_dir is None or not _link_if_same(old_dir, new_dir, rel, content):
+                with open(os.open(rel, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666, dir_fd=new_dir), "wb") as f:
+                    f.write(content)
+        os.chmod(staging, 0o755)
+    finally:
+        os.close(new_dir)
+        if old_dir is not None:
+            os.close(old_dir)
+
+
+def _make_dirs(root: str, rel: str, made: set[str]) -> None:
+    head = rel.rpartition("/")[0]
+    if head not in made:
+        _make_dirs(root, head, made)
+    os.mkdir(os.path.join(root, rel), 0o755)
+    os.chmod(os.path.join(root, rel), 0o755)  # whatever the umask: the same tree on every machine
+    made.add(rel)
 
 
 def _exchange(a: str, b: Path) -> bool:
@@ -350,14 +370,18 @@ def _remove_leftovers(out_dir: Path) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
-def _link_if_same(old: str, new: str, content: bytes) -> bool:
+def _link_if_same(old_dir: int, new_dir: int, rel: str, content: bytes) -> bool:
+    """Hard-link `rel` from the old directory into the new one if its bytes are `content`
+    (a symlink there is never followed: the file is written anew)."""
     try:
-        if os.stat(old).st_size != len(content):
-            return False
-        with open(old, "rb") as f:
-            if f.read() != content:
+        fd = os.open(rel, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=old_dir)
+    except OSError:
+        return False
+    try:
+        with open(fd, "rb") as f:
+            if os.fstat(fd).st_size != len(content) or f.read() != content:
                 return False
-        os.link(old, new)
+        os.link(rel, rel, src_dir_fd=old_dir, dst_dir_fd=new_dir, follow_symlinks=False)
     except OSError:
         return False
     return True

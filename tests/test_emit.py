@@ -139,3 +139,31 @@ def test_write_rendered_replaces_and_keeps_nothing_beside(tmp_path):
     write_rendered(tmp_path, {"prod": {"kustomization.yaml": b"two\n"}})
     assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == ["prod", "prod/kustomization.yaml"]
     assert (tmp_path / "prod/kustomization.yaml").read_bytes() == b"two\n"
+
+
+def test_unchanged_files_are_linked_changed_ones_written_and_symlinks_never_followed(tmp_path):
+    import os
+
+    from compiler.emit import write_rendered
+
+    outside = tmp_path / "outside.yaml"
+    outside.write_bytes(b"same\n")
+    out = tmp_path / "rendered"
+    files = {"kustomization.yaml": b"k\n", "istio/a/x.yaml": b"x\n", "istio/a/y.yaml": b"y\n", "istio/b/z.yaml": b"same\n"}
+    old_umask = os.umask(0o077)
+    try:
+        write_rendered(out, {"prod": files})
+        before = {rel: (out / "prod" / rel).stat().st_ino for rel in files}
+        (out / "prod" / "istio/b/z.yaml").unlink()
+        (out / "prod" / "istio/b/z.yaml").symlink_to(outside)  # a planted link to a file with the same bytes
+        write_rendered(out, {"prod": {**files, "istio/a/y.yaml": b"changed\n"}})
+    finally:
+        os.umask(old_umask)
+    after = {rel: (out / "prod" / rel).stat(follow_symlinks=False).st_ino for rel in files}
+    assert after["kustomization.yaml"] == before["kustomization.yaml"] and after["istio/a/x.yaml"] == before["istio/a/x.yaml"]
+    assert after["istio/a/y.yaml"] != before["istio/a/y.yaml"]
+    z = out / "prod" / "istio/b/z.yaml"
+    assert not z.is_symlink() and z.read_bytes() == b"same\n" and z.stat().st_ino != outside.stat().st_ino
+    assert outside.stat().st_nlink == 1
+    dirs = [out / "prod", out / "prod" / "istio", out / "prod" / "istio" / "a"]
+    assert [oct(d.stat().st_mode & 0o777) for d in dirs] == ["0o755"] * 3, "directories do not depend on the umask"
