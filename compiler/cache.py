@@ -89,7 +89,8 @@ class Cache:
     def _open(self) -> None:
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(self.directory / "cache.sqlite", timeout=5)
+            # One thread at a time, but not always the opening one: the CLI saves while it writes rendered/.
+            self._db = sqlite3.connect(self.directory / "cache.sqlite", timeout=5, check_same_thread=False)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")  # a cache: no fsync per commit
             self._db.execute("DROP TABLE IF EXISTS yaml")  # meshc 0.1's document memo, superseded by blobs
@@ -153,6 +154,8 @@ class Cache:
         self._new_blobs.clear()
 
     def close(self) -> None:
+        """Save what this run added, then close."""
+        self.save()
         if self._db is not None:
             self._db.close()
             self._db = None

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import threading
 from pathlib import Path
 
 from compiler import __version__
@@ -79,7 +80,8 @@ def _repo_and_envs(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-cache", action="store_true", help="ignore and do not update the re-compile cache (kept under ~/.cache/meshc, or $MESHC_CACHE_DIR)")
 
 
-def _compile(args) -> CompileResult:
+def _compile(args) -> tuple[CompileResult, threading.Thread | None]:
+    """Compile; → the result, and the thread saving the re-compile cache (join it before exiting)."""
     repo: Path = args.repo
     if not repo.is_dir():
         raise UsageError(f"--repo {repo}: not a directory")
@@ -89,19 +91,21 @@ def _compile(args) -> CompileResult:
         raise UsageError(f"cannot read {repo}: {exc.strerror or exc}") from exc
     if not source.environment_paths():
         raise UsageError(f"{repo}: no environments/*.yaml to compile")
+    # validate writes nothing, not even the cache
+    cache = None if args.no_cache or args.func is run_validate else Cache.for_repo(repo)
     try:
-        # validate writes nothing, not even the cache
-        cache = None if args.no_cache or args.func is run_validate else Cache.for_repo(repo)
-        try:
-            result = compile_source(source, args.envs, jobs=getattr(args, "jobs", None), cache=cache, models=False)
-        finally:
-            if cache is not None:
-                cache.close()
+        result = compile_source(source, args.envs, jobs=getattr(args, "jobs", None), cache=cache, models=False)
     except UnknownEnvironment as exc:
+        if cache is not None:
+            cache.close()
         raise UsageError(str(exc)) from exc
+    saving = None
+    if cache is not None:  # SQLite writes without the GIL: the cache saves while rendered/ is written
+        saving = threading.Thread(target=cache.close, name="meshc-cache-save")
+        saving.start()
     for d in result.diagnostics:
         print(d.render(), file=sys.stderr)
-    return result
+    return result, saving
 
 
 def _summary(result: CompileResult) -> str:
@@ -109,7 +113,7 @@ def _summary(result: CompileResult) -> str:
 
 
 def run_validate(args) -> int:
-    result = _compile(args)
+    result, _ = _compile(args)  # no cache: nothing saving
     if not result.ok:
         return EXIT_INVALID
     print(f"meshc: valid: {_summary(result)}", file=sys.stderr)
@@ -117,7 +121,15 @@ def run_validate(args) -> int:
 
 
 def run_compile(args) -> int:
-    result = _compile(args)
+    result, saving = _compile(args)
+    try:
+        return _write_or_check(args, result)
+    finally:
+        if saving is not None:
+            saving.join()
+
+
+def _write_or_check(args, result: CompileResult) -> int:
     if not result.ok:
         errors = sum(1 for d in result.diagnostics if d.is_error)
         print(f"meshc: {errors} error{'s' * (errors != 1)}; nothing written", file=sys.stderr)

@@ -140,8 +140,8 @@ def test_envoy_resource_kinds_are_the_files_the_compiler_emits():
     assert set(ENVOY_KINDS) == emitted  # every kind named, and no name for a file never written
 
 
-def test_only_the_pipeline_saves_the_cache(repo, monkeypatch):
-    """compile_source saves after each clean compile; the GitOps commands add no saves of their own."""
+def test_the_cache_is_saved_by_closing_it_once(repo, monkeypatch):
+    """Closing the cache saves it; neither the pipeline nor the GitOps commands save on their own."""
     import sys
 
     from compiler.cache import Cache
@@ -156,10 +156,13 @@ def test_only_the_pipeline_saves_the_cache(repo, monkeypatch):
     monkeypatch.setattr(Cache, "save", save)
     write(repo, "policies/bookinfo/reviews.yaml", REVIEWS_25)
     diff_revisions(repo.workdir, "main")
+    assert callers == ["compiler.cache"], "the diff's cache, saved once, as it closed"
     cache = open_cache(repo.workdir)
     renderer(cache)({p: t.encode() for p, t in SAMPLE.items() if p.endswith(".yaml")})
+    renderer(cache)({p: t.encode() for p, t in SAMPLE.items() if p.endswith(".yaml")})
+    assert callers == ["compiler.cache"]
     cache.close()
-    assert callers and set(callers) == {"compiler.pipeline"}
+    assert callers == ["compiler.cache"] * 2
 
 
 def test_new_environment_and_exit_codes(repo, capsys):
