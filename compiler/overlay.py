@@ -41,15 +41,19 @@ def _merge(base: dict, over: dict, path: tuple, spans: dict, over_spans: SpanMap
     out = dict(base)
     for key, value in over.items():
         here = path + (key,)
+        # Spans below `here` come from an earlier layer's value or removal of it; most keys have neither.
+        earlier = key in out or here + (SpanMap.REMOVED,) in spans
         if value is None:
             out.pop(key, None)
-            _drop(spans, here)
+            if earlier:
+                _drop(spans, here)
             spans[here + (SpanMap.REMOVED,)] = over_spans.at(here)
         elif isinstance(value, dict) and isinstance(out.get(key), dict):
             out[key] = _merge(out[key], value, here, spans, over_spans)
         else:
             out[key] = value
-            _drop(spans, here)
+            if earlier:
+                _drop(spans, here)
             _copy(over_spans, here, spans)
     if path:
         # The mapping itself is attributed to the layer that last touched it.

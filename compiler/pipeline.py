@@ -380,7 +380,9 @@ def _compute(contexts, policies, todo, jobs, keep_spans: bool) -> list[Unit]:
 
     global _WORK
     _WORK = (contexts, policies, keep_spans)  # inherited by the forked workers, not pickled
-    chunks = [todo[i::jobs] for i in range(jobs)]
+    # A policy's units go to one worker: its Service and DestinationRule, the same in every
+    # environment, are then rendered once.
+    chunks = [[item for item in todo if item[1] % jobs == i] for i in range(jobs)]
     try:
         with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("fork")) as pool:
             results = list(pool.map(_compute_chunk, chunks))
