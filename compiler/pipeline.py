@@ -23,7 +23,7 @@ import orjson
 
 from compiler import build, check, schema
 from compiler import model as m
-from compiler.cache import Cache, file_key, unit_key
+from compiler.cache import Cache, file_key, pack_record, unit_key
 from compiler.diagnostics import Diagnostic, Diagnostics, Note, Span, SpanMap, sorted_unique
 from compiler.emit import file_bytes
 from compiler.load import Document, Source, parse
@@ -362,24 +362,26 @@ def _units(contexts: list[_EnvContext], policies: list[Policy], jobs: int | None
                 units[(ctx.env.name, policy.key)] = Unit.from_json(policy.key, cached)
             else:
                 todo.append((ci, pi))
-    for (ci, pi), unit in zip(todo, _compute(contexts, policies, todo, jobs, keep_spans=cache is None)):
+    for (ci, pi), (unit, packed) in zip(todo, _compute(contexts, policies, todo, jobs, pack=cache is not None)):
         units[(contexts[ci].env.name, policies[pi].key)] = unit
-        if cache is not None and unit.service is not None and not unit.diagnostics:
-            cache.put_pieces(unit_key(policies[pi].file_key, contexts[ci].file.file_key), unit.to_json())
+        if packed is not None:
+            cache.put_packed(unit_key(policies[pi].file_key, contexts[ci].file.file_key), *packed)
     return units
 
 
-def _compute(contexts, policies, todo, jobs, keep_spans: bool) -> list[Unit]:
+def _compute(contexts, policies, todo, jobs, pack: bool) -> list[tuple[Unit, tuple | None]]:
+    """Each (context, policy) unit of `todo`, and with `pack` a clean one's cache record
+    (`cache.pack_record`), made where the unit was: in worker processes when there are many."""
     jobs = jobs if jobs is not None else (os.cpu_count() or 1)
     for _, pi in todo:
         policies[pi].document()  # parse in the parent: workers inherit it
     if jobs <= 1 or len(todo) < PARALLEL_THRESHOLD:
-        return [_unit(contexts[ci], policies[pi], keep_spans) for ci, pi in todo]
+        return _compute_items(contexts, policies, todo, pack)
     from concurrent.futures import ProcessPoolExecutor
     from multiprocessing import get_context
 
     global _WORK
-    _WORK = (contexts, policies, keep_spans)  # inherited by the forked workers, not pickled
+    _WORK = (contexts, policies, pack)  # inherited by the forked workers, not pickled
     # A policy's units go to one worker: its Service and DestinationRule, the same in every
     # environment, are then rendered once.
     chunks = [[item for item in todo if item[1] % jobs == i] for i in range(jobs)]
@@ -389,8 +391,8 @@ def _compute(contexts, policies, todo, jobs, keep_spans: bool) -> list[Unit]:
     finally:
         _WORK = None
     by_item = {}
-    for chunk, units in zip(chunks, results):
-        by_item.update(zip(chunk, units))
+    for chunk, computed in zip(chunks, results):
+        by_item.update(zip(chunk, computed))
     return [by_item[item] for item in todo]
 
 
@@ -398,8 +400,17 @@ _WORK = None
 
 
 def _compute_chunk(chunk):
-    contexts, policies, keep_spans = _WORK
-    return [_unit(contexts[ci], policies[pi], keep_spans) for ci, pi in chunk]
+    contexts, policies, pack = _WORK
+    return _compute_items(contexts, policies, chunk, pack)
+
+
+def _compute_items(contexts, policies, items, pack: bool) -> list[tuple[Unit, tuple | None]]:
+    out = []
+    for ci, pi in items:
+        unit = _unit(contexts[ci], policies[pi], not pack)  # spans kept only where no cache needs the unit bare
+        clean = pack and unit.service is not None and not unit.diagnostics  # the cache keeps clean units only
+        out.append((unit, pack_record(unit.to_json()) if clean else None))
+    return out
 
 
 def _unit(ctx: _EnvContext, policy: Policy, keep_spans: bool) -> Unit:
