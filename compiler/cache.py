@@ -12,10 +12,10 @@ and every value is JSON (never pickle). Two tables:
   each valid input file, parsed, keyed by the fingerprint, its path and its
   bytes. Only clean results are stored (no diagnostics), so a cached result
   never hides one.
-- `blobs`: the serialised pieces (`emit.Piece`: a resource's or document's
-  canonical JSON and its text) that units refer to, keyed by SHA-256 of the
-  stored bytes, so a piece shared by many units (the same cluster in every
-  environment) is stored once.
+- `pieces`: the serialised pieces (`emit.Piece`: a resource's or document's
+  text, with its depth and canonical JSON) that units refer to, keyed by
+  SHA-256 of all of it, so a piece shared by many units (the same cluster in
+  every environment) is stored, loaded and held once.
 
 The fingerprint hashes the compiler's own source and the versions of the
 libraries that shape the output bytes, so any change to either starts over.
@@ -79,11 +79,10 @@ class Cache:
         self.directory = Path(directory)
         self._db: sqlite3.Connection | None = None
         self.units: dict[bytes, bytes] = {}
-        self.blobs: dict[bytes, bytes] = {}
+        self.pieces: dict[str, Piece] = {}  # KEY (hex) → the piece, shared by every unit that has it
         self._new_units: dict[bytes, bytes] = {}
-        self._new_blobs: dict[bytes, bytes] = {}
+        self._new_pieces: dict[str, Piece] = {}
         self._used: set[bytes] = set()
-        self._used_blobs: set[bytes] = set()
         self._open()
 
     def _open(self) -> None:
@@ -95,14 +94,17 @@ class Cache:
             # writes them twice (log, then checkpoint); 0.24 s against 0.15 s at 1,000 services.
             self._db.execute("PRAGMA journal_mode=DELETE")
             self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.execute("DROP TABLE IF EXISTS yaml")  # meshc 0.1's document memo, superseded by blobs
+            for superseded in ("yaml", "blobs"):  # earlier meshc's tables
+                self._db.execute(f"DROP TABLE IF EXISTS {superseded}")
             self._db.execute("CREATE TABLE IF NOT EXISTS units (key BLOB PRIMARY KEY, value BLOB NOT NULL)")
-            self._db.execute("CREATE TABLE IF NOT EXISTS blobs (key BLOB PRIMARY KEY, value BLOB NOT NULL)")
+            self._db.execute("CREATE TABLE IF NOT EXISTS pieces (key TEXT PRIMARY KEY, depth INTEGER NOT NULL, "
+                             "many INTEGER NOT NULL, canonical BLOB, text BLOB NOT NULL)")
             self._db.execute("PRAGMA mmap_size=268435456")  # reads straight from the page cache
             self.units = dict(self._db.execute("SELECT key, value FROM units"))
-            self.blobs = dict(self._db.execute("SELECT key, value FROM blobs"))
+            self.pieces = {key: Piece(text, depth, canonical, bool(many))
+                           for key, depth, many, canonical, text in self._db.execute("SELECT * FROM pieces")}
         except (OSError, sqlite3.Error):
-            self._db, self.units, self.blobs = None, {}, {}
+            self._db, self.units, self.pieces = None, {}, {}
 
     def get_json(self, key: bytes):
         self._used.add(key)
@@ -126,40 +128,54 @@ class Cache:
         if value is None:
             return None
         try:
-            return unpack(value, self.blobs, self._used_blobs)
-        except (KeyError, ValueError, TypeError):  # a blob went missing or is damaged: recompute
+            return unpack(value, self.pieces)
+        except (KeyError, ValueError, TypeError, IndexError):  # a piece went missing, or a damaged record
             return None
 
     def put_pieces(self, key: bytes, value) -> None:
-        """Store a JSON value that holds pieces: each piece goes to `blobs` once, the value refers to it."""
+        """Store a JSON value that holds pieces: each piece is stored once, the value refers to it."""
         self.put_packed(key, *pack_record(value))
 
-    def put_packed(self, key: bytes, record: bytes, pieces: list[tuple[bytes, Piece]]) -> None:
+    def put_packed(self, key: bytes, record: bytes, pieces: list[tuple[str, Piece]]) -> None:
         """Store what `pack_record` made (in a worker process, say)."""
         self._used.add(key)
         self.units[key] = self._new_units[key] = record
         for ref, piece in pieces:
-            self._used_blobs.add(ref)
-            if ref not in self.blobs:
-                self.blobs[ref] = self._new_blobs[ref] = _blob(piece)
+            if ref not in self.pieces:
+                self.pieces[ref] = self._new_pieces[ref] = piece
 
     def save(self) -> None:
-        if self._db is None or not (self._new_units or self._new_blobs):
+        if self._db is None or not (self._new_units or self._new_pieces):
             return
-        # Keep the cache near the size of one repo: entries this run did not use go once they dominate.
-        stale = [(k,) for k in self.units if k not in self._used] if len(self.units) > 2 * len(self._used) + PRUNE_SLACK else []
-        stale_blobs = ([(k,) for k in self.blobs if k not in self._used_blobs]
-                       if len(self.blobs) > 2 * len(self._used_blobs) + PRUNE_SLACK else [])
+        # Keep the cache near the size of one repo: entries this run did not use go once they
+        # dominate, and with them every piece no remaining unit refers to.
+        stale = [k for k in self.units if k not in self._used] if len(self.units) > 2 * len(self._used) + PRUNE_SLACK else []
         try:
             with self._db:
                 self._db.executemany("INSERT OR REPLACE INTO units VALUES (?, ?)", self._new_units.items())
-                self._db.executemany("INSERT OR REPLACE INTO blobs VALUES (?, ?)", self._new_blobs.items())
-                self._db.executemany("DELETE FROM units WHERE key = ?", stale)
-                self._db.executemany("DELETE FROM blobs WHERE key = ?", stale_blobs)
+                self._db.executemany("INSERT OR REPLACE INTO pieces VALUES (?, ?, ?, ?, ?)",
+                                     ((k, p.depth, p.many, p.canonical, p.text) for k, p in self._new_pieces.items()))
+                if stale:
+                    self._db.executemany("DELETE FROM units WHERE key = ?", ((k,) for k in stale))
+                    for k in stale:
+                        del self.units[k]
+                    self._db.executemany("DELETE FROM pieces WHERE key = ?", ((k,) for k in self._orphans()))
         except sqlite3.Error:
             pass  # a cache that cannot be written only costs time next run
         self._new_units.clear()
-        self._new_blobs.clear()
+        self._new_pieces.clear()
+
+    def _orphans(self) -> list[str]:
+        """Pieces no unit refers to (after a prune)."""
+        referred = set()
+        for raw in self.units.values():
+            try:
+                record = orjson.loads(raw)
+            except orjson.JSONDecodeError:
+                continue
+            if isinstance(record, dict) and "pieces" in record:
+                referred.update(ref for _, ref in record["pieces"])
+        return [k for k in self.pieces if k not in referred]
 
     def close(self) -> None:
         """Save what this run added, then close."""
@@ -169,43 +185,40 @@ class Cache:
             self._db = None
 
 
-def pack(value, blobs: dict[bytes, bytes]) -> dict:
-    """`value` as plain JSON: `{"value": value with each piece null, "pieces": [[path, KEY, depth, many]]}`,
-    each piece's bytes in `blobs[KEY]`. Unpacking then visits the pieces, not the whole value."""
-    record, pieces = _pack(value)
-    blobs.update((ref, _blob(piece)) for ref, piece in pieces)
+def pack(value, pieces: dict[str, Piece]) -> dict:
+    """`value` as plain JSON: `{"value": value with each piece null, "pieces": [[path, KEY]]}`,
+    each piece in `pieces[KEY]`. Unpacking then visits the pieces, not the whole value."""
+    record, found = _pack(value)
+    pieces.update(found)
     return record
 
 
-def pack_record(value) -> tuple[bytes, list[tuple[bytes, Piece]]]:
+def pack_record(value) -> tuple[bytes, list[tuple[str, Piece]]]:
     """`pack` as the record's bytes and the pieces it refers to, by KEY: what `Cache.put_packed`
     stores. Made where the value was (a worker process): the pieces travel once, and
     hashing them costs the parent nothing."""
-    record, pieces = _pack(value)
-    return orjson.dumps(record), pieces
+    record, found = _pack(value)
+    return orjson.dumps(record), found
 
 
-def _pack(value) -> tuple[dict, list[tuple[bytes, Piece]]]:
+def _pack(value) -> tuple[dict, list[tuple[str, Piece]]]:
     found: list = []
     skeleton = _strip(value, [], found)
     refs, pieces = [], []
     for path, piece in found:
-        ref = _key(piece)
-        refs.append([path, ref.hex(), piece.depth, piece.many])
+        ref = piece_key(piece)
+        refs.append([path, ref])
         pieces.append((ref, piece))
     return {"value": skeleton, "pieces": refs}, pieces
 
 
-def _blob(piece: Piece) -> bytes:
-    return (piece.canonical or b"") + b"\n" + piece.text  # canonical JSON never holds a raw newline
-
-
-def _key(piece: Piece) -> bytes:
-    """SHA-256 of the piece's blob, without building it."""
-    h = hashlib.sha256(piece.canonical or b"")
-    h.update(b"\n")
+def piece_key(piece: Piece) -> str:
+    """SHA-256 (hex) of everything a piece is: the same key is the same piece."""
+    h = hashlib.sha256(b"%d %d\n" % (piece.depth, piece.many))
+    h.update(piece.canonical or b"")
+    h.update(b"\n")  # canonical JSON never holds a raw newline
     h.update(piece.text)
-    return h.digest()
+    return h.hexdigest()
 
 
 def _strip(value, path: list, found: list):
@@ -230,15 +243,11 @@ def _strip(value, path: list, found: list):
     return value
 
 
-def unpack(record: dict, blobs: dict[bytes, bytes], refs: set[bytes] | None = None):
-    """What `pack` packed (the record is consumed). Raises KeyError when a blob is missing."""
+def unpack(record: dict, pieces: dict[str, Piece]):
+    """What `pack` packed (the record is consumed). Raises KeyError when a piece is missing."""
     value = record["value"]
-    for path, ref, depth, many in record["pieces"]:
-        key = bytes.fromhex(ref)
-        canonical, _, text = blobs[key].partition(b"\n")
-        if refs is not None:
-            refs.add(key)
-        piece = Piece(text, depth, canonical or None, many)
+    for path, ref in record["pieces"]:
+        piece = pieces[ref]
         if not path:
             return piece
         node = value

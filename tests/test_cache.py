@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
 
 import compiler.cache as cache_module
@@ -86,13 +87,13 @@ def test_a_damaged_cache_is_recomputed_not_trusted(example_repo, tmp_path):
 
 
 def test_a_changed_compiler_never_reuses_stored_bytes(example_repo, tmp_path, monkeypatch):
-    """Units are keyed by the compiler's fingerprint; the blobs they refer to by their own bytes.
+    """Units are keyed by the compiler's fingerprint; the pieces they refer to by their own bytes.
     So a changed compiler computes every unit again and never reaches an older emitter's bytes."""
     cache_dir = tmp_path / "cache"
     _compile(example_repo, cache_dir)
     with sqlite3.connect(cache_dir / "cache.sqlite") as db:
-        assert db.execute("SELECT COUNT(*) FROM blobs").fetchone()[0] > 15
-        db.execute("UPDATE blobs SET value = CAST('{}' || char(10) || 'stale: bytes' || char(10) AS BLOB)")
+        assert db.execute("SELECT COUNT(*) FROM pieces").fetchone()[0] > 15
+        db.execute("UPDATE pieces SET text = CAST('stale: bytes' || char(10) AS BLOB), canonical = NULL")
     db.close()
     computed = _counting_units(monkeypatch)
     monkeypatch.setattr(cache_module, "fingerprint", lambda: b"another compiler")
@@ -100,11 +101,11 @@ def test_a_changed_compiler_never_reuses_stored_bytes(example_repo, tmp_path, mo
     assert len(computed) == 2 * 15, "every unit computed again (with the cache, then without)"
 
 
-def test_a_unit_whose_blob_is_gone_is_computed_again(example_repo, tmp_path, monkeypatch):
+def test_a_unit_whose_piece_is_gone_is_computed_again(example_repo, tmp_path, monkeypatch):
     cache_dir = tmp_path / "cache"
     expected = _rendered(_compile(example_repo, cache_dir))
     with sqlite3.connect(cache_dir / "cache.sqlite") as db:
-        db.execute("DELETE FROM blobs WHERE rowid = (SELECT MIN(rowid) FROM blobs)")
+        db.execute("DELETE FROM pieces WHERE rowid = (SELECT MIN(rowid) FROM pieces)")
     db.close()
     computed = _counting_units(monkeypatch)
     assert _rendered(_compile(example_repo, cache_dir)) == expected
@@ -121,3 +122,21 @@ def test_cli_keeps_its_cache_outside_the_repo(example_repo):
     assert {p for p in example_repo.rglob("*") if "rendered" not in p.parts} == before
     assert Cache.for_repo(example_repo).units, "the cache filled, in the user's cache directory"
     assert Cache.for_repo(example_repo).directory.parent == cache_root()
+
+
+def test_a_cache_that_outgrew_its_repo_keeps_only_what_this_run_used(example_repo, tmp_path, monkeypatch):
+    cache_dir = tmp_path / "cache"
+    monkeypatch.setattr(cache_module, "PRUNE_SLACK", 0)
+    for compiler_version in (b"one", b"two", b"three"):  # each leaves a full set of entries behind
+        monkeypatch.setattr(cache_module, "fingerprint", lambda v=compiler_version: v)
+        expected = _rendered(_compile(example_repo, cache_dir))
+    with sqlite3.connect(cache_dir / "cache.sqlite") as db:
+        units = db.execute("SELECT COUNT(*) FROM units").fetchone()[0]
+        records = [json.loads(value) for (value,) in db.execute("SELECT value FROM units")]
+        referred = {ref for r in records if isinstance(r, dict) for _, ref in r.get("pieces", [])}
+        pieces = {key for (key,) in db.execute("SELECT key FROM pieces")}
+    db.close()
+    assert units == 15 + 5 + 3, "this run's units, policies and environments: no older ones"
+    assert pieces == referred, "no piece without a unit that refers to it, none missing"
+    computed = _counting_units(monkeypatch)
+    assert _rendered(_compile(example_repo, cache_dir)) == expected and computed == []

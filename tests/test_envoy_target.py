@@ -585,9 +585,9 @@ def _rendered(lowered) -> tuple:
 
 
 def _through_cache(fragment):
-    """A fragment as a re-compile gets it back: packed (pieces to blobs), JSON bytes, unpacked."""
-    blobs: dict[bytes, bytes] = {}
-    return cache.unpack(orjson.loads(orjson.dumps(cache.pack(fragment, blobs))), blobs)
+    """A fragment as a re-compile gets it back: packed (pieces apart), JSON bytes, unpacked."""
+    pieces: dict = {}
+    return cache.unpack(orjson.loads(orjson.dumps(cache.pack(fragment, pieces))), pieces)
 
 
 def _assert_plain_json(value, where="fragment"):
