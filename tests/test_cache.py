@@ -127,8 +127,11 @@ def test_cli_keeps_its_cache_outside_the_repo(example_repo):
 def test_a_cache_that_outgrew_its_repo_keeps_only_what_this_run_used(example_repo, tmp_path, monkeypatch):
     cache_dir = tmp_path / "cache"
     monkeypatch.setattr(cache_module, "PRUNE_SLACK", 0)
-    for compiler_version in (b"one", b"two", b"three"):  # each leaves a full set of entries behind
+    policy = example_repo / "policies" / "bookinfo" / "details.yaml"
+    original = policy.read_text()
+    for n, compiler_version in enumerate((b"one", b"two", b"three")):  # each leaves a full set of entries behind
         monkeypatch.setattr(cache_module, "fingerprint", lambda v=compiler_version: v)
+        policy.write_text(original.replace("timeout: 2s", f"timeout: {n + 2}s"))  # and pieces of its own
         expected = _rendered(_compile(example_repo, cache_dir))
     with sqlite3.connect(cache_dir / "cache.sqlite") as db:
         units = db.execute("SELECT COUNT(*) FROM units").fetchone()[0]
