@@ -7,6 +7,7 @@ stale; 2 usage error. A user's mistake never ends in a traceback.
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib
 import sys
 import threading
@@ -82,6 +83,9 @@ def _repo_and_envs(p: argparse.ArgumentParser) -> None:
 
 def _compile(args) -> tuple[CompileResult, threading.Thread | None]:
     """Compile; → the result, and the thread saving the re-compile cache (join it before exiting)."""
+    # The process ends soon after, holding millions of acyclic values: a cyclic collection
+    # over them (the first after the pipeline re-enabled it) only costs time.
+    gc.disable()
     repo: Path = args.repo
     if not repo.is_dir():
         raise UsageError(f"--repo {repo}: not a directory")

@@ -53,25 +53,33 @@ def is_input_path(path: str) -> bool:
 
 
 def source_from_dir(repo: Path) -> Source:
-    """Read the inputs of a working tree. Symlinks are not followed out of the repo."""
-    repo = Path(repo)
+    """Read the inputs of a working tree. A symlink that leads out of the repo is not read."""
+    root = os.fspath(repo)
+    real_root = os.path.realpath(root)
     files: dict[str, bytes] = {}
     for top in (POLICY_DIR, ENVIRONMENT_DIR):
-        for path in _walk(repo / top):
-            rel = path.relative_to(repo).as_posix()
-            if is_input_path(rel):
-                files[rel] = path.read_bytes()
+        for rel, is_link in _walk(root, top):
+            if not is_input_path(rel):
+                continue
+            path = os.path.join(root, rel)
+            if is_link and os.path.commonpath([real_root, os.path.realpath(path)]) != real_root:
+                continue
+            with open(path, "rb") as f:
+                files[rel] = f.read()
     return Source(files)
 
 
-def _walk(root: Path) -> Iterator[Path]:
-    if not root.is_dir():
+def _walk(root: str, top: str) -> Iterator[tuple[str, bool]]:
+    """(repo-relative POSIX path, is a symlink) of every file below `top`, sorted, hidden ones left out."""
+    start = os.path.join(root, top)
+    if not os.path.isdir(start):
         return
-    for dirpath, dirnames, filenames in os.walk(root):
+    for dirpath, dirnames, filenames in os.walk(start):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        rel_dir = os.path.relpath(dirpath, root).replace(os.sep, "/")
         for name in sorted(filenames):
             if not name.startswith("."):
-                yield Path(dirpath) / name
+                yield f"{rel_dir}/{name}", os.path.islink(os.path.join(dirpath, name))
 
 
 @dataclass(frozen=True)

@@ -47,3 +47,19 @@ def test_a_cached_documents_spans_answer_as_the_parsed_ones():
     assert cached.spans.at(("spec", "defaults", "x")) == Span("p.yaml", 5, 17)  # builds the whole map
     assert early.under(("overrides", "a/b")).at(("ports", 0, "port")) == doc.spans.at(("spec", "overrides", "a/b", "ports", 0, "port"))
     assert cached.spans.children(("spec", "overrides"))["a/c"].at(("timeout",)) == Span("p.yaml", 4, 20)
+
+
+def test_a_symlink_out_of_the_repo_is_not_read(tmp_path):
+    from compiler.load import source_from_dir
+
+    repo, outside = tmp_path / "repo", tmp_path / "secret.yaml"
+    (repo / "policies" / "shop").mkdir(parents=True)
+    (repo / "environments").mkdir()
+    outside.write_text("token: hunter2\n")
+    (repo / "policies" / "shop" / "web.yaml").write_text("kind: TrafficPolicy\n")
+    (repo / "policies" / "shop" / "leak.yaml").symlink_to(outside)
+    (repo / "policies" / "shop" / "alias.yaml").symlink_to(repo / "policies" / "shop" / "web.yaml")
+    (repo / "environments" / "prod.yaml").write_text("kind: Environment\n")
+    source = source_from_dir(repo)
+    assert sorted(source.files) == ["environments/prod.yaml", "policies/shop/alias.yaml", "policies/shop/web.yaml"]
+    assert source.files["policies/shop/alias.yaml"] == b"kind: TrafficPolicy\n"

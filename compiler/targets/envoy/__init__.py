@@ -168,7 +168,8 @@ def discovery_response(type_url: str, resources: list) -> Piece:
     key (`version_info` sorts last)."""
     body = json_bytes({"resources": resources, "type_url": type_url})
     version = hashlib.sha256(body).hexdigest()
-    return Piece(body[: -len(b"\n}\n")] + b',\n  "version_info": "' + version.encode() + b'"\n}')
+    tail = b',\n  "version_info": "' + version.encode() + b'"\n}'
+    return Piece(b"".join((memoryview(body)[: -len(b"\n}\n")], tail)))  # one copy of a file of megabytes
 
 
 def _duplicates(names: dict[str, list[str]]) -> list[str]:
