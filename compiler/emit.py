@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 import time
 from functools import lru_cache
 from pathlib import Path
@@ -170,6 +171,8 @@ def file_bytes(file: OutputFile) -> bytes:
     if file.format == "yaml":
         return b"---\n".join(d.text if type(d) is Piece else yaml_bytes([d]) for d in file.content)
     if file.format == "json":
+        if type(file.content) is Piece and file.content.depth == 0:  # a whole file serialised already
+            return b"".join((file.content.text, b"\n"))
         return json_bytes(file.content)
     raise ValueError(f"unknown output format {file.format!r}")
 
@@ -279,15 +282,24 @@ def write_rendered(out_dir: Path, outputs: Outputs, prune: bool = False) -> None
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     _remove_leftovers(out_dir)
-    for env, files in outputs.items():
-        _replace_dir(out_dir / env, files)
+    removals: list[threading.Thread] = []
+    try:
+        for env, files in outputs.items():
+            old = _replace_dir(out_dir / env, files)
+            if old is not None:  # the replaced tree goes while the next environment is built (unlink drops the GIL)
+                removals.append(threading.Thread(target=shutil.rmtree, args=(old,), kwargs={"ignore_errors": True}))
+                removals[-1].start()
+    finally:
+        for removal in removals:
+            removal.join()
     if prune:
         for stale in _env_dirs(out_dir) - set(outputs):
             shutil.rmtree(out_dir / stale)
 
 
-def _replace_dir(target: Path, files: Mapping[str, bytes]) -> None:
+def _replace_dir(target: Path, files: Mapping[str, bytes]) -> Path | None:
     """Build the new directory beside `target`, then swap it in with two renames.
+    → the replaced directory, now beside `target`, for the caller to remove.
 
     A file whose bytes equal the old directory's copy is hard-linked from it
     instead of written: a re-compile that changes one policy writes a few
@@ -308,8 +320,7 @@ def _replace_dir(target: Path, files: Mapping[str, bytes]) -> None:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    if old is not None:
-        shutil.rmtree(old)
+    return old
 
 
 def _fill(staging: str, old_root: str, files: Mapping[str, bytes]) -> None:
