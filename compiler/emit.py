@@ -385,17 +385,18 @@ def _link_if_same(old_dir: int, new_dir: int, rel: str, content: bytes) -> bool:
     """Hard-link `rel` from the old directory into the new one if its bytes are `content`
     (a symlink there is never followed: the file is written anew)."""
     try:
-        fd = os.open(rel, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=old_dir)
+        fd = os.open(rel, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=old_dir)  # never wait on a FIFO
     except OSError:
         return False
     try:
-        with open(fd, "rb") as f:
-            if os.fstat(fd).st_size != len(content) or f.read() != content:
-                return False
-        os.link(rel, rel, src_dir_fd=old_dir, dst_dir_fd=new_dir, follow_symlinks=False)
+        same = os.read(fd, len(content) + 1) == content  # a regular file gives all it has to one read
+        if same:
+            os.link(rel, rel, src_dir_fd=old_dir, dst_dir_fd=new_dir, follow_symlinks=False)
     except OSError:
         return False
-    return True
+    finally:
+        os.close(fd)
+    return same
 
 
 def _env_dirs(out_dir: Path) -> set[str]:
