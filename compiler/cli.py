@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import gc
 import importlib
+import os
 import sys
 import threading
 from pathlib import Path
@@ -34,6 +35,30 @@ EXTERNAL = {
 
 class UsageError(Exception):
     pass
+
+
+# After these the process only exits: `run` skips tearing down what the compile built.
+_FAST_EXIT = {"compile", "validate"}
+
+
+def run() -> None:
+    """The console script (and `python -m compiler`): `main`, then exit.
+
+    After compile and validate the process ends without freeing, one by one,
+    the millions of values the compile built (~60 ms at 1,000 services, more
+    than a tenth of a re-compile). By then output is flushed here, the cache
+    is saved and closed, and every thread has been joined: nothing is pending.
+    """
+    argv = sys.argv[1:]
+    code = main(argv)
+    if next((a for a in argv if not a.startswith("-")), None) in _FAST_EXIT:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):  # a closed pipe: nothing more can reach it
+                pass
+        os._exit(code)
+    sys.exit(code)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -157,6 +157,32 @@ def test_env_compiles_only_the_named_environments(example_repo, tmp_path):
     assert read_tree(out / "prod") == read_tree(full / "prod")
 
 
+def test_the_installed_command_exits_fast_and_loses_nothing(example_repo, tmp_path):
+    """`meshc compile` ends with os._exit (no teardown): its output, files and cache are all there."""
+    import sys
+
+    env = {**__import__("os").environ, "MESHC_CACHE_DIR": str(tmp_path / "cache")}
+    shutil.rmtree(example_repo / "rendered")
+
+    def run(*argv):
+        done = subprocess.run([sys.executable, "-m", "compiler", *argv, "--repo", str(example_repo)],
+                              capture_output=True, text=True, env=env, timeout=120)
+        return done.returncode, done.stdout, done.stderr
+
+    code, _, err = run("compile")
+    assert code == EXIT_OK and err.endswith("into " + str(example_repo / "rendered") + "\n")
+    assert tree(example_repo / "rendered") == tree(Path(__file__).parent.parent / "rendered")
+    assert list((tmp_path / "cache").glob("*/cache.sqlite")), "the cache was saved before the exit"
+    assert run("compile", "--check")[0] == EXIT_OK
+    policy = example_repo / "policies" / "bookinfo" / "reviews.yaml"
+    policy.write_text(policy.read_text().replace("weight: 10", "weight: 110"))
+    code, _, err = run("compile")
+    assert code == EXIT_INVALID and "weight: 110 is out of range" in err
+    assert err.endswith("meshc: 1 error; nothing written\n"), "every line reached the pipe"
+    code, _, err = run("compile", "--env", "nope")
+    assert code == EXIT_USAGE and err.startswith("meshc: error: no environment named nope")
+
+
 def test_validate_writes_nothing(example_repo):
     shutil.rmtree(example_repo / "rendered")
     before = tree(example_repo)
