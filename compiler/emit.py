@@ -171,8 +171,8 @@ def file_bytes(file: OutputFile) -> bytes:
     if file.format == "yaml":
         return b"---\n".join(d.text if type(d) is Piece else yaml_bytes([d]) for d in file.content)
     if file.format == "json":
-        if type(file.content) is Piece and file.content.depth == 0:  # a whole file serialised already
-            return b"".join((file.content.text, b"\n"))
+        if type(file.content) is bytes:  # serialised by its target already
+            return file.content
         return json_bytes(file.content)
     raise ValueError(f"unknown output format {file.format!r}")
 
@@ -221,10 +221,15 @@ def json_bytes(value) -> bytes:
     """Two-space indent, sorted keys, UTF-8, final newline: the bytes `json.dumps(value,
     indent=2, sort_keys=True, ensure_ascii=False) + "\\n"` would give, 30× faster (Python's
     C encoder is bypassed whenever `indent` is set). Pieces inside are spliced in as they are."""
+    return b"".join((json_text(value), b"\n"))
+
+
+def json_text(value) -> bytes:
+    """`json_bytes` without the final newline (and without copying megabytes to add it)."""
     try:
-        return orjson.dumps(_spliced(value, 0), option=_INDENTED) + b"\n"
+        return orjson.dumps(_spliced(value, 0), option=_INDENTED)
     except orjson.JSONEncodeError:  # integers beyond 64 bits: the standard library has no limit
-        return (json.dumps(plain(value), indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode("utf-8")
+        return json.dumps(plain(value), indent=2, sort_keys=True, ensure_ascii=False).encode("utf-8")
 
 
 def canonical_json(value) -> bytes:

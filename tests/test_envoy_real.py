@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from compiler.emit import plain
+from compiler.emit import file_bytes
 from compiler.load import Source, source_from_dir
 from compiler.pipeline import compile_source
 from compiler.targets import envoy as envoy_target
@@ -97,7 +97,7 @@ def assert_loaded(proxy: Envoy, files: dict[str, dict]) -> None:
 
 
 def test_envoy_accepts_every_feature(tmp_path):
-    files = {f.path.removeprefix("envoy/").removesuffix(".json"): plain(f.content)
+    files = {f.path.removeprefix("envoy/").removesuffix(".json"): json.loads(file_bytes(f))
              for f in envoy_target.lower(kitchen_sink(unique_loopback())).files}
     with Envoy(file_bootstrap(files, tmp_path), tmp_path) as proxy:
         assert_loaded(proxy, files)

@@ -14,7 +14,7 @@ from google.protobuf import any_pb2, json_format, symbol_database
 
 from compiler.diagnostics import Severity, Span, SpanMap
 from compiler import cache
-from compiler.emit import json_bytes, plain
+from compiler.emit import file_bytes, plain
 from compiler.load import source_from_dir
 from compiler.model import (ConnectionPool, ConsistentHash, HashOn, Ingress, LoadBalancer, MatchKind, Mesh,
                             OutlierDetection, Protocol, Retries, SimpleLb, Tls, TlsMode, Traffic)
@@ -53,7 +53,7 @@ def lower(*services, address="0.0.0.0"):
 
 
 def files(lowered) -> dict[str, dict]:
-    return {f.path.removeprefix("envoy/").removesuffix(".json"): plain(f.content) for f in lowered.files}
+    return {f.path.removeprefix("envoy/").removesuffix(".json"): json.loads(file_bytes(f)) for f in lowered.files}
 
 
 def by_name(lowered, kind: str) -> dict[str, dict]:
@@ -143,7 +143,7 @@ def _service_of(cluster: str) -> tuple[str, str]:
 
 def test_output_is_byte_identical_across_runs():
     def render():
-        return [json_bytes(f.content)
+        return [file_bytes(f)
                 for f in envoy.lower(kitchen_sink()).files]
     assert render() == render()
 
@@ -581,7 +581,7 @@ def _test_meshes() -> dict[str, Mesh]:
 
 def _rendered(lowered) -> tuple:
     """What a lowering amounts to: each file's bytes as emitted, and the diagnostics in order."""
-    return [(f.path, f.format, json_bytes(f.content)) for f in lowered.files], lowered.diagnostics
+    return [(f.path, f.format, file_bytes(f)) for f in lowered.files], lowered.diagnostics
 
 
 def _through_cache(fragment):
@@ -625,7 +625,7 @@ def test_the_pipeline_emits_what_lower_does():
     result = compile_source(source_from_dir(REPO), jobs=1)
     for env, example in result.meshes.items():
         for f in envoy.lower(example).files:
-            assert result.outputs[env][f.path] == json_bytes(f.content), (env, f.path)
+            assert result.outputs[env][f.path] == file_bytes(f), (env, f.path)
 
 
 @pytest.mark.parametrize("name", sorted(_test_meshes()) + ["example"])

@@ -22,11 +22,11 @@ from compiler.diagnostics import Diagnostic
 
 @dataclass(frozen=True)
 class OutputFile:
-    """One file to write: YAML documents (a list) or one JSON value."""
+    """One file to write: YAML documents (a list), or one JSON value, or its bytes already."""
 
     path: str
     content: object
-    format: str  # "yaml" (content is a list of documents) | "json"
+    format: str  # "yaml" (content is a list of documents) | "json" (a value, or bytes serialised by the target)
 
 
 @dataclass(frozen=True)

@@ -46,7 +46,7 @@ import hashlib
 from collections import Counter
 from operator import itemgetter
 
-from compiler.emit import Piece, json_bytes
+from compiler.emit import Piece, json_text
 from compiler.model import Environment, Mesh, Service
 from compiler.targets import Lowered, OutputFile
 from compiler.targets.envoy import clusters, endpoints, listeners, routes
@@ -162,14 +162,15 @@ def assemble(env: Environment, fragments: list[dict]) -> Lowered:
     return Lowered(files, tuple(service_problems + route_problems + listener_problems))
 
 
-def discovery_response(type_url: str, resources: list) -> Piece:
-    """The DiscoveryResponse file, serialised once: `version_info` is `content_version`,
-    the SHA-256 of the file's JSON without it, which is the file's own text up to its last
-    key (`version_info` sorts last)."""
-    body = json_bytes({"resources": resources, "type_url": type_url})
-    version = hashlib.sha256(body).hexdigest()
-    tail = b',\n  "version_info": "' + version.encode() + b'"\n}'
-    return Piece(b"".join((memoryview(body)[: -len(b"\n}\n")], tail)))  # one copy of a file of megabytes
+def discovery_response(type_url: str, resources: list) -> bytes:
+    """The DiscoveryResponse file's bytes: `version_info` is `content_version`, the SHA-256
+    of the file's JSON without it, which is the file's own text up to its last key
+    (`version_info` sorts last). Megabytes long: put together with one copy."""
+    body = json_text({"resources": resources, "type_url": type_url})  # ends "\n}"
+    digest = hashlib.sha256(body)
+    digest.update(b"\n")
+    tail = b',\n  "version_info": "' + digest.hexdigest().encode() + b'"\n}\n'
+    return b"".join((memoryview(body)[: -len(b"\n}")], tail))
 
 
 def _duplicates(names: dict[str, list[str]]) -> list[str]:
