@@ -281,55 +281,68 @@ Outputs = Mapping[str, Mapping[str, bytes]]  # environment → (path inside rend
 def write_rendered(out_dir: Path, outputs: Outputs, prune: bool = False) -> None:
     """Replace `out_dir/<env>` for each environment in `outputs`, each as a whole.
 
+    Every environment's new tree is built beside its old one first, all at
+    once on threads of their own (the work is system calls, which release the
+    GIL), and only when all are complete are they swapped in, one atomic
+    exchange each: a failure while building leaves every environment as it was.
     With `prune`, environment directories that are no longer compiled (they
     hold a kustomization.yaml and are not in `outputs`) are removed.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     _remove_leftovers(out_dir)
-    removals: list[threading.Thread] = []
+    staged = {env: tempfile.mkdtemp(prefix=f".{env}.new-", dir=out_dir) for env in outputs}
     try:
-        for env, files in outputs.items():
-            old = _replace_dir(out_dir / env, files)
-            if old is not None:  # the replaced tree goes while the next environment is built (unlink drops the GIL)
-                removals.append(threading.Thread(target=shutil.rmtree, args=(old,), kwargs={"ignore_errors": True}))
-                removals[-1].start()
+        _on_threads(_fill, [(staged[env], str(out_dir / env), files) for env, files in outputs.items()])
+        replaced = [_swap(staged.pop(env), out_dir / env) for env in list(staged)]
     finally:
-        for removal in removals:
-            removal.join()
+        for leftover in staged.values():
+            shutil.rmtree(leftover, ignore_errors=True)
+    _on_threads(shutil.rmtree, [(old, True) for old in replaced if old is not None])  # (path, ignore_errors)
     if prune:
         for stale in _env_dirs(out_dir) - set(outputs):
             shutil.rmtree(out_dir / stale)
 
 
-def _replace_dir(target: Path, files: Mapping[str, bytes]) -> Path | None:
-    """Build the new directory beside `target`, then swap it in with two renames.
-    → the replaced directory, now beside `target`, for the caller to remove.
+def _on_threads(work, calls: list[tuple]) -> None:
+    """`work(*args)` for each of `calls`, each on a thread of its own; the first exception is raised."""
+    errors: list[BaseException] = []
+
+    def run(args):
+        try:
+            work(*args)
+        except BaseException as exc:  # re-raised below, in the caller's thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(args,)) for args in calls]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
+
+
+def _swap(staging: str, target: Path) -> Path | None:
+    """Put `staging` in `target`'s place. → the replaced directory, for the caller to remove."""
+    if not target.exists():
+        os.rename(staging, target)
+        return None
+    if _exchange(staging, target):  # one atomic step: rendered/<env> never goes missing
+        return Path(staging)
+    old = target.parent / f".{target.name}.old-{os.getpid()}"
+    os.rename(target, old)
+    os.rename(staging, target)
+    return old
+
+
+def _fill(staging: str, old_root: str, files: Mapping[str, bytes]) -> None:
+    """Write `files` under `staging` (directories 0755), linking those equal to `old_root`'s.
 
     A file whose bytes equal the old directory's copy is hard-linked from it
     instead of written: a re-compile that changes one policy writes a few
     files, not thousands.
     """
-    staging = tempfile.mkdtemp(prefix=f".{target.name}.new-", dir=target.parent)
-    try:
-        _fill(staging, str(target), files)
-        old = None
-        if not target.exists():
-            os.rename(staging, target)
-        elif _exchange(staging, target):  # one atomic step: rendered/<env> never goes missing
-            old = Path(staging)
-        else:
-            old = target.parent / f".{target.name}.old-{os.getpid()}"
-            os.rename(target, old)
-            os.rename(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return old
-
-
-def _fill(staging: str, old_root: str, files: Mapping[str, bytes]) -> None:
-    """Write `files` under `staging` (directories 0755), linking those equal to `old_root`'s."""
     new_dir = os.open(staging, os.O_RDONLY | os.O_DIRECTORY)
     try:
         old_dir = os.open(old_root, os.O_RDONLY | os.O_DIRECTORY)

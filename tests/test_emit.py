@@ -167,3 +167,15 @@ def test_unchanged_files_are_linked_changed_ones_written_and_symlinks_never_foll
     assert outside.stat().st_nlink == 1
     dirs = [out / "prod", out / "prod" / "istio", out / "prod" / "istio" / "a"]
     assert [oct(d.stat().st_mode & 0o777) for d in dirs] == ["0o755"] * 3, "directories do not depend on the umask"
+
+
+def test_a_failure_while_building_any_environment_changes_none(tmp_path):
+    from compiler.emit import write_rendered
+
+    write_rendered(tmp_path, {"dev": {"kustomization.yaml": b"dev 1\n"}, "prod": {"kustomization.yaml": b"prod 1\n"}})
+    broken = {"kustomization.yaml": b"prod 2\n", "istio": b"a file", "istio/x.yaml": b"under that file\n"}
+    with pytest.raises(OSError):
+        write_rendered(tmp_path, {"dev": {"kustomization.yaml": b"dev 2\n"}, "prod": broken})
+    assert (tmp_path / "dev" / "kustomization.yaml").read_bytes() == b"dev 1\n", "dev was built, but not swapped in"
+    assert (tmp_path / "prod" / "kustomization.yaml").read_bytes() == b"prod 1\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dev", "prod"], "no staging directory left behind"
