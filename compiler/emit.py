@@ -19,7 +19,6 @@ import json
 import os
 import shutil
 import tempfile
-import threading
 import time
 from functools import lru_cache
 from pathlib import Path
@@ -281,46 +280,29 @@ Outputs = Mapping[str, Mapping[str, bytes]]  # environment → (path inside rend
 def write_rendered(out_dir: Path, outputs: Outputs, prune: bool = False) -> None:
     """Replace `out_dir/<env>` for each environment in `outputs`, each as a whole.
 
-    Every environment's new tree is built beside its old one first, all at
-    once on threads of their own (the work is system calls, which release the
-    GIL), and only when all are complete are they swapped in, one atomic
-    exchange each: a failure while building leaves every environment as it was.
-    With `prune`, environment directories that are no longer compiled (they
-    hold a kustomization.yaml and are not in `outputs`) are removed.
+    Every environment's new tree is built beside its old one first, and only
+    when all are complete are they swapped in, one atomic exchange each: a
+    failure while building leaves every environment as it was. With `prune`,
+    environment directories that are no longer compiled (they hold a
+    kustomization.yaml and are not in `outputs`) are removed.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     _remove_leftovers(out_dir)
     staged = {env: tempfile.mkdtemp(prefix=f".{env}.new-", dir=out_dir) for env in outputs}
     try:
-        _on_threads(_fill, [(staged[env], str(out_dir / env), files) for env, files in outputs.items()])
+        for env, files in outputs.items():
+            _fill(staged[env], str(out_dir / env), files)
         replaced = [_swap(staged.pop(env), out_dir / env) for env in list(staged)]
     finally:
         for leftover in staged.values():
             shutil.rmtree(leftover, ignore_errors=True)
-    _on_threads(shutil.rmtree, [(old, True) for old in replaced if old is not None])  # (path, ignore_errors)
+    for old in replaced:
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
     if prune:
         for stale in _env_dirs(out_dir) - set(outputs):
             shutil.rmtree(out_dir / stale)
-
-
-def _on_threads(work, calls: list[tuple]) -> None:
-    """`work(*args)` for each of `calls`, each on a thread of its own; the first exception is raised."""
-    errors: list[BaseException] = []
-
-    def run(args):
-        try:
-            work(*args)
-        except BaseException as exc:  # re-raised below, in the caller's thread
-            errors.append(exc)
-
-    threads = [threading.Thread(target=run, args=(args,)) for args in calls]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    if errors:
-        raise errors[0]
 
 
 def _swap(staging: str, target: Path) -> Path | None:
