@@ -99,8 +99,9 @@ class UnknownEnvironment(ValueError):
 class Unit:
     """One service in one environment, compiled: each target's fragment.
 
-    `service` is the model when this run built it, None when the unit came
-    from the cache (which stores only clean units, as JSON and pieces).
+    `service` is the model when this run built it and something needs it;
+    None when the unit came from the cache (which stores only clean units, as
+    JSON and pieces), or when no model is wanted (a clean unit, `models=False`).
     """
 
     key: str
@@ -168,7 +169,7 @@ def _compile(source: Source, envs: Sequence[str] | None, jobs: int | None, cache
         result.diagnostics = sorted_unique(diags)
         return result
     contexts = [_EnvContext.of(e, policies, diags) for e in environments]
-    units = _units(contexts, policies, jobs, cache)
+    units = _units(contexts, policies, jobs, cache, models)
     for ctx in contexts:
         files = _assemble(ctx, [units[(ctx.env.name, p.key)] for p in policies], diags)
         if files is not None:
@@ -351,7 +352,7 @@ class _EnvContext:
         return _EnvLayers(self.file.spec, self.file.spans)
 
 
-def _units(contexts: list[_EnvContext], policies: list[Policy], jobs: int | None, cache: Cache | None) -> dict:
+def _units(contexts: list[_EnvContext], policies: list[Policy], jobs: int | None, cache: Cache | None, models: bool) -> dict:
     """Every (environment, policy) unit, from the cache where it holds one."""
     units: dict[tuple[str, str], Unit] = {}
     todo: list[tuple[int, int]] = []
@@ -362,26 +363,26 @@ def _units(contexts: list[_EnvContext], policies: list[Policy], jobs: int | None
                 units[(ctx.env.name, policy.key)] = Unit.from_json(policy.key, cached)
             else:
                 todo.append((ci, pi))
-    for (ci, pi), (unit, packed) in zip(todo, _compute(contexts, policies, todo, jobs, pack=cache is not None)):
+    for (ci, pi), (unit, packed) in zip(todo, _compute(contexts, policies, todo, jobs, cache is not None, models)):
         units[(contexts[ci].env.name, policies[pi].key)] = unit
         if packed is not None:
             cache.put_packed(unit_key(policies[pi].file_key, contexts[ci].file.file_key), *packed)
     return units
 
 
-def _compute(contexts, policies, todo, jobs, pack: bool) -> list[tuple[Unit, tuple | None]]:
+def _compute(contexts, policies, todo, jobs, pack: bool, models: bool = True) -> list[tuple[Unit, tuple | None]]:
     """Each (context, policy) unit of `todo`, and with `pack` a clean one's cache record
     (`cache.pack_record`), made where the unit was: in worker processes when there are many."""
     jobs = jobs if jobs is not None else (os.cpu_count() or 1)
     for _, pi in todo:
         policies[pi].document()  # parse in the parent: workers inherit it
     if jobs <= 1 or len(todo) < PARALLEL_THRESHOLD:
-        return _compute_items(contexts, policies, todo, pack)
+        return _compute_items(contexts, policies, todo, pack, models)
     from concurrent.futures import ProcessPoolExecutor
     from multiprocessing import get_context
 
     global _WORK
-    _WORK = (contexts, policies, pack)  # inherited by the forked workers, not pickled
+    _WORK = (contexts, policies, pack, models)  # inherited by the forked workers, not pickled
     # A policy's units go to one worker: its Service and DestinationRule, the same in every
     # environment, are then rendered once.
     chunks = [[item for item in todo if item[1] % jobs == i] for i in range(jobs)]
@@ -400,15 +401,17 @@ _WORK = None
 
 
 def _compute_chunk(chunk):
-    contexts, policies, pack = _WORK
-    return _compute_items(contexts, policies, chunk, pack)
+    contexts, policies, pack, models = _WORK
+    return _compute_items(contexts, policies, chunk, pack, models)
 
 
-def _compute_items(contexts, policies, items, pack: bool) -> list[tuple[Unit, tuple | None]]:
+def _compute_items(contexts, policies, items, pack: bool, models: bool) -> list[tuple[Unit, tuple | None]]:
     out = []
     for ci, pi in items:
         unit = _unit(contexts[ci], policies[pi], not pack)  # spans kept only where no cache needs the unit bare
         clean = pack and unit.service is not None and not unit.diagnostics  # the cache keeps clean units only
+        if clean and not models:  # then nothing downstream reads the model: it need not travel back
+            unit = replace(unit, service=None)
         out.append((unit, pack_record(unit.to_json()) if clean else None))
     return out
 
