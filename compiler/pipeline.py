@@ -33,6 +33,7 @@ from compiler.targets import registry
 # Below this many units to compute (policy files to parse), worker processes cost more than they save.
 PARALLEL_THRESHOLD = 400
 PARSE_THRESHOLD = 200
+CHUNKS_PER_WORKER = 4
 
 
 @dataclass
@@ -384,8 +385,13 @@ def _compute(contexts, policies, todo, jobs, pack: bool, models: bool = True) ->
     global _WORK
     _WORK = (contexts, policies, pack, models)  # inherited by the forked workers, not pickled
     # A policy's units go to one worker: its Service and DestinationRule, the same in every
-    # environment, are then rendered once.
-    chunks = [[item for item in todo if item[1] % jobs == i] for i in range(jobs)]
+    # environment, are then rendered once. Several chunks a worker, handed out as workers
+    # finish: the cores of a shared machine do not all run at one speed.
+    per_chunk = -(-(max(pi for _, pi in todo) + 1) // (jobs * CHUNKS_PER_WORKER))
+    by_chunk: dict[int, list] = {}
+    for item in todo:
+        by_chunk.setdefault(item[1] // per_chunk, []).append(item)
+    chunks = list(by_chunk.values())
     try:
         with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("fork")) as pool:
             results = list(pool.map(_compute_chunk, chunks))
