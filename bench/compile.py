@@ -156,12 +156,12 @@ def main() -> None:
     compileall.compile_dir(Path(__file__).resolve().parent.parent / "compiler", quiet=1)
     root = args.keep or Path(tempfile.mkdtemp(prefix="meshc-bench-"))
     cache = root.parent / f"{root.name}.cache"
+    trash = Path(tempfile.mkdtemp(prefix="meshc-bench-trash-", dir=root.parent))
     os.environ["MESHC_CACHE_DIR"] = str(cache)  # the meshc processes' re-compile cache, removed for cold runs
     try:
         generate(root, args.services)
         full, recompile, noop, floors = [], [], [], []
         touched = root / "policies" / "team-07" / f"svc-{7:04d}.yaml"
-        trash = Path(tempfile.mkdtemp(prefix="meshc-bench-trash-", dir=root.parent))
         for _ in range(args.repeat):
             # Cold: no rendered/, no cache. Both are moved aside and deleted after the last run:
             # deleting thousands of files right before one makes the disk's next file creations

@@ -118,12 +118,15 @@ class Cache:
 
     def put_json(self, key: bytes, value) -> None:
         self._used.add(key)
-        raw = orjson.dumps(value)
+        try:
+            raw = orjson.dumps(value)
+        except orjson.JSONEncodeError:  # an integer beyond 64 bits (a patch value): not cached, still compiled
+            return
         self.units[key] = raw
         self._new_units[key] = raw
 
     def get_pieces(self, key: bytes):
-        """A JSON value stored by `put_pieces`, its pieces restored; None when absent or damaged."""
+        """A value stored by `put_packed`, its pieces restored; None when absent or damaged."""
         value = self.get_json(key)
         if value is None:
             return None
@@ -131,10 +134,6 @@ class Cache:
             return unpack(value, self.pieces)
         except (KeyError, ValueError, TypeError, IndexError):  # a piece went missing, or a damaged record
             return None
-
-    def put_pieces(self, key: bytes, value) -> None:
-        """Store a JSON value that holds pieces: each piece is stored once, the value refers to it."""
-        self.put_packed(key, *pack_record(value))
 
     def put_packed(self, key: bytes, record: bytes, pieces: list[tuple[str, Piece]]) -> None:
         """Store what `pack_record` made (in a worker process, say)."""
@@ -185,17 +184,11 @@ class Cache:
             self._db = None
 
 
-def pack(value, pieces: dict[str, Piece]) -> dict:
-    """`value` as plain JSON: `{"value": value with each piece null, "pieces": [[path, KEY]]}`,
-    each piece in `pieces[KEY]`. Unpacking then visits the pieces, not the whole value."""
-    record, found = _pack(value)
-    pieces.update(found)
-    return record
-
-
 def pack_record(value) -> tuple[bytes, list[tuple[str, Piece]]]:
-    """`pack` as the record's bytes and the pieces it refers to, by KEY: what `Cache.put_packed`
-    stores. Made where the value was (a worker process): the pieces travel once, and
+    """`value`, which holds pieces, as a record `{"value": value with each piece null,
+    "pieces": [[path, KEY]]}` (JSON bytes) and the pieces it refers to by KEY: what
+    `Cache.put_packed` stores, and `unpack` reads back visiting the pieces, not the whole
+    value. Made where the value was (a worker process): the pieces travel once, and
     hashing them costs the parent nothing."""
     record, found = _pack(value)
     return orjson.dumps(record), found
@@ -244,7 +237,7 @@ def _strip(value, path: list, found: list):
 
 
 def unpack(record: dict, pieces: dict[str, Piece]):
-    """What `pack` packed (the record is consumed). Raises KeyError when a piece is missing."""
+    """What `pack_record` packed (the record, parsed, is consumed). Raises KeyError when a piece is missing."""
     value = record["value"]
     for path, ref in record["pieces"]:
         piece = pieces[ref]

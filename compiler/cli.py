@@ -44,14 +44,21 @@ _FAST_EXIT = {"compile", "validate"}
 def run() -> None:
     """The console script (and `python -m compiler`): `main`, then exit.
 
-    After compile and validate the process ends without freeing, one by one,
-    the millions of values the compile built (~60 ms at 1,000 services, more
-    than a tenth of a re-compile). By then output is flushed here, the cache
-    is saved and closed, and every thread has been joined: nothing is pending.
+    When compile or validate has finished (exit code 0 or 1), the process ends
+    without freeing, one by one, the millions of values the compile built
+    (~60 ms at 1,000 services, more than a tenth of a re-compile). By then
+    output is flushed here, the cache is saved and closed, every thread has
+    been joined and every worker process stopped: nothing is pending. An
+    interrupted or refused command exits the ordinary way.
     """
     argv = sys.argv[1:]
+    fast = next((a for a in argv if not a.startswith("-")), None) in _FAST_EXIT
+    if fast:
+        # The process ends soon after, holding millions of acyclic values: a cyclic collection
+        # over them (the first after the pipeline re-enabled it) only costs time.
+        gc.disable()
     code = main(argv)
-    if next((a for a in argv if not a.startswith("-")), None) in _FAST_EXIT:
+    if fast and code in (EXIT_OK, EXIT_INVALID):  # finished: not interrupted, not a usage error
         for stream in (sys.stdout, sys.stderr):
             try:
                 stream.flush()
@@ -108,9 +115,6 @@ def _repo_and_envs(p: argparse.ArgumentParser) -> None:
 
 def _compile(args) -> tuple[CompileResult, threading.Thread | None]:
     """Compile; → the result, and the thread saving the re-compile cache (join it before exiting)."""
-    # The process ends soon after, holding millions of acyclic values: a cyclic collection
-    # over them (the first after the pipeline re-enabled it) only costs time.
-    gc.disable()
     repo: Path = args.repo
     if not repo.is_dir():
         raise UsageError(f"--repo {repo}: not a directory")
@@ -184,4 +188,4 @@ def _write_or_check(args, result: CompileResult) -> int:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    run()

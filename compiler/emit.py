@@ -18,6 +18,7 @@ import io
 import json
 import os
 import shutil
+import stat
 import tempfile
 import time
 from functools import lru_cache
@@ -282,15 +283,20 @@ def write_rendered(out_dir: Path, outputs: Outputs, prune: bool = False) -> None
 
     Every environment's new tree is built beside its old one first, and only
     when all are complete are they swapped in, one atomic exchange each: a
-    failure while building leaves every environment as it was. With `prune`,
+    failure while building leaves every environment as it was (a failure of
+    the swap itself, a rename refused, can leave the environments swapped so
+    far new and the rest old; replaced trees left behind are removed by a
+    later run). With `prune`,
     environment directories that are no longer compiled (they hold a
     kustomization.yaml and are not in `outputs`) are removed.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     _remove_leftovers(out_dir)
-    staged = {env: tempfile.mkdtemp(prefix=f".{env}.new-", dir=out_dir) for env in outputs}
+    staged: dict[str, str] = {}
     try:
+        for env in outputs:
+            staged[env] = tempfile.mkdtemp(prefix=f".{env}.new-", dir=out_dir)
         for env, files in outputs.items():
             _fill(staged[env], str(out_dir / env), files)
         replaced = [_swap(staged.pop(env), out_dir / env) for env in list(staged)]
@@ -298,7 +304,9 @@ def write_rendered(out_dir: Path, outputs: Outputs, prune: bool = False) -> None
         for leftover in staged.values():
             shutil.rmtree(leftover, ignore_errors=True)
     for old in replaced:
-        if old is not None:
+        if old is not None and old.is_symlink():  # rendered/<env> was a planted symlink: drop the link only
+            old.unlink()
+        elif old is not None:
             shutil.rmtree(old, ignore_errors=True)
     if prune:
         for stale in _env_dirs(out_dir) - set(outputs):
@@ -323,36 +331,51 @@ def _fill(staging: str, old_root: str, files: Mapping[str, bytes]) -> None:
 
     A file whose bytes equal the old directory's copy is hard-linked from it
     instead of written: a re-compile that changes one policy writes a few
-    files, not thousands.
+    files, not thousands. The old tree is walked one directory at a time
+    without following a symlink at any level (a pull request can plant one),
+    so nothing outside it is ever linked in.
     """
-    new_dir = os.open(staging, os.O_RDONLY | os.O_DIRECTORY)
+    new_dirs = {"": os.open(staging, os.O_RDONLY | os.O_DIRECTORY)}
+    old_dirs: dict[str, int | None] = {"": _open_dir(old_root, None)}
     try:
-        old_dir = os.open(old_root, os.O_RDONLY | os.O_DIRECTORY)
-    except OSError:
-        old_dir = None
-    try:
-        made = {""}
         for rel, content in files.items():
-            parent = rel.rpartition("/")[0]
-            if parent not in made:
-                _make_dirs(staging, parent, made)
-            if old_dir is None or not _link_if_same(old_dir, new_dir, rel, content):
-                with open(os.open(rel, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666, dir_fd=new_dir), "wb") as f:
+            parent, _, name = rel.rpartition("/")
+            if parent not in new_dirs:
+                _make_dirs(parent, new_dirs)
+            old_dir = _old_dir(parent, old_dirs)
+            if old_dir is None or not _link_if_same(old_dir, new_dirs[parent], name, content):
+                with open(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666, dir_fd=new_dirs[parent]), "wb") as f:
                     f.write(content)
         os.chmod(staging, 0o755)
     finally:
-        os.close(new_dir)
-        if old_dir is not None:
-            os.close(old_dir)
+        for fd in [*new_dirs.values(), *old_dirs.values()]:
+            if fd is not None:
+                os.close(fd)
 
 
-def _make_dirs(root: str, rel: str, made: set[str]) -> None:
-    head = rel.rpartition("/")[0]
+def _open_dir(name: str, parent: int | None) -> int | None:
+    """A directory's descriptor, None where there is none or it is a symlink."""
+    try:
+        return os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=parent)
+    except OSError:
+        return None
+
+
+def _old_dir(rel: str, opened: dict[str, int | None]) -> int | None:
+    if rel not in opened:
+        head, _, name = rel.rpartition("/")
+        parent = _old_dir(head, opened)
+        opened[rel] = None if parent is None else _open_dir(name, parent)
+    return opened[rel]
+
+
+def _make_dirs(rel: str, made: dict[str, int]) -> None:
+    head, _, name = rel.rpartition("/")
     if head not in made:
-        _make_dirs(root, head, made)
-    os.mkdir(os.path.join(root, rel), 0o755)
-    os.chmod(os.path.join(root, rel), 0o755)  # whatever the umask: the same tree on every machine
-    made.add(rel)
+        _make_dirs(head, made)
+    os.mkdir(name, 0o755, dir_fd=made[head])
+    os.chmod(name, 0o755, dir_fd=made[head])  # whatever the umask: the same tree on every machine
+    made[rel] = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=made[head])
 
 
 def _exchange(a: str, b: Path) -> bool:
@@ -381,17 +404,17 @@ def _remove_leftovers(out_dir: Path) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
-def _link_if_same(old_dir: int, new_dir: int, rel: str, content: bytes) -> bool:
-    """Hard-link `rel` from the old directory into the new one if its bytes are `content`
-    (a symlink there is never followed: the file is written anew)."""
+def _link_if_same(old_dir: int, new_dir: int, name: str, content: bytes) -> bool:
+    """Hard-link `name` from the old directory into the new one if its bytes are `content`
+    (a symlink or FIFO there is never followed nor waited on: the file is written anew)."""
     try:
-        fd = os.open(rel, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=old_dir)  # never wait on a FIFO
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=old_dir)
     except OSError:
         return False
     try:
         same = os.read(fd, len(content) + 1) == content  # a regular file gives all it has to one read
         if same:
-            os.link(rel, rel, src_dir_fd=old_dir, dst_dir_fd=new_dir, follow_symlinks=False)
+            os.link(name, name, src_dir_fd=old_dir, dst_dir_fd=new_dir, follow_symlinks=False)
     except OSError:
         return False
     finally:
@@ -425,12 +448,20 @@ def stale_files(out_dir: Path, outputs: Outputs, all_envs: bool) -> list[str]:
     return problems
 
 
-def _read_tree(root: Path) -> dict[str, bytes]:
-    if not root.is_dir():
+def _read_tree(root: Path) -> dict[str, bytes | None]:
+    """Every file below `root`: regular files' bytes, None for anything else (a symlink, a FIFO),
+    which is never followed nor read and so never equals what the compiler writes."""
+    if not root.is_dir() or root.is_symlink():
         return {}
-    out = {}
+    out: dict[str, bytes | None] = {}
     for dirpath, _, filenames in os.walk(root):
         for name in filenames:
-            path = Path(dirpath) / name
-            out[path.relative_to(root).as_posix()] = path.read_bytes()
+            path = os.path.join(dirpath, name)
+            rel = os.path.relpath(path, root).replace(os.sep, "/")
+            if not stat.S_ISREG(os.lstat(path).st_mode):
+                out[rel] = None
+                continue
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+            with open(fd, "rb") as f:
+                out[rel] = f.read()
     return out

@@ -58,19 +58,27 @@ def source_from_dir(repo: Path) -> Source:
     real_root = os.path.realpath(root)
     files: dict[str, bytes] = {}
     for top in (POLICY_DIR, ENVIRONMENT_DIR):
+        start = os.path.join(root, top)
+        if os.path.islink(start) and not _inside(real_root, start):
+            continue
         for rel, is_link in _walk(root, top):
             if not is_input_path(rel):
                 continue
             path = os.path.join(root, rel)
-            if is_link and os.path.commonpath([real_root, os.path.realpath(path)]) != real_root:
+            if is_link and not _inside(real_root, path):
                 continue
             with open(path, "rb") as f:
                 files[rel] = f.read()
     return Source(files)
 
 
+def _inside(real_root: str, path: str) -> bool:
+    return os.path.commonpath([real_root, os.path.realpath(path)]) == real_root
+
+
 def _walk(root: str, top: str) -> Iterator[tuple[str, bool]]:
-    """(repo-relative POSIX path, is a symlink) of every file below `top`, sorted, hidden ones left out."""
+    """(repo-relative POSIX path, is a symlink) of every file below `top`, sorted, hidden ones
+    left out. Symlinked directories below `top` are not walked (os.walk follows none)."""
     start = os.path.join(root, top)
     if not os.path.isdir(start):
         return

@@ -157,8 +157,11 @@ def _no_gc():
 def _compile(source: Source, envs: Sequence[str] | None, jobs: int | None, cache: Cache | None, models: bool) -> CompileResult:
     diags = Diagnostics()
     loading = _PolicyLoad(source, cache, jobs)  # new policy files parse in worker processes meanwhile
-    environments = load_environments(source, diags, loading.by_key if cache is None else None, cache)
-    policies = loading.policies(diags)
+    try:
+        environments = load_environments(source, diags, loading.by_key if cache is None else None, cache)
+        policies = loading.policies(diags)
+    finally:
+        loading.close()  # whatever happened meanwhile, no worker outlives this
     result = CompileResult(environments=tuple(sorted(e.name for e in environments)), services=len(policies))
     if envs:
         unknown = sorted(set(envs) - set(result.environments))
@@ -204,12 +207,13 @@ class _PolicyLoad:
             self._files.append((path, content, fkey, cache.get_json(b"policy:" + fkey) if cache else None))
         new = [(path, content) for path, content, _, known in self._files if known is None]
         jobs = jobs if jobs is not None else (os.cpu_count() or 1)
-        self._pool, self._parts = None, []
+        self._pool, self._parts, self._parallel = None, [], False
         if jobs > 1 and len(new) >= PARSE_THRESHOLD:
             from concurrent.futures import ProcessPoolExecutor
             from multiprocessing import get_context
 
             self._pool = ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("fork"))
+            self._parallel = True
             self._parts = [self._pool.submit(_parse_policies, new[i::jobs]) for i in range(jobs)]
         else:
             self._parts = [_parse_policies(new, as_json=False)]
@@ -228,17 +232,22 @@ class _PolicyLoad:
             self._result = self._finish()
         return {p.key: p for p in self._result}
 
+    def close(self) -> None:
+        """Stop the workers (at once, when `policies` was never reached)."""
+        if self._pool is not None:
+            self._pool.shutdown(cancel_futures=True)
+            self._pool = None
+
     def _finish(self) -> list[Policy]:
         parsed: dict[str, tuple] = {}
         try:
             for part in self._parts:
-                docs, problems = part.result() if self._pool else part
+                docs, problems = part.result() if self._parallel else part
                 self._diags += problems
-                for path, doc, name_span in (orjson.loads(docs) if self._pool else docs):
-                    parsed[path] = (doc if not self._pool else Document.from_json(doc), Span(*name_span))
+                for path, doc, name_span in (orjson.loads(docs) if self._parallel else docs):
+                    parsed[path] = (Document.from_json(doc) if self._parallel else doc, Span(*name_span))
         finally:
-            if self._pool:
-                self._pool.shutdown()
+            self.close()
         policies: dict[str, Policy] = {}
         for path, content, fkey, known in self._files:
             if known is not None:
@@ -371,7 +380,7 @@ def _units(contexts: list[_EnvContext], policies: list[Policy], jobs: int | None
     return units
 
 
-def _compute(contexts, policies, todo, jobs, pack: bool, models: bool = True) -> list[tuple[Unit, tuple | None]]:
+def _compute(contexts, policies, todo, jobs, pack: bool, models: bool) -> list[tuple[Unit, tuple | None]]:
     """Each (context, policy) unit of `todo`, and with `pack` a clean one's cache record
     (`cache.pack_record`), made where the unit was: in worker processes when there are many."""
     jobs = jobs if jobs is not None else (os.cpu_count() or 1)

@@ -143,3 +143,12 @@ def test_a_cache_that_outgrew_its_repo_keeps_only_what_this_run_used(example_rep
     assert pieces == referred, "no piece without a unit that refers to it, none missing"
     computed = _counting_units(monkeypatch)
     assert _rendered(_compile(example_repo, cache_dir)) == expected and computed == []
+
+
+def test_an_integer_beyond_64_bits_in_a_patch_compiles_with_the_cache(example_repo, tmp_path):
+    prod = example_repo / "environments" / "prod.yaml"
+    prod.write_text(prod.read_text().replace("value: {oncall: reviews-team}", "value: {oncall: 123456789012345678901234567890}"))
+    cached = _compile(example_repo, tmp_path / "cache")
+    assert cached.ok, [d.render() for d in cached.diagnostics]
+    assert b"oncall: 123456789012345678901234567890" in cached.outputs["prod"]["istio/bookinfo/reviews.yaml"]
+    assert _rendered(cached) == _rendered(_compile(example_repo, tmp_path / "cache")) == _rendered(_compile(example_repo))

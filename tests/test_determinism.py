@@ -106,6 +106,31 @@ def test_serial_and_parallel_compiles_are_identical(monkeypatch):
     assert parallel == serial
 
 
+def test_policies_parsed_in_workers_compile_and_fail_as_parsed_at_home(monkeypatch):
+    pools = []
+
+    class CountingPool(concurrent.futures.ProcessPoolExecutor):
+        def __init__(self, *args, **kwargs):
+            pools.append(kwargs.get("max_workers"))
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(concurrent.futures, "ProcessPoolExecutor", CountingPool)
+    monkeypatch.setattr(pipeline, "PARSE_THRESHOLD", 50)
+    source = big_source()
+    at_home = outputs(source, jobs=1)
+    assert pools == []
+    assert outputs(source, jobs=2) == at_home
+    assert pools == [2, 2], "policies parsed by one pool's workers, units computed by another's"
+    files = dict(source.files)
+    files["policies/team0/copy.yaml"] = files["policies/team0/svc0.yaml"]  # a second policy for team0/svc0
+    files["policies/team1/bad.yaml"] = files["policies/team1/svc1.yaml"].replace(b"timeout: 2s", b"timeout: soon")
+    files["policies/team2/worse.yaml"] = b"spec: [unclosed\n"
+    broken = Source(files)
+    home, away = (compile_source(broken, jobs=jobs, models=False) for jobs in (1, 2))
+    assert not home.ok and [d.render() for d in away.diagnostics] == [d.render() for d in home.diagnostics]
+    assert {d.code for d in home.diagnostics} >= {"policy.duplicate", "yaml.syntax"}
+
+
 # -- nothing from the machine in the output --------------------------------------------------
 
 
@@ -132,3 +157,17 @@ def test_every_file_is_lf_with_one_final_newline():
     for env, files in outputs(source_from_dir(REPO)).items():
         for path, data in files.items():
             assert b"\r" not in data and data.endswith(b"\n") and not data.endswith(b"\n\n"), f"{env}/{path}"
+
+
+def test_no_worker_outlives_an_interrupted_compile(monkeypatch):
+    import multiprocessing
+
+    monkeypatch.setattr(pipeline, "PARSE_THRESHOLD", 50)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "load_environments", interrupted)  # while the workers parse policies
+    with pytest.raises(KeyboardInterrupt):
+        compile_source(big_source(), jobs=2)
+    assert multiprocessing.active_children() == []

@@ -585,9 +585,9 @@ def _rendered(lowered) -> tuple:
 
 
 def _through_cache(fragment):
-    """A fragment as a re-compile gets it back: packed (pieces apart), JSON bytes, unpacked."""
-    pieces: dict = {}
-    return cache.unpack(orjson.loads(orjson.dumps(cache.pack(fragment, pieces))), pieces)
+    """A fragment as a re-compile gets it back: a record (JSON bytes) and its pieces, unpacked."""
+    record, pieces = cache.pack_record(fragment)
+    return cache.unpack(orjson.loads(record), dict(pieces))
 
 
 def _assert_plain_json(value, where="fragment"):
@@ -633,9 +633,9 @@ def test_fragments_are_plain_json(name):
     meshes = _example_meshes() if name == "example" else {name: _test_meshes()[name]}
     for each in meshes.values():
         for svc in each.services:
-            packed = cache.pack(envoy.lower_service(svc, each.environment), {})
-            orjson.dumps(packed)  # no `default`: anything orjson cannot write natively fails here
-            _assert_plain_json(packed)
+            record, _ = cache._pack(envoy.lower_service(svc, each.environment))  # before orjson, which takes tuples
+            orjson.dumps(record)  # no `default`: anything orjson cannot write natively fails here
+            _assert_plain_json(record)
 
 
 def test_cross_service_diagnostics_keep_their_spans_through_json():
@@ -676,3 +676,14 @@ def test_assemble_leaves_its_fragments_alone():
     envoy.assemble(conflicts.environment, fragments)
     envoy.assemble(conflicts.environment, fragments)
     assert orjson.dumps(plain(fragments)) == before
+
+
+def test_an_inconsistent_snapshot_reaches_the_parent_whole():
+    """Raised in a worker process, it is pickled to the parent."""
+    import pickle
+
+    from compiler.targets.envoy import InconsistentSnapshot
+
+    again = pickle.loads(pickle.dumps(InconsistentSnapshot("prod", ["route 'x' names no cluster"])))
+    assert again.environment == "prod" and again.problems == ("route 'x' names no cluster",)
+    assert "inconsistent" in str(again)

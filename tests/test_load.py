@@ -63,3 +63,16 @@ def test_a_symlink_out_of_the_repo_is_not_read(tmp_path):
     source = source_from_dir(repo)
     assert sorted(source.files) == ["environments/prod.yaml", "policies/shop/alias.yaml", "policies/shop/web.yaml"]
     assert source.files["policies/shop/alias.yaml"] == b"kind: TrafficPolicy\n"
+
+
+def test_an_input_directory_that_is_a_symlink_is_read_only_inside_the_repo(tmp_path):
+    from compiler.load import source_from_dir
+
+    repo, outside = tmp_path / "repo", tmp_path / "elsewhere"
+    (outside / "shop").mkdir(parents=True)
+    (outside / "shop" / "web.yaml").write_text("kind: TrafficPolicy\n")
+    (repo / "config" / "envs").mkdir(parents=True)
+    (repo / "config" / "envs" / "prod.yaml").write_text("kind: Environment\n")
+    (repo / "policies").symlink_to(outside)
+    (repo / "environments").symlink_to(repo / "config" / "envs")
+    assert sorted(source_from_dir(repo).files) == ["environments/prod.yaml"]

@@ -4,7 +4,8 @@ Each target is a module with `NAME` and three functions:
 
 - `lower_service(service, environment) -> fragment`: everything that depends
   on one service alone; a pure function, so the pipeline computes fragments
-  in worker processes and caches them (a fragment must be JSON-able);
+  in worker processes and caches them (a fragment must be JSON-able but for
+  the `emit.Piece`s in it, its serialised resources or documents);
 - `assemble(environment, fragments) -> Lowered`: the environment's files from
   every service's fragment, in mesh order (cross-service work lives here);
 - `lower(mesh) -> Lowered`: `assemble` over `lower_service` of every service.

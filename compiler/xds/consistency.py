@@ -117,8 +117,9 @@ def _route_clusters(action: dict) -> Iterator[str]:
 def content_version(type_url: str, resources: Sequence) -> str:
     """The `version_info` of one type's DiscoveryResponse file: SHA-256 of the file's own
     JSON without it, `json.dumps({"resources": resources, "type_url": type_url}, indent=2,
-    sort_keys=True, ensure_ascii=False) + "\\n"` (`compiler.emit.json_bytes` writes the same
-    bytes, faster). The compiler writes versions by this rule and the server checks them by
-    it, so a hand edit is caught.
+    sort_keys=True, ensure_ascii=False) + "\\n"`, as `compiler.emit.json_bytes` writes it
+    (the same bytes for everything meshc emits; the two spell some floats differently, and
+    meshc emits none). The compiler writes versions by this rule and the server checks them
+    by it, so a hand edit is caught.
     """
     return hashlib.sha256(json_bytes({"resources": list(resources), "type_url": type_url})).hexdigest()

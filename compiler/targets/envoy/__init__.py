@@ -67,7 +67,11 @@ class InconsistentSnapshot(AssertionError):
 
     def __init__(self, environment: str, problems: list[str]) -> None:
         super().__init__(f"envoy snapshot for {environment!r} is inconsistent:\n  " + "\n  ".join(problems))
+        self.environment = environment
         self.problems = tuple(problems)
+
+    def __reduce__(self):  # raised in a worker process, it must reach the parent whole
+        return InconsistentSnapshot, (self.environment, list(self.problems))
 
 
 def lower(mesh: Mesh) -> Lowered:
