@@ -215,6 +215,7 @@ def piece_key(piece: Piece) -> str:
 
 
 def _strip(value, path: list, found: list):
+    """`value` with its pieces None, each piece and its path appended to `found`."""
     kind = type(value)
     if kind is Piece:
         found.append((list(path), value))
@@ -222,18 +223,27 @@ def _strip(value, path: list, found: list):
     if kind is dict:
         out = {}
         for k, v in value.items():
-            path.append(k)
-            out[k] = _strip(v, path, found)
-            path.pop()
+            if type(v) in _NESTED:
+                path.append(k)
+                out[k] = _strip(v, path, found)
+                path.pop()
+            else:
+                out[k] = v
         return out
     if kind is list or kind is tuple:
         out = []
         for i, v in enumerate(value):
-            path.append(i)
-            out.append(_strip(v, path, found))
-            path.pop()
+            if type(v) in _NESTED:
+                path.append(i)
+                out.append(_strip(v, path, found))
+                path.pop()
+            else:
+                out.append(v)
         return out
     return value
+
+
+_NESTED = frozenset((dict, list, tuple, Piece))
 
 
 def unpack(record: dict, pieces: dict[str, Piece]):

@@ -423,23 +423,26 @@ def _compute_chunk(chunk):
 def _compute_items(contexts, policies, items, pack: bool, models: bool) -> list[tuple[Unit, tuple | None]]:
     out = []
     for ci, pi in items:
-        unit = _unit(contexts[ci], policies[pi], not pack)  # spans kept only where no cache needs the unit bare
-        clean = pack and unit.service is not None and not unit.diagnostics  # the cache keeps clean units only
-        if clean and not models:  # then nothing downstream reads the model: it need not travel back
-            unit = replace(unit, service=None)
+        unit = _unit(contexts[ci], policies[pi], keep_spans=not pack, keep_model=models or not pack)
+        clean = pack and bool(unit.fragments) and not unit.diagnostics  # the cache keeps clean units only
         out.append((unit, pack_record(unit.to_json()) if clean else None))
     return out
 
 
-def _unit(ctx: _EnvContext, policy: Policy, keep_spans: bool) -> Unit:
+def _unit(ctx: _EnvContext, policy: Policy, keep_spans: bool, keep_model: bool = True) -> Unit:
+    """One unit. Its model is kept (with its spans, or without) only for a caller that reads it:
+    what a worker keeps travels back to the parent. A unit with diagnostics keeps its model."""
     diags = Diagnostics()
     svc = _service(ctx.env, policy, ctx.layers, diags)
     if svc is None:
         return Unit(policy.key, None, (), {}, tuple(diags))
     fragments = {target.NAME: target.lower_service(svc, ctx.env) for target in registry()}
+    hosts = svc.ingress.hosts if svc.ingress else ()
+    if not keep_model and not diags:
+        return Unit(policy.key, None, hosts, fragments)
     if not keep_spans:
         svc = replace(svc, spans=SpanMap())
-    return Unit(policy.key, svc, svc.ingress.hosts if svc.ingress else (), fragments, tuple(diags))
+    return Unit(policy.key, svc, hosts, fragments, tuple(diags))
 
 
 def _assemble(ctx: _EnvContext, units: list[Unit], diags: Diagnostics):

@@ -31,9 +31,9 @@ def _counting_units(monkeypatch) -> list:
     computed = []
     real = pipeline._unit
 
-    def counting(ctx, policy, *args):
+    def counting(ctx, policy, *args, **kwargs):
         computed.append((ctx.env.name, policy.key))
-        return real(ctx, policy, *args)
+        return real(ctx, policy, *args, **kwargs)
 
     monkeypatch.setattr(pipeline, "_unit", counting)
     return computed
