@@ -207,16 +207,17 @@ class _PolicyLoad:
             self._files.append((path, content, fkey, cache.get_json(b"policy:" + fkey) if cache else None))
         new = [(path, content) for path, content, _, known in self._files if known is None]
         jobs = jobs if jobs is not None else (os.cpu_count() or 1)
-        self._pool, self._parts, self._parallel = None, [], False
+        self._pool, self._parts, self._home = None, [], new
         if jobs > 1 and len(new) >= PARSE_THRESHOLD:
             from concurrent.futures import ProcessPoolExecutor
             from multiprocessing import get_context
 
+            # The caller parses a share itself once its environments are loaded, so all three
+            # keep busy (and that share needs no trip through JSON).
+            home = len(new) // (3 * jobs)
+            self._home, away = new[:home], new[home:]
             self._pool = ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("fork"))
-            self._parallel = True
-            self._parts = [self._pool.submit(_parse_policies, new[i::jobs]) for i in range(jobs)]
-        else:
-            self._parts = [_parse_policies(new, as_json=False)]
+            self._parts = [self._pool.submit(_parse_policies, away[i::jobs]) for i in range(jobs)]
         self._result: list[Policy] | None = None
         self._diags: list[Diagnostic] = []
 
@@ -241,11 +242,15 @@ class _PolicyLoad:
     def _finish(self) -> list[Policy]:
         parsed: dict[str, tuple] = {}
         try:
+            docs, problems = _parse_policies(self._home, as_json=False)
+            self._diags += problems
+            for path, doc, name_span in docs:
+                parsed[path] = (doc, Span(*name_span))
             for part in self._parts:
-                docs, problems = part.result() if self._parallel else part
+                docs, problems = part.result()
                 self._diags += problems
-                for path, doc, name_span in (orjson.loads(docs) if self._parallel else docs):
-                    parsed[path] = (Document.from_json(doc) if self._parallel else doc, Span(*name_span))
+                for path, doc, name_span in orjson.loads(docs):
+                    parsed[path] = (Document.from_json(doc), Span(*name_span))
         finally:
             self.close()
         policies: dict[str, Policy] = {}
