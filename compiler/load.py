@@ -154,6 +154,8 @@ def parse(path: str, content: bytes, diags: Diagnostics) -> Document | None:
     return Document(path, data, SpanMap(spans), sha)
 
 
+_MERGE, _KEY_TAGS = _CORE + "merge", (_CORE + "str", _CORE + "int")
+
 # Aliases let a few bytes expand into billions of values ("billion laughs"); no policy needs this many.
 MAX_VALUES = 100_000
 
@@ -191,10 +193,11 @@ class _Builder:
     def mapping(self, node, path: tuple) -> dict:
         out: dict = {}
         for key_node, value_node in node.value:
-            if key_node.tag == _CORE + "merge":
+            key_tag = key_node.tag  # a property that formats ruamel's Tag on every read
+            if key_tag == _MERGE:
                 self.diags.error("yaml.merge-key", "YAML merge keys (<<) are not supported; write the keys out", self.span(key_node))
                 continue
-            if key_node.id != "scalar" or key_node.tag not in (_CORE + "str", _CORE + "int"):
+            if key_node.id != "scalar" or key_tag not in _KEY_TAGS:
                 self.diags.error("yaml.key", "mapping keys must be plain strings", self.span(key_node))
                 continue
             key = key_node.value
