@@ -86,17 +86,23 @@ def big_source() -> Source:
     return Source(files)
 
 
-def test_serial_and_parallel_compiles_are_identical(monkeypatch):
-    source = big_source()
-    assert SERVICES * len(ENVIRONMENTS) >= pipeline.PARALLEL_THRESHOLD
-    pools = []
+@pytest.fixture
+def pools(monkeypatch) -> list:
+    """The worker count of every process pool the pipeline starts."""
+    started = []
 
     class CountingPool(concurrent.futures.ProcessPoolExecutor):
         def __init__(self, *args, **kwargs):
-            pools.append(kwargs.get("max_workers"))
+            started.append(kwargs.get("max_workers"))
             super().__init__(*args, **kwargs)
 
     monkeypatch.setattr(concurrent.futures, "ProcessPoolExecutor", CountingPool)
+    return started
+
+
+def test_serial_and_parallel_compiles_are_identical(pools):
+    source = big_source()
+    assert SERVICES * len(ENVIRONMENTS) >= pipeline.PARALLEL_THRESHOLD
     serial = outputs(source, jobs=1)
     assert pools == []
     parallel = outputs(shuffled(source, 7), jobs=2)
@@ -106,15 +112,7 @@ def test_serial_and_parallel_compiles_are_identical(monkeypatch):
     assert parallel == serial
 
 
-def test_policies_parsed_in_workers_compile_and_fail_as_parsed_at_home(monkeypatch):
-    pools = []
-
-    class CountingPool(concurrent.futures.ProcessPoolExecutor):
-        def __init__(self, *args, **kwargs):
-            pools.append(kwargs.get("max_workers"))
-            super().__init__(*args, **kwargs)
-
-    monkeypatch.setattr(concurrent.futures, "ProcessPoolExecutor", CountingPool)
+def test_policies_parsed_in_workers_compile_and_fail_as_parsed_at_home(pools, monkeypatch):
     monkeypatch.setattr(pipeline, "PARSE_THRESHOLD", 50)
     source = big_source()
     at_home = outputs(source, jobs=1)
