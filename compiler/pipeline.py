@@ -5,8 +5,11 @@ stage that reported an error. The unit of work is one service in one
 environment (overlay, model, checks, each target's per-service fragment);
 environment-wide work (cross-service checks, assembling each target's files)
 follows. Units are independent, so a large repo computes them in forked
-worker processes, and a `Cache` lets a re-compile skip every unit whose
-policy and environment files did not change. Nothing here writes files.
+worker processes (and parses its new policy files in others, while the
+environments load), and a `Cache` lets a re-compile skip every unit whose
+policy and environment files did not change: a unit's resources come back
+from it as serialised pieces, spliced into the files as they are. Nothing
+here writes files.
 """
 
 from __future__ import annotations
