@@ -286,9 +286,9 @@ def write_rendered(out_dir: Path, outputs: Outputs, prune: bool = False) -> None
     failure while building leaves every environment as it was (a failure of
     the swap itself, a rename refused, can leave the environments swapped so
     far new and the rest old; replaced trees left behind are removed by a
-    later run). With `prune`,
-    environment directories that are no longer compiled (they hold a
-    kustomization.yaml and are not in `outputs`) are removed.
+    later run). With `prune`, environment directories that are no longer
+    compiled (they hold a kustomization.yaml and are not in `outputs`) are
+    removed.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -314,8 +314,9 @@ def write_rendered(out_dir: Path, outputs: Outputs, prune: bool = False) -> None
 
 
 def _swap(staging: str, target: Path) -> Path | None:
-    """Put `staging` in `target`'s place. → the replaced directory, for the caller to remove."""
-    if not target.exists():
+    """Put `staging` in `target`'s place. → what it replaced (a directory, or a planted
+    symlink, dangling or not), for the caller to remove."""
+    if not os.path.lexists(target):
         os.rename(staging, target)
         return None
     if _exchange(staging, target):  # one atomic step: rendered/<env> never goes missing

@@ -203,12 +203,13 @@ def test_a_symlink_at_any_level_of_the_old_tree_is_never_followed(tmp_path):
     (out / "prod" / "istio").symlink_to(outside)  # a directory on the way to the file
     shutil.rmtree(out / "dev")
     (out / "dev").symlink_to(out / "prod")  # the environment's directory itself
-    write_rendered(out, {"prod": files, "dev": files})
+    (out / "staging").symlink_to(tmp_path / "nowhere")  # dangling
+    write_rendered(out, {"prod": files, "dev": files, "staging": files})
     assert (outside / "a" / "x.yaml").stat().st_nlink == 1, "nothing outside was linked in"
-    for env in ("prod", "dev"):
+    for env in ("prod", "dev", "staging"):
         assert not (out / env).is_symlink() and not (out / env / "istio").is_symlink()
         assert (out / env / "istio/a/x.yaml").read_bytes() == b"same\n"
-    assert sorted(p.name for p in out.iterdir()) == ["dev", "prod"], "the replaced link went too"
+    assert sorted(p.name for p in out.iterdir()) == ["dev", "prod", "staging"], "the replaced links went too"
 
 
 def test_check_neither_follows_nor_waits_on_what_is_planted_in_rendered(tmp_path):
