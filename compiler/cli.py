@@ -54,8 +54,8 @@ def run() -> None:
     argv = sys.argv[1:]
     fast = next((a for a in argv if not a.startswith("-")), None) in _FAST_EXIT
     if fast:
-        # The process ends soon after, holding millions of acyclic values: a cyclic collection
-        # over them (the first after the pipeline re-enabled it) only costs time.
+        # The process ends soon after, holding millions of acyclic values: a cyclic
+        # collection over them only costs time.
         gc.disable()
     code = main(argv)
     if fast and code in (EXIT_OK, EXIT_INVALID):  # finished: not interrupted, not a usage error

@@ -215,8 +215,8 @@ class _PolicyLoad:
             from concurrent.futures import ProcessPoolExecutor
             from multiprocessing import get_context
 
-            # The caller parses a share itself once its environments are loaded, so all three
-            # keep busy (and that share needs no trip through JSON).
+            # The caller parses a share itself once its environments are loaded, so it is not
+            # left waiting (and that share needs no trip through JSON).
             home = len(new) // (3 * jobs)
             self._home, away = new[:home], new[home:]
             self._pool = ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("fork"))
