@@ -3,7 +3,8 @@
 The cache lives outside the repository, in the user's cache directory
 (`$MESHC_CACHE_DIR`, else `$XDG_CACHE_HOME/meshc`, else `~/.cache/meshc`),
 one SQLite file per repository path: nothing a commit can plant is ever read,
-and every value is JSON (never pickle). Two tables:
+and every value is JSON or the bytes meshc itself serialised (never pickle).
+Two tables:
 
 - `units`: JSON values keyed by content: one service in one environment,
   compiled (each target's fragment), keyed by SHA-256 of the compiler's
