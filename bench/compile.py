@@ -128,6 +128,12 @@ def meshc(root: Path, *args: str) -> float:
     return time.perf_counter() - start
 
 
+def as_installed() -> None:
+    """meshc as installed: its bytecode compiled (as a wheel install does), not compiled
+    again by every timed run where PYTHONDONTWRITEBYTECODE is set."""
+    compileall.compile_dir(Path(__file__).resolve().parent.parent / "compiler", quiet=1)
+
+
 def aside(*paths: Path, trash: Path) -> None:
     for path in paths:
         if path.exists():
@@ -151,9 +157,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--keep", type=Path, help="generate the repo here and keep it")
     args = ap.parse_args()
-    # meshc as installed: its bytecode compiled (as a wheel install does), not compiled on every run
-    # where PYTHONDONTWRITEBYTECODE is set.
-    compileall.compile_dir(Path(__file__).resolve().parent.parent / "compiler", quiet=1)
+    as_installed()
     root = args.keep or Path(tempfile.mkdtemp(prefix="meshc-bench-"))
     cache = root.parent / f"{root.name}.cache"
     trash = Path(tempfile.mkdtemp(prefix="meshc-bench-trash-", dir=root.parent))

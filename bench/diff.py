@@ -84,6 +84,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--keep", type=Path, help="generate the repo here and keep it")
     args = ap.parse_args()
+    generator().as_installed()  # the same meshc bench/compile.py times
     root = args.keep or Path(tempfile.mkdtemp(prefix="meshc-bench-diff-"))
     try:
         touched = make_repo(root, args.services)

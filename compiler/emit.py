@@ -103,8 +103,9 @@ class Piece:
     @classmethod
     def yaml(cls, documents: list) -> "Piece":
         """Every YAML document of one file, as one `yaml.dump_all` would write them."""
-        canonical = canonical_json(documents)
-        return cls(b"---\n".join(map(_yaml_document, documents)), 0, canonical, many=True, value=documents)
+        canonicals = [canonical_json(doc) for doc in documents]  # a list's canonical JSON is its items'
+        text = b"---\n".join(_yaml_document(doc, c) for doc, c in zip(documents, canonicals))
+        return cls(text, 0, b"[" + b",".join(canonicals) + b"]", many=True, value=documents)
 
     @property
     def value(self):
@@ -130,9 +131,9 @@ class Piece:
         return f"Piece({self.text[:60]!r}..., depth={self.depth})"
 
 
-def _yaml_document(document) -> bytes:
-    """One document's YAML, memoised per process: the same Service in every environment renders once."""
-    canonical = canonical_json(document)
+def _yaml_document(document, canonical: bytes) -> bytes:
+    """One document's YAML, memoised per process by its canonical JSON: the same Service in
+    every environment renders once."""
     text = _YAML_MEMO.get(canonical)
     if text is None:
         if len(_YAML_MEMO) >= _YAML_MEMO_LIMIT:

@@ -437,7 +437,7 @@ def _compute_items(contexts, policies, items, pack: bool, models: bool) -> list[
     return out
 
 
-def _unit(ctx: _EnvContext, policy: Policy, keep_spans: bool, keep_model: bool = True) -> Unit:
+def _unit(ctx: _EnvContext, policy: Policy, keep_spans: bool, keep_model: bool) -> Unit:
     """One unit. Its model is kept (with its spans, or without) only for a caller that reads it:
     what a worker keeps travels back to the parent. A unit with diagnostics keeps its model."""
     diags = Diagnostics()

@@ -9,6 +9,7 @@ import shutil
 import pytest
 import yaml
 
+from compiler import emit
 from compiler.emit import Piece, canonical_json, file_bytes, json_bytes, plain, yaml_bytes
 from compiler.load import source_from_dir
 from compiler.pipeline import compile_source
@@ -59,6 +60,7 @@ def test_a_file_of_pieces_equals_one_dump_all():
     assert file_bytes(OutputFile("x.yaml", [Piece.yaml(docs[:1]), Piece.yaml(docs[1:])], "yaml")) == _reference(docs)
     assert file_bytes(OutputFile("x.yaml", docs, "yaml")) == _reference(docs)  # plain documents too
     assert Piece.yaml(docs).value == docs
+    assert Piece.yaml(docs).canonical == canonical_json(docs)
 
 
 def test_a_run_of_list_items_splices_as_those_items():
@@ -122,7 +124,7 @@ def test_a_piece_parses_back_only_when_asked_and_survives_pickling():
 
     piece = Piece.json({"name": "c", "é": [1, {}]}, 1)
     copy = pickle.loads(pickle.dumps(piece))
-    assert copy == piece and copy._value is not piece._value
+    assert copy == piece and copy._value is emit._UNPARSED, "the parsed value stayed behind"
     assert copy.value == {"name": "c", "é": [1, {}]}
 
 
@@ -132,7 +134,6 @@ def test_json_bytes_match_json_dumps():
 
 
 def test_directories_swap_in_one_step(tmp_path):
-    from compiler import emit
 
     a, b = tmp_path / "a", tmp_path / "b"
     a.mkdir(), b.mkdir()
