@@ -1,4 +1,4 @@
-"""Shared fixtures: where the repo, the examples and the shared schemas are."""
+"""Shared fixtures: where the repo, the examples and the vendored schemas are."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-SHARED = REPO.parent / "shared"
+SCHEMAS = REPO / "tests" / "schemas"  # vendored: a fresh clone has nothing beside it
 GOLDEN = REPO / "tests" / "golden"
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

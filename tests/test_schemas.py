@@ -1,7 +1,7 @@
 """Every emitted Kubernetes document validates against the real schemas.
 
 Istio documents are checked against the CRDs' own OpenAPI v3 schemas
-(`../shared/schemas/istio-crds.yaml`, the served v1 version of each kind),
+(`tests/schemas/istio-crds.yaml`, the served v1 version of each kind),
 made strict the way the API server is: an object schema that lists its
 `properties` refuses any other key (Kubernetes prunes unknown fields, and
 `kubectl apply --validate=strict` refuses them), and the CRDs' `oneOf`
@@ -22,9 +22,8 @@ import yaml
 
 from compiler.load import source_from_dir
 from compiler.pipeline import compile_source
-from conftest import GOLDEN, REPO, SHARED
+from conftest import GOLDEN, REPO, SCHEMAS
 
-SCHEMAS = SHARED / "schemas"
 ISTIO_KINDS = ("DestinationRule", "Gateway", "VirtualService")
 GOOD = ["examples"] + [p.name for p in sorted(GOLDEN.iterdir()) if (p / "expected.txt").is_file()
                        and (p / "expected.txt").read_text().startswith("exit: 0")]
