@@ -156,9 +156,9 @@ def environment(name: str, spec: dict, spans: SpanMap) -> m.Environment:
     gateway = spec.get("gateway", {}).get("selector")
     return m.Environment(
         name=name,
-        cluster_domain=spec.get("clusterDomain", "cluster.local"),
+        cluster_domain=spec.get("clusterDomain", m.Environment.cluster_domain),
         gateway_selector=tuple(sorted(gateway.items())) if gateway else m.Environment.gateway_selector,
         patches=patches,
-        envoy=m.EnvoyOptions(spec.get("envoy", {}).get("listenerAddress", "0.0.0.0")),
+        envoy=m.EnvoyOptions(spec.get("envoy", {}).get("listenerAddress", m.EnvoyOptions.listener_address)),
         spans=spans,
     )

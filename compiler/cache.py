@@ -21,6 +21,10 @@ Two tables:
 The fingerprint hashes the compiler's own source and the versions of the
 libraries that shape the output bytes, so any change to either starts over.
 A corrupt or unreadable cache is treated as empty.
+
+Its seam with the pipeline: `units(keys, compute, decode)` for compiled units, and
+`get_json` / `put_json` for parsed input files. `NoCache` (`--no-cache`, `validate`)
+has the same calls and knows nothing, so no stage asks which one it has.
 """
 
 from __future__ import annotations
@@ -79,7 +83,7 @@ class Cache:
     def __init__(self, directory: Path):
         self.directory = Path(directory)
         self._db: sqlite3.Connection | None = None
-        self.units: dict[bytes, bytes] = {}
+        self.records: dict[bytes, bytes] = {}
         self.pieces: dict[str, Piece] = {}  # KEY (hex) → the piece, shared by every unit that has it
         self._new_units: dict[bytes, bytes] = {}
         self._new_pieces: dict[str, Piece] = {}
@@ -101,15 +105,33 @@ class Cache:
             self._db.execute("CREATE TABLE IF NOT EXISTS pieces (key TEXT PRIMARY KEY, depth INTEGER NOT NULL, "
                              "many INTEGER NOT NULL, canonical BLOB, text BLOB NOT NULL)")
             self._db.execute("PRAGMA mmap_size=268435456")  # reads straight from the page cache
-            self.units = dict(self._db.execute("SELECT key, value FROM units"))
+            self.records = dict(self._db.execute("SELECT key, value FROM units"))
             self.pieces = {key: Piece(text, depth, canonical, bool(many))
                            for key, depth, many, canonical, text in self._db.execute("SELECT * FROM pieces")}
         except (OSError, sqlite3.Error):
-            self._db, self.units, self.pieces = None, {}, {}
+            self._db, self.records, self.pieces = None, {}, {}
+
+    def units(self, keys: list[bytes], compute, decode) -> list:
+        """The value of each key: stored ones as `decode(index, stored JSON with its pieces)`,
+        the rest from `compute(indexes, pack=True)` → `[(value, record | None)]` in the order
+        of `indexes`, each `record` (what `pack_record` made of a clean value) stored."""
+        values: list = [None] * len(keys)
+        missing = []
+        for i, key in enumerate(keys):
+            stored = self.get_pieces(key)
+            if stored is None:
+                missing.append(i)
+            else:
+                values[i] = decode(i, stored)
+        for i, (value, record) in zip(missing, compute(missing, True) if missing else ()):
+            values[i] = value
+            if record is not None:
+                self.put_packed(keys[i], *record)
+        return values
 
     def get_json(self, key: bytes):
         self._used.add(key)
-        raw = self.units.get(key)
+        raw = self.records.get(key)
         if raw is None:
             return None
         try:
@@ -123,7 +145,7 @@ class Cache:
             raw = orjson.dumps(value)
         except orjson.JSONEncodeError:  # an integer beyond 64 bits (a patch value): not cached, still compiled
             return
-        self.units[key] = raw
+        self.records[key] = raw
         self._new_units[key] = raw
 
     def get_pieces(self, key: bytes):
@@ -139,7 +161,7 @@ class Cache:
     def put_packed(self, key: bytes, record: bytes, pieces: list[tuple[str, Piece]]) -> None:
         """Store what `pack_record` made (in a worker process, say)."""
         self._used.add(key)
-        self.units[key] = self._new_units[key] = record
+        self.records[key] = self._new_units[key] = record
         for ref, piece in pieces:
             if ref not in self.pieces:
                 self.pieces[ref] = self._new_pieces[ref] = piece
@@ -149,7 +171,7 @@ class Cache:
             return
         # Keep the cache near the size of one repo: entries this run did not use go once they
         # dominate, and with them every piece no remaining unit refers to.
-        stale = [k for k in self.units if k not in self._used] if len(self.units) > 2 * len(self._used) + PRUNE_SLACK else []
+        stale = [k for k in self.records if k not in self._used] if len(self.records) > 2 * len(self._used) + PRUNE_SLACK else []
         try:
             with self._db:
                 self._db.executemany("INSERT OR REPLACE INTO units VALUES (?, ?)", self._new_units.items())
@@ -158,7 +180,7 @@ class Cache:
                 if stale:
                     self._db.executemany("DELETE FROM units WHERE key = ?", ((k,) for k in stale))
                     for k in stale:
-                        del self.units[k]
+                        del self.records[k]
                     self._db.executemany("DELETE FROM pieces WHERE key = ?", ((k,) for k in self._orphans()))
         except sqlite3.Error:
             pass  # a cache that cannot be written only costs time next run
@@ -168,7 +190,7 @@ class Cache:
     def _orphans(self) -> list[str]:
         """Pieces no unit refers to (after a prune)."""
         referred = set()
-        for raw in self.units.values():
+        for raw in self.records.values():
             try:
                 record = orjson.loads(raw)
             except orjson.JSONDecodeError:
@@ -183,6 +205,22 @@ class Cache:
         if self._db is not None:
             self._db.close()
             self._db = None
+
+
+class NoCache:
+    """The cache that holds nothing and keeps nothing: every value is computed, never packed."""
+
+    def units(self, keys: list[bytes], compute, decode) -> list:
+        return [value for value, _ in compute(list(range(len(keys))), False)]
+
+    def get_json(self, key: bytes):
+        return None
+
+    def put_json(self, key: bytes, value) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 def pack_record(value) -> tuple[bytes, list[tuple[str, Piece]]]:

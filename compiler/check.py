@@ -1,19 +1,18 @@
 """Semantic checks on the model: the mistakes Istio users actually hit.
 
-Each check is a small function over one service or over an environment's
-services, reporting into `Diagnostics` at the span of the value at fault.
-None of them change the model.
+Each check is a small function over one service (`service`), or over what
+an environment's services claim (`claims`), reporting into `Diagnostics` at
+the span of the value at fault. None of them change the model.
 """
 
 from __future__ import annotations
 
-import difflib
 import re
 from dataclasses import dataclass
 from typing import Callable
 
 from compiler import model as m
-from compiler.diagnostics import Diagnostics, Note
+from compiler.diagnostics import Diagnostics, Note, Span, did_you_mean
 from compiler.values import human_duration
 
 # What Python's `re` accepts but RE2 (Envoy's engine) refuses: https://github.com/google/re2/wiki/Syntax
@@ -24,7 +23,7 @@ _COUNTED = re.compile(r"\{\d*(,\d*)?\}")
 
 def service(svc: m.Service, diags: Diagnostics) -> None:
     """Every per-service check."""
-    for check in (_ports, _versions_referenced, _weights, _header_regexes, _tcp_only, _retry_budget):
+    for check in (_ports, _versions_referenced, _weights, _header_regexes, _tcp_only, _retry_budget, _ingress_hosts_once):
         check(svc, diags)
 
 
@@ -61,13 +60,7 @@ def _versions_referenced(svc: m.Service, diags: Diagnostics) -> None:
 def _hint(name: str, defined: list[str]) -> str:
     if not defined:
         return " (this service defines no versions)"
-    return suggest(name, defined) or f"; defined: {', '.join(defined)}"
-
-
-def suggest(word: str, choices) -> str:
-    """`"; did you mean 'x'?"` for the closest of `choices`, or ""."""
-    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.5)
-    return f"; did you mean {close[0]!r}?" if close else ""
+    return did_you_mean(name, defined, f"; defined: {', '.join(defined)}")
 
 
 def _weights(svc: m.Service, diags: Diagnostics) -> None:
@@ -205,46 +198,117 @@ def _retry_budget(svc: m.Service, diags: Diagnostics) -> None:
         )
 
 
-def ingress_hosts(services: tuple[m.Service, ...], env: str, diags: Diagnostics) -> None:
-    """Two services must not claim the same ingress host in one environment."""
-    owner: dict[str, tuple[m.Service, int]] = {}
-    for svc in services:
-        if svc.ingress is None:
-            continue
-        for i, host in enumerate(svc.ingress.hosts):
-            if host in owner and owner[host][0] is svc:
-                j = owner[host][1]
-                diags.error(
-                    "ingress.host-conflict",
-                    f"ingress host {host!r} is listed twice",
-                    svc.spans.at(("ingress", "hosts", i)),
-                    Note("first listed here", svc.spans.at(("ingress", "hosts", j))),
-                )
-            elif host in owner:
-                first, j = owner[host]
-                diags.error(
-                    "ingress.host-conflict",
-                    f"ingress host {host!r} is claimed by both {first.key} and {svc.key} in environment {env!r}",
-                    svc.spans.at(("ingress", "hosts", i)),
-                    Note(f"{first.key} claims it here", first.spans.at(("ingress", "hosts", j))),
-                )
-            else:
-                owner[host] = (svc, i)
+def _ingress_hosts_once(svc: m.Service, diags: Diagnostics) -> None:
+    if svc.ingress is None:
+        return
+    first: dict[str, int] = {}
+    for i, host in enumerate(svc.ingress.hosts):
+        if host in first:
+            diags.error("ingress.host-conflict", f"ingress host {host!r} is listed twice", svc.spans.at(("ingress", "hosts", i)),
+                        Note("first listed here", svc.spans.at(("ingress", "hosts", first[host]))))
+        first.setdefault(host, i)
 
 
-def generated_names(services: tuple[m.Service, ...], diags: Diagnostics) -> None:
-    """An ingress's VirtualService `<name>-ingress` must not be another service's own VirtualService.
+# -- between services ----------------------------------------------------------------------
 
-    Kustomize and the API server refuse two objects of one kind, namespace and
-    name; the ingress objects' generated names are the only ones that can meet.
+
+@dataclass(frozen=True)
+class Claims:
+    """What one service takes in its environment that no other service may, with the spans
+    that name it: carried by every compiled unit, cached or not (`to_json` / `from_json`),
+    so the checks between services never need the model.
+
+    `ports` is every (number, is TCP, span) of the service; `ingress_hosts` its (host, span)
+    pairs; `generated` the `namespace/name` of each object named after it for another
+    purpose (the ingress VirtualService `<name>-ingress`), with the span that asked for it.
     """
-    keys = {s.key: s for s in services}
-    for svc in services:
-        other = keys.get(f"{svc.namespace}/{svc.name}-ingress") if svc.ingress else None
-        if other is not None:
-            diags.error(
-                "istio.duplicate-object",
-                f"VirtualService {svc.namespace}/{svc.name}-ingress, generated for the ingress of {svc.key}, "
-                f"is also the name of {other.key}'s own VirtualService; rename one of the services",
-                svc.spans.key_at(("ingress",)),
-            )
+
+    key: str
+    ports: tuple[tuple[int, bool, Span | None], ...] = ()
+    ingress_hosts: tuple[tuple[str, Span | None], ...] = ()
+    generated: tuple[tuple[str, Span | None], ...] = ()
+
+    @classmethod
+    def of(cls, svc: m.Service) -> "Claims":
+        at = svc.spans.at
+        ports = tuple((p.number, not p.is_http, at(("ports", i, "port"))) for i, p in enumerate(svc.ports))
+        if svc.ingress is None:
+            return cls(svc.key, ports)
+        hosts = tuple((h, at(("ingress", "hosts", i))) for i, h in enumerate(svc.ingress.hosts))
+        return cls(svc.key, ports, hosts, ((f"{svc.key}-ingress", svc.spans.key_at(("ingress",))),))
+
+    def to_json(self) -> list:
+        return [self.key, [[n, tcp, _row(s)] for n, tcp, s in self.ports], [[h, _row(s)] for h, s in self.ingress_hosts],
+                [[g, _row(s)] for g, s in self.generated]]
+
+    @classmethod
+    def from_json(cls, value: list) -> "Claims":
+        key, ports, hosts, generated = value
+        return cls(key, tuple((n, tcp, _span(s)) for n, tcp, s in ports), tuple((h, _span(s)) for h, s in hosts),
+                   tuple((g, _span(s)) for g, s in generated))
+
+
+def _row(span: Span | None) -> list | None:
+    return None if span is None else list(span)
+
+
+def _span(value: list | None) -> Span | None:
+    return None if value is None else Span(*value)
+
+
+def claims(by_environment: dict[str, list[Claims]], diags: Diagnostics) -> None:
+    """Two services must not take one thing in one environment. Each clash is reported
+    once, naming every environment it occurs in (the same policies usually clash in all).
+
+    - an ingress host claimed by two services (Istio merges their gateway routes in an
+      order nobody chose; the Envoy gateway can route a host to one service only);
+    - a TCP port of one service that another service also uses: the Envoy snapshot binds
+      one listener per port and, with no service addresses, cannot tell the connections
+      apart (istiod tells them apart by the service VIP);
+    - an object generated for one service that is another service's own object.
+    """
+    found: dict[tuple, list[str]] = {}
+    for env, units in by_environment.items():
+        for clash in _clashes(units):
+            found.setdefault(clash, []).append(env)
+    for (code, message, span, notes), envs in found.items():
+        where = f"environment {envs[0]!r}" if len(envs) == 1 else "environments " + ", ".join(map(repr, sorted(envs)))
+        diags.error(code, message.replace("{where}", where), span, *notes)
+
+
+def _clashes(units: list[Claims]):
+    """(code, message, span, notes) of every clash among one environment's services, in mesh order;
+    `{where}` in a message stands for the environments it occurs in."""
+    owner: dict[str, tuple[str, Span | None]] = {}
+    for u in units:
+        for host, span in u.ingress_hosts:
+            if host in owner and owner[host][0] != u.key:
+                first, first_span = owner[host]
+                yield ("ingress.host-conflict", f"ingress host {host!r} is claimed by both {first} and {u.key} in {{where}}", span,
+                       (Note(f"{first} claims it here", first_span),))
+            owner.setdefault(host, (u.key, span))
+    by_port: dict[int, list[tuple[str, bool, Span | None]]] = {}
+    for u in units:
+        for number, tcp, span in u.ports:
+            by_port.setdefault(number, []).append((u.key, tcp, span))
+    for number, users in by_port.items():
+        if len(users) < 2 or not any(tcp for _, tcp, _ in users):
+            continue
+        for key, tcp, span in users:
+            if not tcp:
+                continue
+            others = [(k, s) for k, _, s in users if k != key]  # a port listed twice is `_ports`' to report
+            if not others:
+                continue
+            yield ("ports.tcp-shared",
+                   f"TCP port {number} is also a port of {', '.join(k for k, _ in others)} in {{where}}: the Envoy snapshot "
+                   "binds one listener per port and, without service addresses, cannot tell their connections "
+                   "apart; give each TCP service a port of its own",
+                   span, tuple(Note(f"{k} uses port {number} here", s) for k, s in others))
+    keys = {u.key for u in units}
+    for u in units:
+        for name, span in u.generated:
+            if name in keys:
+                yield ("istio.duplicate-object",
+                       f"VirtualService {name}, generated for the ingress of {u.key} in {{where}}, is also the name of "
+                       f"{name}'s own VirtualService; rename one of the services", span, ())

@@ -15,10 +15,11 @@ import threading
 from pathlib import Path
 
 from compiler import __version__
-from compiler.cache import Cache
+from compiler.cache import Cache, NoCache
 from compiler.emit import stale_files, write_rendered
+from compiler.errors import UsageError
 from compiler.load import source_from_dir
-from compiler.pipeline import CompileResult, UnknownEnvironment, compile_source
+from compiler.pipeline import CompileResult, compile_source
 
 EXIT_OK, EXIT_INVALID, EXIT_USAGE = 0, 1, 2
 
@@ -31,10 +32,6 @@ EXTERNAL = {
     "comment": ("compiler.gitops.cli", "add_parsers", "post the diff as one sticky pull-request comment"),
     "serve": ("compiler.xds.cli", "add_parser", "serve rendered/*/envoy/ to Envoy proxies over xDS"),
 }
-
-
-class UsageError(Exception):
-    pass
 
 
 # After these the process only exits: `run` skips tearing down what the compile built.
@@ -113,7 +110,7 @@ def _repo_and_envs(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-cache", action="store_true", help="ignore and do not update the re-compile cache (kept under ~/.cache/meshc, or $MESHC_CACHE_DIR)")
 
 
-def _compile(args) -> tuple[CompileResult, threading.Thread | None]:
+def _compile(args) -> tuple[CompileResult, threading.Thread]:
     """Compile; → the result, and the thread saving the re-compile cache (join it before exiting)."""
     repo: Path = args.repo
     if not repo.is_dir():
@@ -125,17 +122,15 @@ def _compile(args) -> tuple[CompileResult, threading.Thread | None]:
     if not source.environment_paths():
         raise UsageError(f"{repo}: no environments/*.yaml to compile")
     # validate writes nothing, not even the cache
-    cache = None if args.no_cache or args.func is run_validate else Cache.for_repo(repo)
+    cache = NoCache() if args.no_cache or args.func is run_validate else Cache.for_repo(repo)
     try:
         result = compile_source(source, args.envs, jobs=getattr(args, "jobs", None), cache=cache, models=False)
-    except UnknownEnvironment as exc:
-        if cache is not None:
-            cache.close()
-        raise UsageError(str(exc)) from exc
-    saving = None
-    if cache is not None:  # SQLite writes without the GIL: the cache saves while rendered/ is written
-        saving = threading.Thread(target=cache.close, name="meshc-cache-save")
-        saving.start()
+    except UsageError:  # --env named no environment
+        cache.close()
+        raise
+    # SQLite writes without the GIL: the cache saves while rendered/ is written
+    saving = threading.Thread(target=cache.close, name="meshc-cache-save")
+    saving.start()
     for d in result.diagnostics:
         print(d.render(), file=sys.stderr)
     return result, saving
@@ -146,7 +141,8 @@ def _summary(result: CompileResult) -> str:
 
 
 def run_validate(args) -> int:
-    result, _ = _compile(args)  # no cache: nothing saving
+    result, saving = _compile(args)
+    saving.join()  # NoCache: nothing to save
     if not result.ok:
         return EXIT_INVALID
     print(f"meshc: valid: {_summary(result)}", file=sys.stderr)
@@ -158,8 +154,7 @@ def run_compile(args) -> int:
     try:
         return _write_or_check(args, result)
     finally:
-        if saving is not None:
-            saving.join()
+        saving.join()
 
 
 def _write_or_check(args, result: CompileResult) -> int:

@@ -14,6 +14,7 @@ reported an error. Rendering is `path:line:col: error: message`, notes as
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Callable, Iterable, Iterator, Mapping, NamedTuple
@@ -221,6 +222,13 @@ class Diagnostics:
 
     def __len__(self) -> int:
         return len(self.items)
+
+
+def did_you_mean(word: str, choices: Iterable[str], otherwise: str = "") -> str:
+    """`"; did you mean 'x'?"` for the closest of `choices`, else `otherwise`: the one
+    wording and the one cutoff (difflib's ratio ≥ 0.5: `v3` for `v2`, `LEAST_CONN` for `LEAST_REQUEST`) of every suggestion meshc makes."""
+    close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.5)
+    return f"; did you mean {close[0]!r}?" if close else otherwise
 
 
 def sorted_unique(diagnostics: Iterable[Diagnostic]) -> list[Diagnostic]:

@@ -1,5 +1,8 @@
 """Emission: the one YAML and one JSON serializer, and atomic writes of `rendered/`.
 
+A leaf: it owns the types it serialises (`OutputFile`, `Lowered`, `Piece`) and imports
+nothing from the compiler, so every stage may use it.
+
 YAML goes through libyaml's C emitter (PyYAML's CSafeDumper): sorted keys,
 block style, LF, a final newline. PyYAML resolves scalars by YAML 1.1, so
 strings such as "on" or "yes" come out quoted and Kubernetes (also 1.1)
@@ -21,6 +24,7 @@ import shutil
 import stat
 import tempfile
 import time
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Mapping
@@ -29,9 +33,24 @@ import orjson
 import yaml
 from yaml.nodes import MappingNode, ScalarNode, SequenceNode
 
-from compiler.targets import OutputFile
-
 _UNPARSED = object()
+
+
+@dataclass(frozen=True)
+class OutputFile:
+    """One file to write: YAML documents (a list), or one JSON value, or its bytes already."""
+
+    path: str  # relative to rendered/<env>/
+    content: object
+    format: str  # "yaml" (content is a list of documents) | "json" (a value, or bytes serialised by the target)
+
+
+@dataclass(frozen=True)
+class Lowered:
+    """What a target made of one environment: its files, and the diagnostics it raised."""
+
+    files: tuple[OutputFile, ...]
+    diagnostics: tuple = field(default=())  # compiler.diagnostics.Diagnostic
 
 
 class _Dumper(getattr(yaml, "CSafeDumper", yaml.SafeDumper)):

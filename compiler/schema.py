@@ -14,12 +14,11 @@ Error paths are mapped back to spans through the document's `SpanMap`.
 
 from __future__ import annotations
 
-import difflib
 import re
 from functools import lru_cache
 from typing import Callable
 
-from compiler.diagnostics import Diagnostics, SpanMap
+from compiler.diagnostics import Diagnostics, SpanMap, did_you_mean
 from compiler.values import is_ip, parse_duration
 
 API_VERSION = "meshc.dev/v1"
@@ -565,18 +564,11 @@ def _meta_what(schema: dict, schema_path: tuple) -> str | None:
 
 
 def _did_you_mean(word: str, choices) -> str:
-    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
-    if close:
-        return f"; did you mean {close[0]!r}?"
-    if choices:
-        return "; expected one of: " + ", ".join(choices)
-    return ""
+    return did_you_mean(word, choices, "; expected one of: " + ", ".join(choices) if choices else "")
 
 
 def _not_one_of(value, allowed) -> str:
-    hint = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1, cutoff=0.5)
-    suffix = f"; did you mean {hint[0]!r}?" if hint else ""
-    return f"{value!r} is not one of {', '.join(map(str, allowed))}{suffix}"
+    return f"{value!r} is not one of {', '.join(map(str, allowed))}{did_you_mean(value, allowed)}"
 
 
 def _type_words(constraint) -> str:

@@ -44,6 +44,8 @@ RULES = [
     ("bad-canary-weight", "schema.range"),
     ("bad-duplicate-policy", "policy.duplicate"),
     ("bad-ingress-host-conflict", "ingress.host-conflict"),
+    ("bad-ingress-host-conflict-environments", "ingress.host-conflict"),  # once, naming every environment
+    ("bad-tcp-port-shared", "ports.tcp-shared"),
     ("bad-override-unknown-key", "overrides.unknown-service"),
     ("bad-override-value", "schema.value"),
     ("bad-override-null-required", "schema.missing-field"),

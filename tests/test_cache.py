@@ -6,7 +6,7 @@ import json
 import sqlite3
 
 import compiler.cache as cache_module
-import compiler.pipeline as pipeline
+import compiler.units as units
 from compiler.cache import Cache, cache_root
 from compiler.load import source_from_dir
 from compiler.pipeline import compile_source
@@ -29,13 +29,13 @@ def _rendered(result):
 
 def _counting_units(monkeypatch) -> list:
     computed = []
-    real = pipeline._unit
+    real = units._unit
 
     def counting(ctx, policy, *args, **kwargs):
         computed.append((ctx.env.name, policy.key))
         return real(ctx, policy, *args, **kwargs)
 
-    monkeypatch.setattr(pipeline, "_unit", counting)
+    monkeypatch.setattr(units, "_unit", counting)
     return computed
 
 
@@ -73,6 +73,26 @@ def test_errors_are_reported_the_same_with_a_warm_cache(example_repo, tmp_path):
     assert not cached.ok
     assert [d.render() for d in cached.diagnostics] == [d.render() for d in uncached.diagnostics]
     assert any(d.code == "ingress.host-conflict" and d.span is not None for d in cached.diagnostics)
+
+
+def test_an_error_between_services_needs_no_compile_without_the_cache(example_repo, tmp_path, monkeypatch):
+    """Cached units carry their claims with spans: a clash among them is reported from the
+    cache as it is, and only the units whose files changed are computed (no second run)."""
+    cache_dir = tmp_path / "cache"
+    _compile(example_repo, cache_dir)
+    computed = _counting_units(monkeypatch)
+    policy = example_repo / "policies" / "bookinfo" / "details.yaml"
+    text = policy.read_text()
+    assert "ingress" not in text
+    policy.write_text(text.rstrip("\n") + "\n  ingress: {hosts: [bookinfo.example.com]}\n")
+    result = _compile(example_repo, cache_dir)
+    assert sorted(computed) == [(env, "bookinfo/details") for env in ("dev", "prod", "staging")]
+    clashes = {d.span.path: d for d in result.diagnostics if d.code == "ingress.host-conflict"}
+    # productpage's own hosts clash in dev and staging: one error for both; prod sets them itself.
+    assert sorted(clashes) == ["environments/prod.yaml", "policies/bookinfo/productpage.yaml"]
+    assert clashes["policies/bookinfo/productpage.yaml"].message.endswith("in environments 'dev', 'staging'")
+    assert clashes["environments/prod.yaml"].message.endswith("in environment 'prod'")
+    assert all(d.notes[0].span.path == "policies/bookinfo/details.yaml" for d in clashes.values())
 
 
 def test_a_damaged_cache_is_recomputed_not_trusted(example_repo, tmp_path):
@@ -120,7 +140,7 @@ def test_cli_keeps_its_cache_outside_the_repo(example_repo):
     code, _ = run_cli(["compile", "--repo", str(example_repo)])
     assert code == 0
     assert {p for p in example_repo.rglob("*") if "rendered" not in p.parts} == before
-    assert Cache.for_repo(example_repo).units, "the cache filled, in the user's cache directory"
+    assert Cache.for_repo(example_repo).records, "the cache filled, in the user's cache directory"
     assert Cache.for_repo(example_repo).directory.parent == cache_root()
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from compiler import pipeline
+from compiler import validate, workers
 from compiler.load import Source, source_from_dir
 from compiler.pipeline import compile_source
 from conftest import GOLDEN, REPO
@@ -96,13 +96,13 @@ def pools(monkeypatch) -> list:
             started.append(kwargs.get("max_workers"))
             super().__init__(*args, **kwargs)
 
-    monkeypatch.setattr(concurrent.futures, "ProcessPoolExecutor", CountingPool)
+    monkeypatch.setattr(workers, "ProcessPoolExecutor", CountingPool)
     return started
 
 
 def test_serial_and_parallel_compiles_are_identical(pools):
     source = big_source()
-    assert SERVICES * len(ENVIRONMENTS) >= pipeline.PARALLEL_THRESHOLD
+    assert SERVICES * len(ENVIRONMENTS) >= workers.PARALLEL_THRESHOLD
     serial = outputs(source, jobs=1)
     assert pools == []
     parallel = outputs(shuffled(source, 7), jobs=2)
@@ -113,7 +113,7 @@ def test_serial_and_parallel_compiles_are_identical(pools):
 
 
 def test_policies_parsed_in_workers_compile_and_fail_as_parsed_at_home(pools, monkeypatch):
-    monkeypatch.setattr(pipeline, "PARSE_THRESHOLD", 50)
+    monkeypatch.setattr(workers, "PARSE_THRESHOLD", 50)
     source = big_source()
     at_home = outputs(source, jobs=1)
     assert pools == []
@@ -160,12 +160,12 @@ def test_every_file_is_lf_with_one_final_newline():
 def test_no_worker_outlives_an_interrupted_compile(monkeypatch):
     import multiprocessing
 
-    monkeypatch.setattr(pipeline, "PARSE_THRESHOLD", 50)
+    monkeypatch.setattr(workers, "PARSE_THRESHOLD", 50)
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(pipeline, "load_environments", interrupted)  # while the workers parse policies
+    monkeypatch.setattr(validate, "load_environments", interrupted)  # while the workers parse policies
     with pytest.raises(KeyboardInterrupt):
         compile_source(big_source(), jobs=2)
     assert multiprocessing.active_children() == []

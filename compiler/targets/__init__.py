@@ -11,29 +11,15 @@ Each target is a module with `NAME` and three functions:
 - `lower(mesh) -> Lowered`: `assemble` over `lower_service` of every service.
 
 Adding a target is a new module plus one line in `registry`. Targets never
-import one another. Paths in `Lowered.files` are relative to `rendered/<env>/`.
+import one another. Paths in `Lowered.files` are relative to `rendered/<env>/`;
+`Lowered` and `OutputFile` belong to `compiler.emit`, which serialises them.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from compiler.emit import Lowered, OutputFile
 
-from compiler.diagnostics import Diagnostic
-
-
-@dataclass(frozen=True)
-class OutputFile:
-    """One file to write: YAML documents (a list), or one JSON value, or its bytes already."""
-
-    path: str
-    content: object
-    format: str  # "yaml" (content is a list of documents) | "json" (a value, or bytes serialised by the target)
-
-
-@dataclass(frozen=True)
-class Lowered:
-    files: tuple[OutputFile, ...]
-    diagnostics: tuple[Diagnostic, ...] = field(default=())
+__all__ = ["Lowered", "OutputFile", "registry"]
 
 
 def registry():

@@ -12,8 +12,7 @@ from __future__ import annotations
 
 from compiler import model as m
 from compiler.diagnostics import Diagnostics
-from compiler.emit import Piece
-from compiler.targets import Lowered, OutputFile
+from compiler.emit import Lowered, OutputFile, Piece
 from compiler.values import format_duration
 
 NAME = "istio"
@@ -35,7 +34,7 @@ def lower_service(svc: m.Service, env: m.Environment) -> dict:
 def assemble(env: m.Environment, fragments: list[dict]) -> Lowered:
     """The environment's files from each service's documents (in mesh order): patches, then kustomization.
 
-    Generated names never collide: `check.generated_names` refuses the one way they could.
+    Generated names never collide: `check.claims` refuses the one way they could.
     """
     diags = Diagnostics()
     objects = {f"{f['identities'][0][3]}/{f['identities'][0][2]}": f for f in fragments}

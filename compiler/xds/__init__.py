@@ -4,13 +4,17 @@ Public surface, here and in two modules (the rest is implementation):
 
 - `consistency_errors(resources)`: the one snapshot consistency check, also
   run by the compiler's Envoy target before it writes;
-- `load_snapshot`, `Snapshot`, `SnapshotError`: strict loading of emitted files;
+- `resources.TYPE_URLS`, `resources.content_version`: what the emitted files are,
+  shared with the Envoy target;
+- `snapshot.load_snapshot`, `snapshot.Snapshot`, `snapshot.SnapshotError`:
+  strict loading of emitted files;
 - `server.Server`, `server.ServerThread`, `server.Options`: the server (gRPC
   ADS SotW + Delta, per-type xDS services, REST-JSON, health, metrics, debug);
   imported from there so that the check above does not pull in gRPC;
 - `cli.add_parser`: the `meshc serve` subcommand.
 
 Modules, in the order data flows:
+    resources    type URLs by kind, the version rule, the files' bytes
     protos       strict proto3-JSON parsing, enum checks
     consistency  consistency_errors: every reference resolves (pure dict walking)
     snapshot     files -> Snapshot, pre-serialised responses
@@ -24,7 +28,7 @@ Modules, in the order data flows:
     sample       a hand-made snapshot and bootstraps (tests, demo, bench)
     demo         `make demo`
 
-Exceptions:
+Exceptions (drawn with the rest in `compiler.errors`):
     SnapshotError      files that do not make a servable snapshot (kept out of service)
     protos.ParseError  one document failing the strict parse
     stream.StreamError ends one gRPC stream with a status (unknown environment, ...)
@@ -35,14 +39,6 @@ emitted files (go-control-plane's rule).
 
 from compiler.xds.consistency import consistency_errors
 
-__all__ = ["Snapshot", "SnapshotError", "consistency_errors", "load_snapshot"]
-
-
-def __getattr__(name: str):
-    # The snapshot module pulls in protobuf and every xDS type (~0.1 s); the compiler
-    # imports this package only for `consistency_errors` and must not pay for it.
-    if name in ("Snapshot", "SnapshotError", "load_snapshot"):
-        from compiler.xds import snapshot
-
-        return getattr(snapshot, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+# Only the pure check is imported here: the compiler's Envoy target imports this package's
+# wire modules and must not pay for protobuf, gRPC and every xDS type (~0.1 s).
+__all__ = ["consistency_errors"]

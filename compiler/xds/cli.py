@@ -15,11 +15,9 @@ import signal
 import sys
 from pathlib import Path
 
+from compiler.errors import UsageError  # a flag value that cannot work: `error: ...`, exit status 2
+
 __all__ = ["add_parser", "main", "run"]
-
-
-class UsageError(Exception):
-    """A flag value that cannot work; printed as `error: ...`, exit status 2."""
 
 
 def _address(text: str) -> tuple[str, int]:

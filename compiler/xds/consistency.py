@@ -7,15 +7,12 @@ before it publishes. Re-exported by `compiler.xds.snapshot`.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterator, Mapping, Sequence
 
-from compiler.emit import json_bytes
+from compiler.xds.resources import HCM as _HCM
+from compiler.xds.resources import TCP_PROXY as _TCP_PROXY
 
 __all__ = ["consistency_errors"]
-
-_HCM = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
-_TCP_PROXY = "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy"
 
 
 def consistency_errors(resources: Mapping[str, Sequence[dict]]) -> list[str]:
@@ -113,13 +110,3 @@ def _route_clusters(action: dict) -> Iterator[str]:
         if "cluster" in mirror:
             yield mirror["cluster"]
 
-
-def content_version(type_url: str, resources: Sequence) -> str:
-    """The `version_info` of one type's DiscoveryResponse file: SHA-256 of the file's own
-    JSON without it, `json.dumps({"resources": resources, "type_url": type_url}, indent=2,
-    sort_keys=True, ensure_ascii=False) + "\\n"`, as `compiler.emit.json_bytes` writes it
-    (the same bytes for everything meshc emits; the two spell some floats differently, and
-    meshc emits none). The compiler writes versions by this rule and the server checks them
-    by it, so a hand edit is caught.
-    """
-    return hashlib.sha256(json_bytes({"resources": list(resources), "type_url": type_url})).hexdigest()

@@ -14,7 +14,7 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
-from compiler.xds.snapshot import TYPE_URLS, content_version
+from compiler.xds.resources import TYPE_URLS, content_version
 
 __all__ = ["SERVICE", "ads_bootstrap", "cluster_name", "rest_bootstrap", "sample_resources",
            "write_snapshot"]

@@ -2,8 +2,8 @@
 
 Owns loading `rendered/<env>/envoy/{clusters,endpoints,listeners,routes}.json`,
 the strict parse of every resource into its xds-protos type, the version
-rule (`content_version`), running the one consistency check (defined in
-`consistency`, re-exported here for the compiler's Envoy target), and the
+rule (`resources.content_version`), running the one consistency check (defined in
+`consistency`), and the
 wire bytes every response is assembled from, computed once per snapshot (the
 bodies of named subscriptions once per name set, on first use).
 
@@ -25,7 +25,8 @@ from google.protobuf import json_format
 from envoy.service.discovery.v3 import discovery_pb2
 
 from compiler.xds import protos
-from compiler.xds.consistency import consistency_errors, content_version
+from compiler.xds.consistency import consistency_errors
+from compiler.xds.resources import TYPE_URLS, content_version
 
 __all__ = [
     "KINDS", "NAMED_BODIES_LIMIT", "PUSH_ORDER", "TYPE_URLS", "WILDCARD_KINDS", "NamedBodies",
@@ -35,13 +36,6 @@ __all__ = [
     "kind_of", "load_snapshot", "read_files",
 ]
 
-#: Short kind (the file stem) → type URL.
-TYPE_URLS: Mapping[str, str] = {
-    "clusters": "type.googleapis.com/envoy.config.cluster.v3.Cluster",
-    "endpoints": "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment",
-    "listeners": "type.googleapis.com/envoy.config.listener.v3.Listener",
-    "routes": "type.googleapis.com/envoy.config.route.v3.RouteConfiguration",
-}
 _KIND_BY_URL = {url: kind for kind, url in TYPE_URLS.items()}
 
 #: Make-before-break: a cluster exists before its endpoints, a listener before

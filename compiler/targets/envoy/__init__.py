@@ -6,9 +6,12 @@ fragment: its clusters, ClusterLoadAssignments and virtual hosts, each
 serialised once as an `emit.Piece`, its TCP proxies and the diagnostics it
 raises on its own. `assemble` builds an environment's files from every
 service's fragment, without the model and without parsing a piece: route
-configurations and listeners per port, the checks between services (shared
-ports, shared short names, ingress clashes) and the files
-`envoy/{clusters,endpoints,listeners,routes}.json`.
+configurations and listeners per port, what the target cannot express between
+services (shared short names, an ingress port that is also a service port) and
+the files `envoy/{clusters,endpoints,listeners,routes}.json`. What `check`
+refuses (two services on one TCP port, two claims of one ingress host, an
+ingress without an HTTP port) never reaches it; where it would matter, an
+assertion says so.
 
 The consistency check (`compiler.xds.consistency.consistency_errors`, the one
 the xDS server runs) runs in two halves that together cover the whole
@@ -20,8 +23,9 @@ configurations and TCP proxy clusters) and that no two resources share a name.
 Each file is `{"version_info", "type_url", "resources"}`: listeners and
 route configurations sorted by name; clusters and assignments by service
 (mesh order), then by name, so a service's resources read as one block.
-`version_info` is the SHA-256 of the rest of the file (`content_version`),
-so equal content means equal versions on every machine.
+`version_info` is the SHA-256 of the rest of the file
+(`compiler.xds.resources.content_version`), so equal content means equal
+versions on every machine.
 
 A fragment (every list in the service's order unless said otherwise):
 
@@ -31,10 +35,9 @@ A fragment (every list in the service's order unless said otherwise):
      "http": [{"port": int, "name": str, "domains": [str], "virtual_host": Piece(VirtualHost)}],
                                         # domains sorted, short names included
      "tcp": [{"port": int, "tcp_proxy": TcpProxy}],
-     "ingress": null | {"port": int, "virtual_hosts": [[host, Piece(VirtualHost)]]}
-                     | {"port": int, "virtual_hosts": null, "problem": problem},  # no HTTP port
+     "ingress": null | {"port": int, "virtual_hosts": [[host, Piece(VirtualHost)]]},
      "problems": [problem],             # {"code", "message", "severity", "span"}
-     "spans": {"service", "ports", "ingress_port", "ingress_hosts": [path, line, col] | null}}
+     "spans": {"service", "ingress_port": [path, line, col] | null}}
 
 Fragments share values with one another and with the files built from them:
 nothing downstream may mutate either.
@@ -42,16 +45,16 @@ nothing downstream may mutate either.
 
 from __future__ import annotations
 
-import hashlib
 from collections import Counter
 from operator import itemgetter
 
-from compiler.emit import Piece, json_text
+from compiler.emit import Lowered, OutputFile, Piece
+from compiler.errors import InconsistentSnapshot
 from compiler.model import Environment, Mesh, Service
-from compiler.targets import Lowered, OutputFile
 from compiler.targets.envoy import clusters, endpoints, listeners, routes
-from compiler.targets.envoy.common import CLUSTER, ENDPOINTS, LISTENER, ROUTES, diagnostic, span_of
+from compiler.targets.envoy.common import diagnostic, span_of
 from compiler.xds.consistency import consistency_errors
+from compiler.xds.resources import TYPE_URLS, discovery_response
 
 __all__ = ["NAME", "InconsistentSnapshot", "assemble", "lower", "lower_service"]
 
@@ -59,19 +62,6 @@ NAME = "envoy"
 # The depth pieces land at in a file: a resource is an item of its `resources`; a
 # virtual host an item of a route configuration's `virtual_hosts`.
 RESOURCE_DEPTH, VIRTUAL_HOST_DEPTH = 2, 4
-_TYPE_URLS = {"clusters": CLUSTER, "endpoints": ENDPOINTS, "listeners": LISTENER, "routes": ROUTES}
-
-
-class InconsistentSnapshot(AssertionError):
-    """A compiler bug: the lowered resources refer to something that is not there."""
-
-    def __init__(self, environment: str, problems: list[str]) -> None:
-        super().__init__(f"envoy snapshot for {environment!r} is inconsistent:\n  " + "\n  ".join(problems))
-        self.environment = environment
-        self.problems = tuple(problems)
-
-    def __reduce__(self):  # raised in a worker process, it must reach the parent whole
-        return InconsistentSnapshot, (self.environment, list(self.problems))
 
 
 def lower(mesh: Mesh) -> Lowered:
@@ -96,7 +86,7 @@ def lower_service(service: Service, env: Environment) -> dict:
     http, ingress = routes.lower(service)
     tcp = listeners.lower(service)
     _check_service(env, service, cluster_list, assignments, http, ingress, tcp)
-    if ingress is not None and ingress["virtual_hosts"] is not None:
+    if ingress is not None:
         ingress = {**ingress, "virtual_hosts": [[host, Piece.json(vh, VIRTUAL_HOST_DEPTH)] for host, vh in ingress["virtual_hosts"]]}
     return {
         "service": service.key,
@@ -107,9 +97,7 @@ def lower_service(service: Service, env: Environment) -> dict:
         "tcp": tcp,
         "ingress": ingress,
         "problems": problems,
-        "spans": {"service": span_of(service), "ports": span_of(service, "ports"),
-                  "ingress_port": span_of(service, "ingress", "port"),
-                  "ingress_hosts": span_of(service, "ingress", "hosts")},
+        "spans": {"service": span_of(service), "ingress_port": span_of(service, "ingress", "port")},
     }
 
 
@@ -123,7 +111,7 @@ def _check_service(env: Environment, service: Service, cluster_list, assignments
     """Every reference inside one service's resources resolves among them."""
     hosts = [e["virtual_host"] for e in http]
     if ingress is not None:
-        hosts += [vh for _, vh in ingress["virtual_hosts"] or ()]
+        hosts += [vh for _, vh in ingress["virtual_hosts"]]
     problems = consistency_errors({
         "clusters": cluster_list,
         "endpoints": assignments,
@@ -160,21 +148,10 @@ def assemble(env: Environment, fragments: list[dict]) -> Lowered:
         "listeners": listener_list,
         "routes": route_list,
     }
-    files = tuple(OutputFile(f"envoy/{kind}.json", discovery_response(_TYPE_URLS[kind], items), "json")
+    files = tuple(OutputFile(f"envoy/{kind}.json", discovery_response(TYPE_URLS[kind], items), "json")
                   for kind, items in sorted(resources.items()))
     service_problems = [diagnostic(p) for f in fragments for p in f["problems"]]
     return Lowered(files, tuple(service_problems + route_problems + listener_problems))
-
-
-def discovery_response(type_url: str, resources: list) -> bytes:
-    """The DiscoveryResponse file's bytes: `version_info` is `content_version`, the SHA-256
-    of the file's JSON without it, which is the file's own text up to its last key
-    (`version_info` sorts last). Megabytes long: put together with one copy."""
-    body = json_text({"resources": resources, "type_url": type_url})  # ends "\n}"
-    digest = hashlib.sha256(body)
-    digest.update(b"\n")
-    tail = b',\n  "version_info": "' + digest.hexdigest().encode() + b'"\n}\n'
-    return b"".join((memoryview(body)[: -len(b"\n}")], tail))
 
 
 def _duplicates(names: dict[str, list[str]]) -> list[str]:

@@ -12,8 +12,9 @@ from __future__ import annotations
 from compiler.diagnostics import Severity
 from compiler.model import ConnectionPool, LoadBalancer, OutlierDetection, Service, SimpleLb, Tls, TlsMode
 from compiler.targets.envoy import endpoints, tls
-from compiler.targets.envoy.common import ADS, CLUSTER, HTTP_OPTIONS, duration, problem, span_of
+from compiler.targets.envoy.common import ADS, HTTP_OPTIONS, duration, problem, span_of
 from compiler.targets.envoy.endpoints import Upstream
+from compiler.xds.resources import CLUSTER
 
 #: istiod's mesh-wide default `connectTimeout`.
 DEFAULT_CONNECT_TIMEOUT_MS = 10_000

@@ -1,4 +1,5 @@
-"""Names, type URLs and small proto3-JSON builders shared by the Envoy lowering.
+"""Names, filter type URLs and small proto3-JSON builders shared by the Envoy lowering
+(the resource type URLs are `compiler.xds.resources`, shared with the server).
 
 Names follow istiod's conventions so a config dump reads like Istio's:
 cluster `outbound|PORT|SUBSET|FQDN`, route configuration `PORT` (gateway:
@@ -11,13 +12,6 @@ from compiler.diagnostics import Diagnostic, Severity, Span
 from compiler.model import Service, TrafficShape
 from compiler.values import format_duration
 
-CLUSTER = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
-ENDPOINTS = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
-LISTENER = "type.googleapis.com/envoy.config.listener.v3.Listener"
-ROUTES = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
-
-HCM = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
-TCP_PROXY = "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy"
 ROUTER = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
 UPSTREAM_TLS = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext"
 HTTP_OPTIONS = "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions"

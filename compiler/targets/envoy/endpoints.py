@@ -12,7 +12,8 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from compiler.model import Address, Port, Service
-from compiler.targets.envoy.common import ENDPOINTS, cluster_name
+from compiler.targets.envoy.common import cluster_name
+from compiler.xds.resources import ENDPOINTS
 
 
 class Upstream(NamedTuple):

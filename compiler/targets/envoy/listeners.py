@@ -13,8 +13,8 @@ from collections import defaultdict
 
 from compiler.diagnostics import Diagnostic, Severity
 from compiler.model import HashOn, Service
-from compiler.targets.envoy.common import (ADS, HCM, LISTENER, ROUTER, TCP_PROXY, default_destinations,
-                                           gateway_route_name, listener_name, span)
+from compiler.targets.envoy.common import ADS, ROUTER, default_destinations, gateway_route_name, listener_name, span
+from compiler.xds.resources import HCM, LISTENER, TCP_PROXY
 
 
 def lower(service: Service) -> list[dict]:
@@ -28,14 +28,12 @@ def lower(service: Service) -> list[dict]:
 
 
 def assemble(address: str, fragments: list[dict]) -> tuple[list[dict], list[Diagnostic]]:
-    """Every listener (unsorted) and the port clashes between services."""
+    """Every listener (unsorted), and what the target cannot express: an ingress port that
+    is also a service port (one listener per port and address)."""
     http, tcp, ingress = _ports(fragments)
     listeners = [_http_listener(address, port, str(port), gateway=False) for port in sorted(http)]
+    listeners += [_tcp_listener(address, port, tcp[port], http.get(port, [])) for port in sorted(tcp)]
     problems = []
-    for port in sorted(tcp):
-        listener, found = _tcp_listener(address, port, tcp[port], http.get(port, []))
-        listeners += [listener] if listener else []
-        problems += found
     for port in sorted(ingress):
         if port in http or port in tcp:
             problems += [_ingress_conflict(f, port) for f in ingress[port]]
@@ -53,7 +51,7 @@ def _ports(fragments: list[dict]) -> tuple[dict, dict, dict]:
         for entry in fragment["tcp"]:
             tcp[entry["port"]].append((fragment, entry["tcp_proxy"]))
         gateway = fragment["ingress"]
-        if gateway is not None and gateway["virtual_hosts"] is not None:
+        if gateway is not None:
             ingress[gateway["port"]].append(fragment)
     return http, tcp, ingress
 
@@ -71,23 +69,13 @@ def _http_listener(address: str, port: int, route_config: str, *, gateway: bool)
     return _listener(name, address, port, "envoy.filters.network.http_connection_manager", manager)
 
 
-def _tcp_listener(address: str, port: int, claims: list[tuple[dict, dict]],
-                  http_services: list[str]) -> tuple[dict | None, list[Diagnostic]]:
-    """A TCP proxy to the one service on this port.
-
-    Without a service IP to tell them apart, a port that several services
-    (or an HTTP listener) claim cannot be proxied: reported, no listener.
-    """
-    claimants = http_services + [f["service"] for f, _ in claims]
-    if len(claimants) > 1:
-        return None, [Diagnostic(
-            "envoy.tcp-port-shared",
-            f"{f['service']}: TCP port {port} is also used by "
-            f"{', '.join(k for k in claimants if k != f['service'])}; the Envoy target binds one "
-            f"listener per port and cannot tell them apart, so it proxies no TCP traffic on it",
-            span(f["spans"]["ports"]), Severity.WARNING) for f, _ in claims]
+def _tcp_listener(address: str, port: int, claims: list[tuple[dict, dict]], http_services: list[str]) -> dict:
+    """A TCP proxy to the one service on this port. Without a service IP to tell them apart,
+    a port that several services (or an HTTP listener) claim cannot be proxied: `check.claims`
+    refuses it before lowering."""
+    assert len(claims) == 1 and not http_services, f"TCP port {port} shared by several services passed check"
     proxy = claims[0][1]
-    return _listener(listener_name(address, port), address, port, "envoy.filters.network.tcp_proxy", proxy), []
+    return _listener(listener_name(address, port), address, port, "envoy.filters.network.tcp_proxy", proxy)
 
 
 def _tcp_proxy(service: Service, port: int) -> dict:

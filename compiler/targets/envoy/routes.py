@@ -16,8 +16,9 @@ from operator import itemgetter
 from compiler.diagnostics import Diagnostic, Severity
 from compiler.emit import Piece
 from compiler.model import ConsistentHash, HashOn, HeaderMatch, MatchKind, Retries, Service
-from compiler.targets.envoy.common import (PREVIOUS_HOSTS, ROUTES, cluster_name, default_destinations, diagnostic,
-                                           duration, gateway_route_name, problem, span, span_of)
+from compiler.targets.envoy.common import (PREVIOUS_HOSTS, cluster_name, default_destinations, duration,
+                                           gateway_route_name, span)
+from compiler.xds.resources import ROUTES
 
 #: istiod's retry policy for a route whose VirtualService sets no `retries`
 #: (pilot/pkg/networking/core/route/retry/retry.go).
@@ -31,10 +32,10 @@ def lower(service: Service) -> tuple[list[dict], dict | None]:
 
     → (`[{"port", "virtual_host"}]` in the service's port order; None without
     ingress, else `{"port", "virtual_hosts": [[host, virtual host], ...]}` in
-    the ingress's host order (duplicates kept for `assemble` to report), or
-    `{"port", "virtual_hosts": None, "problem"}` when there is no HTTP port to
-    route to). Sidecar domains include the short names; `assemble` drops those
-    another service shares. Plain data: the target's `lower_service` makes pieces of the virtual hosts.
+    the ingress's host order). `check` refuses an ingress on a service with no
+    HTTP port, and a host listed twice. Sidecar domains include the short names;
+    `assemble` drops those another service shares. Plain data: the target's
+    `lower_service` makes pieces of the virtual hosts.
     """
     action = _action_policy(service)
     http = [{"port": port.number,
@@ -45,21 +46,17 @@ def lower(service: Service) -> tuple[list[dict], dict | None]:
     ingress = service.ingress
     if ingress is None:
         return http, None
-    if not http:
-        return http, {"port": ingress.port, "virtual_hosts": None, "problem": problem(
-            "envoy.ingress-without-http-port",
-            f"{service.key}: ingress needs an HTTP port to route to; the service has none",
-            span_of(service, "ingress"))}
+    assert http, f"{service.key}: an ingress without an HTTP port passed check"
     routes = http[0]["virtual_host"]["routes"]  # ingress traffic goes to the first HTTP port
     return http, {"port": ingress.port,
                   "virtual_hosts": [[host, _gateway_host(host, ingress.port, routes)] for host in ingress.hosts]}
 
 
 def assemble(fragments: list[dict]) -> tuple[list[dict], list[Diagnostic]]:
-    """Every route configuration (unsorted) from the services' fragments, and the conflicts between them."""
+    """Every route configuration (unsorted) from the services' fragments, and what the
+    target could not express between them (a short name two services share)."""
     sidecar, problems = _sidecar_configs(fragments)
-    gateway, more = _gateway_configs(fragments)
-    return sidecar + gateway, problems + more
+    return sidecar + _gateway_configs(fragments), problems
 
 
 # --- sidecar: one route configuration per HTTP port -------------------------
@@ -107,29 +104,19 @@ def _service_domains(service: Service, port: int) -> list[str]:
 
 # --- gateway: one route configuration per ingress port -----------------------
 
-def _gateway_configs(fragments: list[dict]) -> tuple[list[dict], list[Diagnostic]]:
-    by_port: dict[int, dict[str, tuple[str, Piece]]] = defaultdict(dict)  # port → host → (service, virtual host)
-    problems = []
+def _gateway_configs(fragments: list[dict]) -> list[dict]:
+    """`check.claims` refuses a host claimed twice in an environment, so each host here is one service's."""
+    by_port: dict[int, dict[str, Piece]] = defaultdict(dict)  # port → host → virtual host
     for fragment in fragments:
         ingress = fragment["ingress"]
         if ingress is None:
             continue
-        if ingress["virtual_hosts"] is None:
-            problems.append(diagnostic(ingress["problem"]))
-            continue
         hosts = by_port[ingress["port"]]
         for host, virtual_host in ingress["virtual_hosts"]:
-            if host in hosts:
-                problems.append(Diagnostic(
-                    "envoy.ingress-host-conflict",
-                    f"{fragment['service']}: ingress host {host!r} on port {ingress['port']} "
-                    f"is already routed to {hosts[host][0]}",
-                    span(fragment["spans"]["ingress_hosts"]), Severity.ERROR))
-                continue
-            hosts[host] = (fragment["service"], virtual_host)
-    configs = [_config(gateway_route_name(port), [(_gateway_host_name(host, port), vh) for host, (_, vh) in by_port[port].items()])
-               for port in sorted(by_port)]
-    return configs, problems
+            assert host not in hosts, f"ingress host {host!r} claimed twice passed check"
+            hosts[host] = virtual_host
+    return [_config(gateway_route_name(port), [(_gateway_host_name(host, port), vh) for host, vh in by_port[port].items()])
+            for port in sorted(by_port)]
 
 
 def _gateway_host(host: str, port: int, routes: list[dict]) -> dict:

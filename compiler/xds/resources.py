@@ -1,0 +1,48 @@
+"""What the files between the compiler and the server are: the xDS types by kind, and the
+version rule. The Envoy target writes `envoy/<kind>.json` by these; `meshc serve` reads and
+checks them by the same. A leaf: it imports only `compiler.emit`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping, Sequence
+
+from compiler.emit import json_bytes, json_text
+
+__all__ = ["CLUSTER", "ENDPOINTS", "HCM", "LISTENER", "ROUTES", "TCP_PROXY", "TYPE_URLS", "content_version",
+           "discovery_response"]
+
+CLUSTER = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
+ENDPOINTS = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
+LISTENER = "type.googleapis.com/envoy.config.listener.v3.Listener"
+ROUTES = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
+
+#: Short kind (the file stem `envoy/<kind>.json`) → type URL.
+TYPE_URLS: Mapping[str, str] = {"clusters": CLUSTER, "endpoints": ENDPOINTS, "listeners": LISTENER, "routes": ROUTES}
+
+#: The filters whose references the consistency check follows.
+HCM = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
+TCP_PROXY = "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy"
+
+
+def content_version(type_url: str, resources: Sequence) -> str:
+    """The `version_info` of one type's DiscoveryResponse file: SHA-256 of the file's own
+    JSON without it, `json.dumps({"resources": resources, "type_url": type_url}, indent=2,
+    sort_keys=True, ensure_ascii=False) + "\\n"`, as `compiler.emit.json_bytes` writes it
+    (the same bytes for everything meshc emits; the two spell some floats differently, and
+    meshc emits none). The compiler writes versions by this rule and the server checks them
+    by it, so a hand edit is caught.
+    """
+    return hashlib.sha256(json_bytes({"resources": list(resources), "type_url": type_url})).hexdigest()
+
+
+def discovery_response(type_url: str, resources: list) -> bytes:
+    """The file's bytes, `version_info` by `content_version`: the file's own text up to its
+    last key (`version_info` sorts last) is the JSON that rule hashes, so it is hashed as
+    written. `resources` may hold `emit.Piece`s. Megabytes long: put together with one copy."""
+    body = json_text({"resources": resources, "type_url": type_url})  # ends "\n}"
+    digest = hashlib.sha256(body)
+    digest.update(b"\n")
+    tail = b',\n  "version_info": "' + digest.hexdigest().encode() + b'"\n}\n'
+    return b"".join((memoryview(body)[: -len(b"\n}")], tail))
