@@ -123,6 +123,11 @@ def parse(path: str, content: bytes, diags: Diagnostics) -> Document | None:
     except UnicodeDecodeError as exc:
         diags.error("yaml.encoding", f"file is not UTF-8 ({exc.reason} at byte {exc.start})", Span(path, 1, 1))
         return None
+    if _nesting_bound(text) > _COMPOSE_SAFE:
+        deep = _too_deep_event(text)
+        if deep is not None:
+            diags.error("yaml.too-deep", f"value nested deeper than {MAX_DEPTH} levels", Span(path, deep.line + 1, deep.column + 1))
+            return None
     loader = CSafeLoader(text)
     try:
         node = loader.get_single_node()
@@ -149,6 +154,9 @@ def parse(path: str, content: bytes, diags: Diagnostics) -> Document | None:
     except _TooBig:
         diags.error("yaml.too-big", f"the document expands to more than {MAX_VALUES:,} values (through aliases?)", Span(path, 1, 1))
         return None
+    except _TooDeep as exc:
+        diags.error("yaml.too-deep", f"value nested deeper than {MAX_DEPTH} levels", Span(path, exc.node.start_mark.line + 1, exc.node.start_mark.column + 1))
+        return None
     if len(diags) > before:
         return None
     return Document(path, data, SpanMap(spans), sha)
@@ -159,9 +167,65 @@ _MERGE, _KEY_TAGS = _CORE + "merge", (_CORE + "str", _CORE + "int")
 # Aliases let a few bytes expand into billions of values ("billion laughs"); no policy needs this many.
 MAX_VALUES = 100_000
 
+# Mappings and lists nested deeper than this are refused. A policy nests about 7 levels
+# (spec.traffic.canary.match.headers.NAME.exact), an environment's patch value with a Kubernetes
+# fragment perhaps 20: 64 is three times what anything real needs, and keeps every stage that
+# recurses over a document (this builder, cerberus, the overlay merge, json, the YAML emitter) a few
+# hundred frames deep at most, far below Python's recursion limit of 1,000.
+MAX_DEPTH = 64
+
+# ruamel's C composer recurses on the C stack, a frame per level, unchecked: ~65,000 levels
+# overflow an 8 MB stack (SIGSEGV) and ~3,500 a 1 MB one. A text that cannot nest deeper than
+# this (by `_nesting_bound`) is composed straight away; any other is first read as an event
+# stream, which libyaml parses without recursing, for its true depth.
+_COMPOSE_SAFE = 10_000
+
+
+def _nesting_bound(text: str) -> int:
+    """An upper bound, cheap (C-speed string scans), on how deep `text` can nest collections.
+
+    Block collections: down a chain of nested ones the column grows at least every second level
+    (a list under a key may start in the key's column), and a column is at most a line long.
+    Flow collections: each opens with `[` or `{`, and an entry `a: b` of a flow list is a mapping
+    of its own without a `{`: two levels per `[`, one per `{`.
+    """
+    longest = max(map(len, text.split("\n")))
+    return 2 * (longest + 1) + 2 * text.count("[") + text.count("{") + 1
+
+
+def _too_deep_event(text: str):
+    """The start mark of the first collection nested deeper than MAX_DEPTH, else None.
+    Reads parser events (libyaml's parser keeps its own stack; nothing here recurses)."""
+    from ruamel.yaml import CSafeLoader
+    from ruamel.yaml.error import YAMLError
+    from ruamel.yaml.events import CollectionEndEvent, CollectionStartEvent, StreamEndEvent
+
+    loader = CSafeLoader(text)
+    depth = 0
+    try:
+        while True:
+            event = loader.get_event()
+            if event is None or isinstance(event, StreamEndEvent):
+                return None
+            if isinstance(event, CollectionStartEvent):
+                depth += 1
+                if depth > MAX_DEPTH:
+                    return event.start_mark
+            elif isinstance(event, CollectionEndEvent):
+                depth -= 1
+    except YAMLError:  # composing reports it, at the same place: no deeper than this so far
+        return None
+    finally:
+        loader.dispose()
+
 
 class _TooBig(Exception):
     pass
+
+
+class _TooDeep(Exception):
+    def __init__(self, node, path: tuple):
+        self.node, self.path = node, path
 
 
 class _Builder:
@@ -183,10 +247,14 @@ class _Builder:
         if node.id == "mapping":
             if tag != _CORE + "map":
                 return self.refuse(node, tag)
+            if len(path) >= MAX_DEPTH:
+                raise _TooDeep(node, path)
             return self.mapping(node, path)
         if node.id == "sequence":
             if tag != _CORE + "seq":
                 return self.refuse(node, tag)
+            if len(path) >= MAX_DEPTH:
+                raise _TooDeep(node, path)
             return [self.value(item, path + (i,)) for i, item in enumerate(node.value)]
         return self.scalar(node, tag)
 
