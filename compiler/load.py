@@ -155,7 +155,11 @@ def parse(path: str, content: bytes, diags: Diagnostics) -> Document | None:
         diags.error("yaml.too-big", f"the document expands to more than {MAX_VALUES:,} values (through aliases?)", Span(path, 1, 1))
         return None
     except _TooDeep as exc:
-        diags.error("yaml.too-deep", f"value nested deeper than {MAX_DEPTH} levels", Span(path, exc.node.start_mark.line + 1, exc.node.start_mark.column + 1))
+        at = _cycle_start(node, exc.path)
+        if at is not None:
+            diags.error("yaml.alias-cycle", "this value contains an alias of itself; YAML data here must be a tree", Span(path, at.start_mark.line + 1, at.start_mark.column + 1))
+        else:
+            diags.error("yaml.too-deep", f"value nested deeper than {MAX_DEPTH} levels", Span(path, exc.node.start_mark.line + 1, exc.node.start_mark.column + 1))
         return None
     if len(diags) > before:
         return None
@@ -226,6 +230,21 @@ class _TooBig(Exception):
 class _TooDeep(Exception):
     def __init__(self, node, path: tuple):
         self.node, self.path = node, path
+
+
+def _cycle_start(root, path: tuple):
+    """The first node met twice walking from `root` down `path` (an alias inside its own
+    anchor's value composes into a cycle), else None. Only on the error path."""
+    seen, node = set(), root
+    for step in path:
+        if id(node) in seen:
+            return node
+        seen.add(id(node))
+        if node.id == "mapping":
+            node = next(v for k, v in node.value if k.value == step)
+        else:
+            node = node.value[step]
+    return node if id(node) in seen else None
 
 
 class _Builder:

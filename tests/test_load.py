@@ -147,3 +147,11 @@ def test_a_deep_value_reached_through_an_alias_counts_its_full_depth():
     doc, problems = _load(f"a: &deep {inner}\nb: {{c: *deep}}\n")  # a: 64 levels, fine; b.c: 65
     assert doc is None
     assert problems == [f"p.yaml:1:{10 + MAX_DEPTH - 2}: error: value nested deeper than {MAX_DEPTH} levels"]
+
+
+@pytest.mark.parametrize("text,col", [("x: &a [*a]\n", 4), ("x: &a {b: [1, {c: *a}]}\n", 4), ("&a [*a]\n", 1)])
+def test_an_alias_inside_its_own_anchor_is_refused_not_followed_forever(text, col):
+    # The composer registers an anchor before its children: `&a [*a]` composes into a cycle.
+    doc, problems = _load(text)
+    assert doc is None
+    assert problems == [f"p.yaml:1:{col}: error: this value contains an alias of itself; YAML data here must be a tree"]
