@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Mapping
@@ -116,6 +117,7 @@ def parse(path: str, content: bytes, diags: Diagnostics) -> Document | None:
     # Imported here: a re-compile served from the cache parses nothing and skips ~35 ms of imports.
     from ruamel.yaml import CSafeLoader
     from ruamel.yaml.error import MarkedYAMLError, YAMLError
+    from ruamel.yaml.reader import ReaderError
 
     sha = hashlib.sha256(content).hexdigest()
     try:
@@ -139,8 +141,12 @@ def parse(path: str, content: bytes, diags: Diagnostics) -> Document | None:
             problem = f"{exc.problem} ({exc.context})"
         diags.error("yaml.syntax", f"YAML syntax error: {problem}", span)
         return None
-    except YAMLError as exc:  # reader errors (control characters, ...) carry no mark
-        diags.error("yaml.syntax", f"YAML error: {exc}", Span(path, 1, 1))
+    except ReaderError as exc:  # a character YAML forbids: no mark, a byte offset
+        line, col = _line_col(content, exc.position)
+        diags.error("yaml.syntax", f"YAML error: character U+{exc.character:04X} is not allowed ({exc.reason})", Span(path, line, col))
+        return None
+    except YAMLError as exc:  # anything else without a mark: one line, at the top
+        diags.error("yaml.syntax", f"YAML error: {' '.join(str(exc).split())}", Span(path, 1, 1))
         return None
     finally:
         loader.dispose()
@@ -164,6 +170,14 @@ def parse(path: str, content: bytes, diags: Diagnostics) -> Document | None:
     if len(diags) > before:
         return None
     return Document(path, data, SpanMap(spans), sha)
+
+
+def _line_col(content: bytes, offset: int) -> tuple[int, int]:
+    """1-based line and column (in characters) of a byte offset, lines broken as libyaml breaks them."""
+    before = content[:offset].decode("utf-8", "replace")
+    breaks = list(re.finditer("\r\n|[\r\n\x85\u2028\u2029]", before))
+    start = breaks[-1].end() if breaks else 0
+    return len(breaks) + 1, len(before) - start + 1
 
 
 _MERGE, _KEY_TAGS = _CORE + "merge", (_CORE + "str", _CORE + "int")

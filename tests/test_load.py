@@ -155,3 +155,16 @@ def test_an_alias_inside_its_own_anchor_is_refused_not_followed_forever(text, co
     doc, problems = _load(text)
     assert doc is None
     assert problems == [f"p.yaml:1:{col}: error: this value contains an alias of itself; YAML data here must be a tree"]
+
+
+@pytest.mark.parametrize("text,line,col,char", [
+    ("a: 1\nb: x\x7fy\n", 2, 5, "007F"),
+    ("a: é\nbb: \u00e9\x01\n", 2, 6, "0001"),  # columns count characters, not bytes
+    ("a: 1\r\nb: \x1c\n", 2, 4, "001C"),
+    ("a: 1\rb: \U0001f600\x02\n", 2, 5, "0002"),  # a lone CR breaks a line, as libyaml counts
+])
+def test_a_forbidden_character_is_reported_on_one_line_where_it_is(text, line, col, char):
+    # Found by tests/test_damage.py: the reader's error came at 1:1, with a second line of its own.
+    doc, problems = _load(text)
+    assert doc is None
+    assert problems == [f"p.yaml:{line}:{col}: error: YAML error: character U+{char} is not allowed (control characters are not allowed)"]
