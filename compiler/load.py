@@ -319,8 +319,11 @@ class _Builder:
                 return _int(text)
             if tag == _CORE + "float":
                 return _float(text)
+        except _TooLarge:
+            self.diags.error("yaml.number", f"integer {_shown(text)} does not fit in 64 bits; no field takes a number this large", self.span(node))
+            return None
         except ValueError:
-            self.diags.error("yaml.number", f"{text!r} is not a number this loader reads; quote it if it is a string", self.span(node))
+            self.diags.error("yaml.number", f"{_shown(text)} is not a number this loader reads; quote it if it is a string", self.span(node))
             return None
         if tag == _CORE + "bool":
             return text.lower() == "true"
@@ -337,13 +340,34 @@ class _Builder:
 _INT_BASES = {"0x": 16, "0o": 8, "0b": 2}
 
 
+# Every integer meshc reads ends up in a Kubernetes object or an xDS proto field: 64 bits at most.
+# Larger ones are refused here, before Python has to print one (past 4,300 digits it cannot: str()
+# of such an int raises ValueError, and a diagnostic quoting it crashed meshc).
+_INT_MIN, _INT_MAX = -(1 << 63), (1 << 64) - 1
+
+
+class _TooLarge(ValueError):
+    pass
+
+
 def _int(text: str) -> int:
     """An integer as ruamel's resolver tagged it (YAML 1.2: decimal, 0x, 0o; 1.1's 0b too)."""
     t = text.replace("_", "")
     sign = -1 if t.startswith("-") else 1
     t = t.lstrip("+-")
     base = _INT_BASES.get(t[:2].lower())
-    return sign * (int(t[2:], base) if base else int(t, 10))
+    digits = (t[2:] if base else t).lstrip("0") or "0"
+    if len(digits) > 64:  # more than 64 bits in any base: told without converting a megabyte of digits
+        raise _TooLarge
+    value = sign * int(digits, base or 10)
+    if not _INT_MIN <= value <= _INT_MAX:
+        raise _TooLarge
+    return value
+
+
+def _shown(text: str) -> str:
+    """A scalar quoted in a message: a long one cut short."""
+    return repr(text) if len(text) <= 40 else f"{text[:20]!r}… ({len(text):,} characters)"
 
 
 def _float(text: str) -> float:

@@ -168,3 +168,21 @@ def test_a_forbidden_character_is_reported_on_one_line_where_it_is(text, line, c
     doc, problems = _load(text)
     assert doc is None
     assert problems == [f"p.yaml:{line}:{col}: error: YAML error: character U+{char} is not allowed (control characters are not allowed)"]
+
+
+@pytest.mark.parametrize("text,value", [("9223372036854775807", 2**63 - 1), ("18446744073709551615", 2**64 - 1),
+                                        ("-9223372036854775808", -(2**63)), ("0x" + "0" * 100 + "1F", 31), ("-0b1", -1)])
+def test_an_integer_of_64_bits_loads(text, value):
+    doc, problems = _load(f"a: {text}\n")
+    assert problems == [] and doc.data == {"a": value}
+
+
+@pytest.mark.parametrize("text", ["18446744073709551616", "-9223372036854775809", "9" * 5_000, "0x" + "f" * 5_000,
+                                  "0o" + "7" * 6_000, "-0b" + "1" * 65, "1" + "_0" * 30])
+def test_an_integer_beyond_64_bits_is_refused_where_it_is(text):
+    # Found by tests/test_damage.py: `value: 0o777…` (6,000 digits) loaded as an int that no message
+    # could print (Python refuses str() past 4,300 digits): a ValueError traceback from the schema.
+    doc, problems = _load(f"a: 1\nb: {text}\n")
+    shown = repr(text) if len(text) <= 40 else f"{text[:20]!r}… ({len(text):,} characters)"
+    assert doc is None
+    assert problems == [f"p.yaml:2:4: error: integer {shown} does not fit in 64 bits; no field takes a number this large"]
