@@ -13,9 +13,11 @@ Scalars resolve by YAML 1.2 rules (`on`, `yes` stay strings).
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import re
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Mapping
@@ -68,9 +70,21 @@ def source_from_dir(repo: Path) -> Source:
             path = os.path.join(root, rel)
             if is_link and not _inside(real_root, path):
                 continue
-            with open(path, "rb") as f:
-                files[rel] = f.read()
+            files[rel] = _read(path, rel)
     return Source(files)
+
+
+def _read(path: str, rel: str) -> bytes:
+    """A regular file's bytes. Anything else named like an input (a FIFO would block the read
+    forever, a device never end) is refused, and a failure names the file."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # opening a FIFO does not wait for a writer
+    except OSError as exc:
+        raise OSError(exc.errno, f"{rel}: {exc.strerror}") from exc
+    with open(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, f"{rel}: not a regular file")
+        return f.read()
 
 
 def _inside(real_root: str, path: str) -> bool:

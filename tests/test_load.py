@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from compiler.diagnostics import Diagnostics, Span
+import os
+
 import pytest
 
 from compiler.load import MAX_DEPTH, MAX_VALUES, parse
@@ -186,3 +188,22 @@ def test_an_integer_beyond_64_bits_is_refused_where_it_is(text):
     shown = repr(text) if len(text) <= 40 else f"{text[:20]!r}… ({len(text):,} characters)"
     assert doc is None
     assert problems == [f"p.yaml:2:4: error: integer {shown} does not fit in 64 bits; no field takes a number this large"]
+
+
+@pytest.mark.parametrize("make", ["fifo", "dangling", "loop"])
+def test_an_input_that_cannot_be_read_is_named_and_never_waited_on(make, tmp_path):
+    # A FIFO named like a policy blocked meshc forever in read(); a dangling or looping symlink
+    # was reported as "cannot read REPO: ..." without saying which file.
+    from compiler.load import source_from_dir
+
+    shop = tmp_path / "policies" / "shop"
+    shop.mkdir(parents=True)
+    (tmp_path / "environments").mkdir()
+    bad = shop / "web.yaml"
+    if make == "fifo":
+        os.mkfifo(bad)
+    else:
+        bad.symlink_to("nowhere.yaml" if make == "dangling" else "web.yaml")
+    with pytest.raises(OSError) as exc:
+        source_from_dir(tmp_path)
+    assert exc.value.strerror.startswith("policies/shop/web.yaml: ")
