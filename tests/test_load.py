@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from compiler.diagnostics import Diagnostics, Span
 import os
 
 import pytest
 
+from compiler.diagnostics import Diagnostics, Span
 from compiler.load import MAX_DEPTH, MAX_VALUES, parse
 
 
