@@ -334,7 +334,7 @@ class _Builder:
             if tag == _CORE + "float":
                 return _float(text)
         except _TooLarge:
-            self.diags.error("yaml.number", f"integer {_shown(text)} does not fit in 64 bits; no field takes a number this large", self.span(node))
+            self.diags.error("yaml.number", f"integer {_shown(text)} has more than {MAX_INT_DIGITS} digits; no field takes a number this large", self.span(node))
             return None
         except ValueError:
             self.diags.error("yaml.number", f"{_shown(text)} is not a number this loader reads; quote it if it is a string", self.span(node))
@@ -354,10 +354,12 @@ class _Builder:
 _INT_BASES = {"0x": 16, "0o": 8, "0b": 2}
 
 
-# Every integer meshc reads ends up in a Kubernetes object or an xDS proto field: 64 bits at most.
-# Larger ones are refused here, before Python has to print one (past 4,300 digits it cannot: str()
-# of such an int raises ValueError, and a diagnostic quoting it crashed meshc).
-_INT_MIN, _INT_MAX = -(1 << 63), (1 << 64) - 1
+# Python refuses to print an int of more decimal digits than sys.get_int_max_str_digits() (4,300
+# by default, 640 at the lowest it can be set): str() raises ValueError, and a diagnostic or an
+# output quoting such a number crashed meshc. Larger ones are refused here, with one limit on
+# every machine. Big integers below it still load (a patch value may carry one).
+MAX_INT_DIGITS = 640
+_INT_LIMIT = 10**MAX_INT_DIGITS
 
 
 class _TooLarge(ValueError):
@@ -371,10 +373,10 @@ def _int(text: str) -> int:
     t = t.lstrip("+-")
     base = _INT_BASES.get(t[:2].lower())
     digits = (t[2:] if base else t).lstrip("0") or "0"
-    if len(digits) > 64:  # more than 64 bits in any base: told without converting a megabyte of digits
+    if len(digits) > 4 * MAX_INT_DIGITS:  # too large in any base: told without converting a megabyte of digits
         raise _TooLarge
     value = sign * int(digits, base or 10)
-    if not _INT_MIN <= value <= _INT_MAX:
+    if not -_INT_LIMIT < value < _INT_LIMIT:
         raise _TooLarge
     return value
 

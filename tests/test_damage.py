@@ -348,8 +348,12 @@ def test_the_console_script_survives_the_worst(path, tail, pristine, tmp_path):
     assert proc.stderr.startswith(path + ":"), proc.stderr[-2000:]
 
 
-@pytest.mark.parametrize("number", ["0x" + "f" * 5_000, "9" * 5_000, "18446744073709551616"])
-def test_a_huge_port_is_a_located_error(number, pristine, tmp_path):
+@pytest.mark.parametrize("number,message", [
+    ("0x" + "f" * 5_000, "integer '0xffffffffffffffffff'… (5,002 characters) has more than 640 digits"),
+    ("9" * 5_000, "integer '99999999999999999999'… (5,000 characters) has more than 640 digits"),
+    ("18446744073709551616", "spec.ports[0].port: 18446744073709551616 is out of range"),
+])
+def test_a_huge_port_is_a_located_error(number, message, pristine, tmp_path):
     # Found here (seed 20240607, case 126): a 6,000-digit octal loaded, and the schema's message
     # quoting it raised ValueError (Python prints no int past 4,300 digits).
     repo = tmp_path / "repo"
@@ -358,4 +362,4 @@ def test_a_huge_port_is_a_located_error(number, pristine, tmp_path):
     policy.write_text(policy.read_text().replace("port: 9080,", f"port: {number},", 1))
     code, _, stderr = _run(["validate", "--repo", str(repo)])
     assert code == 1
-    assert stderr.startswith("policies/bookinfo/reviews.yaml:11:26: error: integer ") and "does not fit in 64 bits" in stderr
+    assert stderr.startswith(f"policies/bookinfo/reviews.yaml:11:26: error: {message}"), stderr
