@@ -13,8 +13,11 @@ Scalars resolve by YAML 1.2 rules (`on`, `yes` stay strings).
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
+import re
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Mapping
@@ -67,9 +70,21 @@ def source_from_dir(repo: Path) -> Source:
             path = os.path.join(root, rel)
             if is_link and not _inside(real_root, path):
                 continue
-            with open(path, "rb") as f:
-                files[rel] = f.read()
+            files[rel] = _read(path, rel)
     return Source(files)
+
+
+def _read(path: str, rel: str) -> bytes:
+    """A regular file's bytes. Anything else named like an input (a FIFO would block the read
+    forever, a device never end) is refused, and a failure names the file."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # opening a FIFO does not wait for a writer
+    except OSError as exc:
+        raise OSError(exc.errno, f"{rel}: {exc.strerror}") from exc
+    with open(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, f"{rel}: not a regular file")
+        return f.read()
 
 
 def _inside(real_root: str, path: str) -> bool:
@@ -116,6 +131,7 @@ def parse(path: str, content: bytes, diags: Diagnostics) -> Document | None:
     # Imported here: a re-compile served from the cache parses nothing and skips ~35 ms of imports.
     from ruamel.yaml import CSafeLoader
     from ruamel.yaml.error import MarkedYAMLError, YAMLError
+    from ruamel.yaml.reader import ReaderError
 
     sha = hashlib.sha256(content).hexdigest()
     try:
@@ -123,6 +139,11 @@ def parse(path: str, content: bytes, diags: Diagnostics) -> Document | None:
     except UnicodeDecodeError as exc:
         diags.error("yaml.encoding", f"file is not UTF-8 ({exc.reason} at byte {exc.start})", Span(path, 1, 1))
         return None
+    if _nesting_bound(text) > _COMPOSE_SAFE:
+        deep = _too_deep_event(text)
+        if deep is not None:
+            diags.error("yaml.too-deep", f"value nested deeper than {MAX_DEPTH} levels", Span(path, deep.line + 1, deep.column + 1))
+            return None
     loader = CSafeLoader(text)
     try:
         node = loader.get_single_node()
@@ -134,8 +155,12 @@ def parse(path: str, content: bytes, diags: Diagnostics) -> Document | None:
             problem = f"{exc.problem} ({exc.context})"
         diags.error("yaml.syntax", f"YAML syntax error: {problem}", span)
         return None
-    except YAMLError as exc:  # reader errors (control characters, ...) carry no mark
-        diags.error("yaml.syntax", f"YAML error: {exc}", Span(path, 1, 1))
+    except ReaderError as exc:  # a character YAML forbids: no mark, a byte offset
+        line, col = _line_col(content, exc.position)
+        diags.error("yaml.syntax", f"YAML error: character U+{exc.character:04X} is not allowed ({exc.reason})", Span(path, line, col))
+        return None
+    except YAMLError as exc:  # anything else without a mark: one line, at the top
+        diags.error("yaml.syntax", f"YAML error: {' '.join(str(exc).split())}", Span(path, 1, 1))
         return None
     finally:
         loader.dispose()
@@ -149,9 +174,24 @@ def parse(path: str, content: bytes, diags: Diagnostics) -> Document | None:
     except _TooBig:
         diags.error("yaml.too-big", f"the document expands to more than {MAX_VALUES:,} values (through aliases?)", Span(path, 1, 1))
         return None
+    except _TooDeep as exc:
+        at = _cycle_start(node, exc.path)
+        if at is not None:
+            diags.error("yaml.alias-cycle", "this value contains an alias of itself; YAML data here must be a tree", Span(path, at.start_mark.line + 1, at.start_mark.column + 1))
+        else:
+            diags.error("yaml.too-deep", f"value nested deeper than {MAX_DEPTH} levels", Span(path, exc.node.start_mark.line + 1, exc.node.start_mark.column + 1))
+        return None
     if len(diags) > before:
         return None
     return Document(path, data, SpanMap(spans), sha)
+
+
+def _line_col(content: bytes, offset: int) -> tuple[int, int]:
+    """1-based line and column (in characters) of a byte offset, lines broken as libyaml breaks them."""
+    before = content[:offset].decode("utf-8", "replace")
+    breaks = list(re.finditer("\r\n|[\r\n\x85\u2028\u2029]", before))
+    start = breaks[-1].end() if breaks else 0
+    return len(breaks) + 1, len(before) - start + 1
 
 
 _MERGE, _KEY_TAGS = _CORE + "merge", (_CORE + "str", _CORE + "int")
@@ -159,9 +199,80 @@ _MERGE, _KEY_TAGS = _CORE + "merge", (_CORE + "str", _CORE + "int")
 # Aliases let a few bytes expand into billions of values ("billion laughs"); no policy needs this many.
 MAX_VALUES = 100_000
 
+# Mappings and lists nested deeper than this are refused. A policy nests about 7 levels
+# (spec.traffic.canary.match.headers.NAME.exact), an environment's patch value with a Kubernetes
+# fragment perhaps 20: 64 is three times what anything real needs, and keeps every stage that
+# recurses over a document (this builder, cerberus, the overlay merge, json, the YAML emitter) a few
+# hundred frames deep at most, far below Python's recursion limit of 1,000.
+MAX_DEPTH = 64
+
+# ruamel's C composer recurses on the C stack, a frame per level, unchecked: ~65,000 levels
+# overflow an 8 MB stack (SIGSEGV) and ~3,500 a 1 MB one. A text that cannot nest deeper than
+# this (by `_nesting_bound`) is composed straight away; any other is first read as an event
+# stream, which libyaml parses without recursing, for its true depth.
+_COMPOSE_SAFE = 10_000
+
+
+def _nesting_bound(text: str) -> int:
+    """An upper bound, cheap (C-speed string scans), on how deep `text` can nest collections.
+
+    Block collections: down a chain of nested ones the column grows at least every second level
+    (a list under a key may start in the key's column), and a column is at most a line long.
+    Flow collections: each opens with `[` or `{`, and an entry `a: b` of a flow list is a mapping
+    of its own without a `{`: two levels per `[`, one per `{`.
+    """
+    longest = max(map(len, text.split("\n")))
+    return 2 * (longest + 1) + 2 * text.count("[") + text.count("{") + 1
+
+
+def _too_deep_event(text: str):
+    """The start mark of the first collection nested deeper than MAX_DEPTH, else None.
+    Reads parser events (libyaml's parser keeps its own stack; nothing here recurses)."""
+    from ruamel.yaml import CSafeLoader
+    from ruamel.yaml.error import YAMLError
+    from ruamel.yaml.events import CollectionEndEvent, CollectionStartEvent, StreamEndEvent
+
+    loader = CSafeLoader(text)
+    depth = 0
+    try:
+        while True:
+            event = loader.get_event()
+            if event is None or isinstance(event, StreamEndEvent):
+                return None
+            if isinstance(event, CollectionStartEvent):
+                depth += 1
+                if depth > MAX_DEPTH:
+                    return event.start_mark
+            elif isinstance(event, CollectionEndEvent):
+                depth -= 1
+    except YAMLError:  # composing reports it, at the same place: no deeper than this so far
+        return None
+    finally:
+        loader.dispose()
+
 
 class _TooBig(Exception):
     pass
+
+
+class _TooDeep(Exception):
+    def __init__(self, node, path: tuple):
+        self.node, self.path = node, path
+
+
+def _cycle_start(root, path: tuple):
+    """The first node met twice walking from `root` down `path` (an alias inside its own
+    anchor's value composes into a cycle), else None. Only on the error path."""
+    seen, node = set(), root
+    for step in path:
+        if id(node) in seen:
+            return node
+        seen.add(id(node))
+        if node.id == "mapping":
+            node = next(v for k, v in node.value if k.value == step)
+        else:
+            node = node.value[step]
+    return node if id(node) in seen else None
 
 
 class _Builder:
@@ -183,10 +294,14 @@ class _Builder:
         if node.id == "mapping":
             if tag != _CORE + "map":
                 return self.refuse(node, tag)
+            if len(path) >= MAX_DEPTH:
+                raise _TooDeep(node, path)
             return self.mapping(node, path)
         if node.id == "sequence":
             if tag != _CORE + "seq":
                 return self.refuse(node, tag)
+            if len(path) >= MAX_DEPTH:
+                raise _TooDeep(node, path)
             return [self.value(item, path + (i,)) for i, item in enumerate(node.value)]
         return self.scalar(node, tag)
 
@@ -218,8 +333,11 @@ class _Builder:
                 return _int(text)
             if tag == _CORE + "float":
                 return _float(text)
+        except _TooLarge:
+            self.diags.error("yaml.number", f"integer {_shown(text)} has more than {MAX_INT_DIGITS} digits; no field takes a number this large", self.span(node))
+            return None
         except ValueError:
-            self.diags.error("yaml.number", f"{text!r} is not a number this loader reads; quote it if it is a string", self.span(node))
+            self.diags.error("yaml.number", f"{_shown(text)} is not a number this loader reads; quote it if it is a string", self.span(node))
             return None
         if tag == _CORE + "bool":
             return text.lower() == "true"
@@ -236,13 +354,36 @@ class _Builder:
 _INT_BASES = {"0x": 16, "0o": 8, "0b": 2}
 
 
+# Python refuses to print an int of more decimal digits than sys.get_int_max_str_digits() (4,300
+# by default, 640 at the lowest it can be set): str() raises ValueError, and a diagnostic or an
+# output quoting such a number crashed meshc. Larger ones are refused here, with one limit on
+# every machine. Big integers below it still load (a patch value may carry one).
+MAX_INT_DIGITS = 640
+_INT_LIMIT = 10**MAX_INT_DIGITS
+
+
+class _TooLarge(ValueError):
+    pass
+
+
 def _int(text: str) -> int:
     """An integer as ruamel's resolver tagged it (YAML 1.2: decimal, 0x, 0o; 1.1's 0b too)."""
     t = text.replace("_", "")
     sign = -1 if t.startswith("-") else 1
     t = t.lstrip("+-")
     base = _INT_BASES.get(t[:2].lower())
-    return sign * (int(t[2:], base) if base else int(t, 10))
+    digits = (t[2:] if base else t).lstrip("0") or "0"
+    if len(digits) > 4 * MAX_INT_DIGITS:  # too large in any base: told without converting a megabyte of digits
+        raise _TooLarge
+    value = sign * int(digits, base or 10)
+    if not -_INT_LIMIT < value < _INT_LIMIT:
+        raise _TooLarge
+    return value
+
+
+def _shown(text: str) -> str:
+    """A scalar quoted in a message: a long one cut short."""
+    return repr(text) if len(text) <= 40 else f"{text[:20]!r}… ({len(text):,} characters)"
 
 
 def _float(text: str) -> float:

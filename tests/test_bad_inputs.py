@@ -57,6 +57,7 @@ RULES = [
     ("bad-regex-re2-possessive", "match.regex"),
     ("bad-duplicate-key", "yaml.duplicate-key"),
     ("bad-merge-key", "yaml.merge-key"),
+    ("bad-deep-nesting", "yaml.too-deep"),
     ("bad-empty-file", "yaml.empty"),
     ("bad-two-documents", "yaml.syntax"),
     ("bad-api-version", "schema.value"),
