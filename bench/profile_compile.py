@@ -79,7 +79,8 @@ def _children(stats: pstats.Stats, parent: tuple) -> list[tuple[float, int, tupl
 def print_tree(stats: pstats.Stats, root: tuple, total: float, depth: int, minimum: float, width: int = 8) -> None:
     def walk(func: tuple, seconds: float, calls: int, level: int, seen: frozenset) -> None:
         own = stats.stats[func][2]
-        print(f"  {seconds:8.3f} s {100 * seconds / total:5.1f} %  {calls:>7}×  {'  ' * level}{_label(func)}"
+        shared = "*" if len(stats.stats[func][4]) > 1 else " "
+        print(f"  {seconds:8.3f} s {100 * seconds / total:5.1f} %  {calls:>7}×{shared} {'  ' * level}{_label(func)}"
               + (f"   [own {own:.3f} s]" if own >= minimum * total else ""))
         if level >= depth or func in seen or func[0].startswith("<frozen importlib"):
             return  # an import's own tree is the interpreter's: one line says what it costs
@@ -92,8 +93,10 @@ def print_tree(stats: pstats.Stats, root: tuple, total: float, depth: int, minim
 
 def print_own(stats: pstats.Stats, top: int) -> None:
     rows = sorted(stats.stats.items(), key=lambda kv: -kv[1][2])[:top]
-    for func, (_, nc, tt, ct, _) in rows:
-        print(f"  {tt:8.3f} s own  {ct:8.3f} s cum  {nc:>9}×  {_label(func)}")
+    for func, (_, nc, tt, ct, callers) in rows:
+        by = sorted(callers.items(), key=lambda kv: -kv[1][3])[:2]
+        print(f"  {tt:8.3f} s own  {ct:8.3f} s cum  {nc:>9}×  {_label(func)}"
+              + "".join(f"\n{'':44s}← {c[3]:.3f} s from {_label(f)}" for f, c in by))
 
 
 def main() -> None:
@@ -122,7 +125,9 @@ def main() -> None:
     stats = pstats.Stats(profile)
     root = next(f for f in stats.stats if f[2] == "_compile" and f[0] == __file__)
     total = stats.stats[root][3]
-    print(f"\nmain thread, call tree (cumulative s, share, calls; calls under {args.min:.0%} left out):")
+    print(f"\nmain thread, call tree (cumulative s, share, calls; calls under {args.min:.0%} left out;"
+          " * called from more than one place: cProfile keeps one level of callers, so the callees"
+          " listed under it are its totals from every caller):")
     print_tree(stats, root, total, args.depth, args.min)
     print(f"\nmain thread, the {args.top} functions with the most time of their own:")
     print_own(stats, args.top)
