@@ -29,7 +29,6 @@ Usage: python bench/compile.py [--services 1000[,10000]] [--repeat 3] [--compare
                                [--profile] [--no-floor] [--keep DIR] [--json FILE]
 """
 
-from __future__ import annotations
 
 import argparse
 import compileall
