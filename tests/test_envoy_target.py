@@ -469,8 +469,9 @@ _PREVIOUS_HOSTS = [{"name": "envoy.retry_host_predicates.previous_hosts", "typed
 
 
 @pytest.mark.parametrize("retries, expected", [
+    # istiod ≥ 1.24 (EXCLUDE_UNSAFE_503_FROM_DEFAULT_RETRY=true): no status code is retried by default
     (None, {"retry_on": "connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes",
-            "num_retries": 2, "retriable_status_codes": [503]}),
+            "num_retries": 2}),
     (Retries(3, 1000, ("5xx", "connect-failure")), {"retry_on": "5xx,connect-failure", "num_retries": 3,
                                                     "per_try_timeout": "1s"}),
     (Retries(2, None, ("gateway-error", "503")), {"retry_on": "gateway-error,retriable-status-codes",

@@ -21,9 +21,12 @@ from compiler.targets.envoy.common import (PREVIOUS_HOSTS, cluster_name, default
 from compiler.xds.resources import ROUTES
 
 #: istiod's retry policy for a route whose VirtualService sets no `retries`
-#: (pilot/pkg/networking/core/route/retry/retry.go).
+#: (pilot/pkg/networking/core/route/retry/retry.go, `defaultPolicy`). Since Istio 1.24 it
+#: retries no status code: EXCLUDE_UNSAFE_503_FROM_DEFAULT_RETRY defaults to true, which
+#: drops the 503 (retrying a 503 may run a non-idempotent request twice; istio/istio#50506,
+#: PR #52111). `retriable-status-codes` stays in `retry_on`, as istiod leaves it, matching none.
 DEFAULT_RETRY_ON = "connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes"
-DEFAULT_RETRIABLE_STATUS_CODES = (503,)
+DEFAULT_RETRIABLE_STATUS_CODES: tuple[int, ...] = ()
 DEFAULT_NUM_RETRIES = 2
 
 
@@ -38,10 +41,11 @@ def lower(service: Service) -> tuple[list[dict], dict | None]:
     `lower_service` makes pieces of the virtual hosts.
     """
     action = _action_policy(service)
+    by_port = len(service.http_ports) > 1  # the VirtualService then names its routes per port
     http = [{"port": port.number,
              "virtual_host": _virtual_host(f"{service.fqdn}:{port.number}",
                                            _service_domains(service, port.number),
-                                           _routes(service, port.number, action))}
+                                           _routes(service, port.number, action, f"-{port.number}" if by_port else ""))}
             for port in service.http_ports]
     ingress = service.ingress
     if ingress is None:
@@ -139,15 +143,16 @@ def _virtual_host(name: str, domains: list[str], routes: list[dict]) -> dict:
     return {"name": name, "domains": sorted(domains), "routes": routes}
 
 
-def _routes(service: Service, port: int, policy: dict) -> list[dict]:
-    """The header-match route (if any), then the default route."""
+def _routes(service: Service, port: int, policy: dict, suffix: str) -> list[dict]:
+    """The header-match route (if any), then the default route, named as the VirtualService's
+    `http[]` entries are (istiod names each Envoy route after its entry)."""
     traffic = service.traffic
     routes = []
     if traffic.match and traffic.match_version:
         target = ((cluster_name(port, service.fqdn, traffic.match_version), 100),)
-        routes.append({"name": "match", "match": {"prefix": "/", "headers": _headers(traffic.match)},
+        routes.append({"name": f"canary-match{suffix}", "match": {"prefix": "/", "headers": _headers(traffic.match)},
                        "route": _action(target, policy)})
-    routes.append({"name": "default", "match": {"prefix": "/"},
+    routes.append({"name": f"default{suffix}", "match": {"prefix": "/"},
                    "route": _action(default_destinations(service, port), policy)})
     return routes
 
@@ -192,8 +197,9 @@ def _retry_policy(retries: Retries | None, consistent_hash: bool) -> dict | None
     if retries is not None and retries.attempts <= 0:
         return None
     policy: dict = {"retry_on": DEFAULT_RETRY_ON, "num_retries": DEFAULT_NUM_RETRIES,
-                    "retriable_status_codes": list(DEFAULT_RETRIABLE_STATUS_CODES),
                     "host_selection_retry_max_attempts": "5"}
+    if DEFAULT_RETRIABLE_STATUS_CODES:
+        policy["retriable_status_codes"] = list(DEFAULT_RETRIABLE_STATUS_CODES)
     if not consistent_hash:
         policy["retry_host_predicate"] = [{"name": "envoy.retry_host_predicates.previous_hosts",
                                            "typed_config": {"@type": PREVIOUS_HOSTS}}]
@@ -209,8 +215,8 @@ def _retry_policy(retries: Retries | None, consistent_hash: bool) -> dict | None
         policy["retriable_status_codes"] = codes
     if retries.per_try_timeout_ms is not None:
         policy["per_try_timeout"] = duration(retries.per_try_timeout_ms)
-    if not policy["retriable_status_codes"]:
-        del policy["retriable_status_codes"]
+    if not policy.get("retriable_status_codes"):
+        policy.pop("retriable_status_codes", None)
     return policy
 
 
