@@ -226,6 +226,10 @@ class Service:
         return next((v for v in self.versions if v.name == name), None)
 
 
+#: The kinds a patch may target in the Envoy snapshot (the rest are the Istio output's).
+ENVOY_PATCH_KINDS = ("Cluster", "ClusterLoadAssignment", "Listener", "RouteConfiguration")
+
+
 @dataclass(frozen=True)
 class PatchTarget:
     kind: str
@@ -235,7 +239,8 @@ class PatchTarget:
 
 @dataclass(frozen=True)
 class Patch:
-    """An RFC 6902 patch on generated objects (applied by the Istio target)."""
+    """An RFC 6902 patch on a generated object: an Istio one (applied by the Istio target) or,
+    for `ENVOY_PATCH_KINDS`, an Envoy resource (applied by the Envoy target)."""
 
     index: int  # position in the environment's `patches` list, for messages
     target: PatchTarget

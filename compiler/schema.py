@@ -43,7 +43,8 @@ SIMPLE_LB = ("ROUND_ROBIN", "LEAST_REQUEST", "RANDOM", "PASSTHROUGH")
 PROTOCOLS = ("HTTP", "HTTP2", "GRPC", "TCP")
 TLS_MODES = ("DISABLE", "SIMPLE", "MUTUAL", "ISTIO_MUTUAL")
 PATCH_OPS = ("add", "remove", "replace", "move", "copy", "test")
-PATCH_KINDS = ("Service", "DestinationRule", "VirtualService", "Gateway")
+PATCH_KINDS = ("Service", "DestinationRule", "VirtualService", "Gateway",  # the Istio output's
+               "Cluster", "ClusterLoadAssignment", "Listener", "RouteConfiguration")  # the Envoy snapshot's
 
 
 # -- check_with functions: value → error message or None --------------------------------

@@ -215,3 +215,35 @@ def test_ingress_host_reaches_its_service_through_the_gateway_listener(staging):
     assert body == "productpage-v1", (status, body)
     status, _, _ = http_get(f"http://{gateway}/", headers={"host": "reviews.bookinfo"})
     assert status == 404  # only the ingress hosts are routed at the gateway
+
+
+# --- an environment's patches on Envoy resources reach Envoy ------------------------------
+
+
+def test_envoy_patches_reach_a_real_envoy(tmp_path):
+    """A Cluster patch and a RouteConfiguration patch, compiled, loaded by Envoy as written."""
+    cluster = "outbound|9080|v1|ratings.bookinfo.svc.cluster.local"
+
+    def rewrite(spec: dict) -> None:
+        listen_on(unique_loopback())(spec)
+        spec["patches"] = [
+            {"target": {"kind": "Cluster", "name": cluster},
+             "ops": [{"op": "replace", "path": "/connect_timeout", "value": "0.123s"}]},
+            {"target": {"kind": "RouteConfiguration", "name": "9080"},
+             "ops": [{"op": "add", "path": "/virtual_hosts/0/request_headers_to_add",
+                      "value": [{"header": {"key": "x-patched", "value": "yes"}}]}]},
+        ]
+
+    _, outputs = compile_example("staging", rewrite)
+    files = envoy_files(outputs)
+    with Envoy(file_bootstrap(files, tmp_path), tmp_path) as proxy:
+        assert_loaded(proxy, files)
+        dump = proxy.config_dump()
+    clusters = {entry["cluster"]["name"]: entry["cluster"] for config in dump["configs"]
+                for entry in config.get("dynamic_active_clusters", ())}
+    assert clusters[cluster]["connect_timeout"] == "0.123s"
+    assert {c["connect_timeout"] for name, c in clusters.items() if name != cluster} != {"0.123s"}
+    routes = [entry["route_config"] for config in dump["configs"]
+              for key in ("static_route_configs", "dynamic_route_configs") for entry in config.get(key, ())]
+    [port_9080] = [r for r in routes if r["name"] == "9080"]
+    assert port_9080["virtual_hosts"][0]["request_headers_to_add"][0]["header"] == {"key": "x-patched", "value": "yes"}

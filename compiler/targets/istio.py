@@ -39,7 +39,8 @@ def assemble(env: m.Environment, fragments: list[dict]) -> Lowered:
     diags = Diagnostics()
     objects = {f"{f['identities'][0][3]}/{f['identities'][0][2]}": f for f in fragments}
     for patch in env.patches:
-        _apply_patch(patch, objects, diags)
+        if patch.target.kind not in m.ENVOY_PATCH_KINDS:  # those are the Envoy target's
+            _apply_patch(patch, objects, diags)
     files = [OutputFile(f"istio/{key}.yaml", [f["documents"]], "yaml") for key, f in objects.items()]
     files.append(OutputFile("kustomization.yaml", [kustomization(f.path for f in files)], "yaml"))
     return Lowered(tuple(files), tuple(diags))

@@ -51,7 +51,8 @@ from operator import itemgetter
 from compiler.emit import Lowered, OutputFile, Piece
 from compiler.errors import InconsistentSnapshot
 from compiler.model import Environment, Mesh, Service
-from compiler.targets.envoy import clusters, endpoints, listeners, routes
+from compiler.diagnostics import Diagnostics
+from compiler.targets.envoy import clusters, endpoints, listeners, patches, routes
 from compiler.targets.envoy.common import diagnostic, span_of
 from compiler.xds.consistency import consistency_errors
 from compiler.xds.resources import TYPE_URLS, discovery_response
@@ -148,10 +149,12 @@ def assemble(env: Environment, fragments: list[dict]) -> Lowered:
         "listeners": listener_list,
         "routes": route_list,
     }
+    patch_problems = Diagnostics()
+    resources = patches.apply(env.patches, resources, RESOURCE_DEPTH, patch_problems)
     files = tuple(OutputFile(f"envoy/{kind}.json", discovery_response(TYPE_URLS[kind], items), "json")
                   for kind, items in sorted(resources.items()))
     service_problems = [diagnostic(p) for f in fragments for p in f["problems"]]
-    return Lowered(files, tuple(service_problems + route_problems + listener_problems))
+    return Lowered(files, tuple(service_problems + route_problems + listener_problems + list(patch_problems)))
 
 
 def _duplicates(names: dict[str, list[str]]) -> list[str]:
