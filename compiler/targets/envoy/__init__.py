@@ -48,10 +48,10 @@ from __future__ import annotations
 from collections import Counter
 from operator import itemgetter
 
+from compiler.diagnostics import Diagnostics
 from compiler.emit import Lowered, OutputFile, Piece
 from compiler.errors import InconsistentSnapshot
 from compiler.model import Environment, Mesh, Service
-from compiler.diagnostics import Diagnostics
 from compiler.targets.envoy import clusters, endpoints, listeners, patches, routes
 from compiler.targets.envoy.common import diagnostic, span_of
 from compiler.xds.consistency import consistency_errors
