@@ -381,12 +381,20 @@ def _make_dirs(rel: str, made: dict[str, int]) -> None:
 
 
 def _exchange(a: str, b: Path) -> bool:
-    """Swap two directories atomically (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+    """Swap two directory entries atomically (Linux renameat2 RENAME_EXCHANGE). False where
+    unsupported (no renameat2, or the filesystem refuses the flag); any other failure raises."""
     renameat2 = getattr(_libc(), "renameat2", None)
     if renameat2 is None:
         return False
     at_fdcwd, rename_exchange = -100, 2
-    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(str(b)), rename_exchange) == 0
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(str(b)), rename_exchange) == 0:
+        return True
+    import errno
+
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP):
+        return False
+    raise OSError(code, os.strerror(code), a, None, str(b))
 
 
 @lru_cache(maxsize=1)
