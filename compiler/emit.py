@@ -299,52 +299,129 @@ Outputs = Mapping[str, Mapping[str, bytes]]  # environment → (path inside rend
 
 
 def write_rendered(out_dir: Path, outputs: Outputs, prune: bool = False) -> None:
-    """Replace `out_dir/<env>` for each environment in `outputs`, each as a whole.
+    """Replace `out_dir/<env>` for each environment in `outputs`: all of them, or none.
 
-    Every environment's new tree is built beside its old one first, and only
-    when all are complete are they swapped in, one atomic exchange each: a
-    failure while building leaves every environment as it was (a failure of
-    the swap itself, a rename refused, can leave the environments swapped so
-    far new and the rest old; replaced trees left behind are removed by a
-    later run). With `prune`, environment directories that are no longer
-    compiled (they hold a kustomization.yaml and are not in `outputs`) are
-    removed.
+    Every environment's new tree is built beside its old one first (a failure
+    there changes nothing). Then, one atomic rename or exchange at a time, each
+    new tree is swapped in and, with `prune`, after every swap, each environment
+    directory that is no longer compiled (it holds a kustomization.yaml and is
+    not in `outputs`) is renamed aside. Each of those steps is journalled; if
+    any fails, the steps done so far are undone, last first (RENAME_EXCHANGE is
+    its own inverse, a rename is undone by the rename back), the staged trees
+    are removed and the error is raised: `out_dir` is again exactly as it was
+    (but for a killed run's leftovers, which every run first sweeps away).
+    Only once every step has succeeded are the replaced and pruned trees, by
+    then hidden as `.<env>.new-*` / `.<env>.old-*`, deleted; that undoes
+    nothing, and whatever it fails to delete a later run removes (once ten
+    minutes old, like a killed run's).
+
+    All-or-nothing is not one atomic step: a reader during the swaps sees each
+    `out_dir/<env>` whole, but may see some environments new and others old
+    (and, where renameat2 is missing, one missing between its two renames).
+
+    If undoing fails too, the first error is still the one raised: an OSError
+    becomes a `RollbackError` (an OSError with the first error's errno, the
+    first error as its cause), anything else gets a note; the message adds, for
+    each environment that could not be put back, why and where its previous
+    tree is, and nothing of those environments is deleted.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     _remove_leftovers(out_dir)
     staged: dict[str, str] = {}
+    journal: list[_Step] = []
     try:
         for env in outputs:
             staged[env] = tempfile.mkdtemp(prefix=f".{env}.new-", dir=out_dir)
         for env, files in outputs.items():
             _fill(staged[env], str(out_dir / env), files)
-        replaced = [_swap(staged.pop(env), out_dir / env) for env in list(staged)]
-    finally:
-        for leftover in staged.values():
-            shutil.rmtree(leftover, ignore_errors=True)
-    for old in replaced:
+        for env in outputs:
+            _swap(Path(staged[env]), out_dir / env, journal)
+        if prune:
+            for stale in sorted(_env_dirs(out_dir) - set(outputs)):
+                _rename(journal, out_dir / stale, _aside(out_dir / stale), target=out_dir / stale)
+    except BaseException as error:
+        broken = _roll_back(journal)
+        for env, staging in staged.items():
+            if out_dir / env not in broken:
+                shutil.rmtree(staging, ignore_errors=True)
+        if not broken:
+            raise
+        message = _not_put_back(broken, journal)
+        if isinstance(error, OSError):
+            raise RollbackError(error.errno, f"{error.strerror or error}; {message}") from error
+        error.add_note(message)
+        raise
+    for step in journal:
+        old = step.old
         if old is not None and old.is_symlink():  # rendered/<env> was a planted symlink: drop the link only
             old.unlink()
         elif old is not None:
             shutil.rmtree(old, ignore_errors=True)
-    if prune:
-        for stale in _env_dirs(out_dir) - set(outputs):
-            shutil.rmtree(out_dir / stale)
 
 
-def _swap(staging: str, target: Path) -> Path | None:
-    """Put `staging` in `target`'s place. → what it replaced (a directory, or a planted
-    symlink, dangling or not), for the caller to remove."""
+class RollbackError(OSError):
+    """Writing `rendered/` failed, and putting some environments back as they were failed too."""
+
+
+class _Step:
+    """One atomic step of the replacement, undoable: `src` renamed to `dst`, or the two exchanged."""
+
+    __slots__ = ("exchange", "src", "dst", "target", "old")
+
+    def __init__(self, exchange: bool, src: Path, dst: Path, target: Path, old: Path | None):
+        self.exchange, self.src, self.dst = exchange, src, dst
+        self.target = target  # the out_dir/<env> the step is part of replacing or pruning
+        self.old = old  # where target's previous tree is once the step is done, if this step moved it
+
+
+def _swap(staging: Path, target: Path, journal: list[_Step]) -> None:
+    """Put `staging` in `target`'s place, journalling each step; what it replaced (a directory,
+    or a planted symlink, dangling or not) ends up in one step's `old`."""
     if not os.path.lexists(target):
-        os.rename(staging, target)
-        return None
-    if _exchange(staging, target):  # one atomic step: rendered/<env> never goes missing
-        return Path(staging)
-    old = target.parent / f".{target.name}.old-{os.getpid()}"
-    os.rename(target, old)
-    os.rename(staging, target)
-    return old
+        _rename(journal, staging, target, target=target)
+    elif _exchange(str(staging), target):  # one atomic step: rendered/<env> never goes missing
+        journal.append(_Step(True, staging, target, target, old=staging))
+    else:
+        _rename(journal, target, _aside(target), target=target)
+        _rename(journal, staging, target, target=target)
+
+
+def _rename(journal: list[_Step], src: Path, dst: Path, target: Path) -> None:
+    os.rename(src, dst)  # one system call: it happened, or nothing did
+    journal.append(_Step(False, src, dst, target, old=dst if src == target else None))
+
+
+def _roll_back(journal: list[_Step]) -> dict[Path, OSError]:
+    """Undo `journal`, last step first. → the targets that could not be put back, with why
+    (a target's earlier steps are left alone once one of its undos failed)."""
+    broken: dict[Path, OSError] = {}
+    for step in reversed(journal):
+        if step.target in broken:
+            continue
+        try:
+            if step.exchange:
+                if not _exchange(str(step.src), step.dst):
+                    raise OSError(0, "renameat2 would not exchange back", str(step.src), None, str(step.dst))
+            else:
+                os.rename(step.dst, step.src)
+        except OSError as exc:
+            broken[step.target] = exc
+    return broken
+
+
+def _not_put_back(broken: dict[Path, OSError], journal: list[_Step]) -> str:
+    details = []
+    for target, exc in broken.items():
+        old = next((step.old for step in journal if step.target == target and step.old is not None), None)
+        where = f"its previous tree is in {old}" if old is not None else "it did not exist before"
+        details.append(f"{target}: {exc.strerror or exc}, {where}")
+    return "putting back what was replaced failed too, so these are not as they were: " + "; ".join(details)
+
+
+def _aside(target: Path) -> Path:
+    """A fresh hidden name beside `target` for its previous tree (random, so no leftover collides)."""
+    return target.parent / f".{target.name}.old-{os.getpid()}-{os.urandom(4).hex()}"
 
 
 def _fill(staging: str, old_root: str, files: Mapping[str, bytes]) -> None:
@@ -400,12 +477,20 @@ def _make_dirs(rel: str, made: dict[str, int]) -> None:
 
 
 def _exchange(a: str, b: Path) -> bool:
-    """Swap two directories atomically (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+    """Swap two directory entries atomically (Linux renameat2 RENAME_EXCHANGE). False where
+    unsupported (no renameat2, or the filesystem refuses the flag); any other failure raises."""
     renameat2 = getattr(_libc(), "renameat2", None)
     if renameat2 is None:
         return False
     at_fdcwd, rename_exchange = -100, 2
-    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(str(b)), rename_exchange) == 0
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(str(b)), rename_exchange) == 0:
+        return True
+    import errno
+
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP):
+        return False
+    raise OSError(code, os.strerror(code), a, None, str(b))
 
 
 @lru_cache(maxsize=1)
