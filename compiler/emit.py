@@ -10,8 +10,10 @@ reads them back as strings. JSON is orjson with sorted keys, two-space indent
 and a final newline.
 
 `write_rendered` builds each environment's directory beside the old one and
-swaps the two atomically (renameat2's RENAME_EXCHANGE; two renames where the
-kernel lacks it), so a reader never sees half a directory, nor none.
+swaps the two atomically (renameat2's RENAME_EXCHANGE), so a reader never sees
+half a directory; where the kernel lacks it, two renames leave the directory
+missing for the instant between them. The replacement of the whole of
+`rendered/` is all-or-nothing: a failed step undoes the steps before it.
 """
 
 from __future__ import annotations
