@@ -84,9 +84,12 @@ def run_diff(args) -> int:
 
 
 def run_publish(args) -> int:
+    credentials = credentials_from_env(os.environ)
+    if credentials.known_hosts is not None and not credentials.known_hosts.expanduser().is_file():
+        return _fail(f"MESHC_SSH_KNOWN_HOSTS: no such file {credentials.known_hosts}", EXIT_USAGE)
     options = Options(branch=args.branch, push=args.push, author=args.author,
                       committer=args.committer or args.author, attempts=args.attempts,
-                      credentials=credentials_from_env(os.environ))
+                      credentials=credentials)
     cache = None
     try:
         repo = open_repo(args.repo)
