@@ -292,6 +292,7 @@ def _push_local(repo: pygit2.Repository, path: Path, refname: str, new: pygit2.O
         dst = pygit2.Repository(str(path))
     except pygit2.GitError as err:
         raise PublishError(f"cannot open remote repository {path}: {err}") from None
+    _refuse_checked_out(dst, path, refname)
     current = dst.references.get(refname)
     if (current.target if current else None) != expected:
         return False
@@ -309,6 +310,43 @@ def _push_local(repo: pygit2.Repository, path: Path, refname: str, new: pygit2.O
             return False
         raise PublishError(f"cannot update {refname} in {path}: {err}") from None
     return True
+
+
+def _refuse_checked_out(dst: pygit2.Repository, path: Path, refname: str) -> None:
+    """What git's receive-pack does (receive.denyCurrentBranch, default refuse): never move
+    a branch checked out in a working tree of the remote, which would leave that tree and
+    index describing the old commit. `warn` and `ignore` (or false) let it through."""
+    setting = _config(dst, "receive.denyCurrentBranch")
+    if setting is not None and setting.lower() in ("ignore", "warn", "false", "no", "off", "0"):
+        return
+    for where, checkout in _checkouts(dst, path):
+        head = checkout.references.get("HEAD")
+        if head is not None and head.type == pygit2.enums.ReferenceType.SYMBOLIC and head.target == refname:
+            also = (" (meshc does not do updateInstead)"
+                    if setting is not None and setting.lower() == "updateinstead" else "")
+            raise PublishError(
+                f"refusing to update checked out branch {refname} in {where}: updating the current branch "
+                f"of a non-bare repository is denied (receive.denyCurrentBranch{also}), because it would "
+                "make its index and work tree inconsistent; push to a bare repository instead")
+
+
+def _checkouts(dst: pygit2.Repository, path: Path):
+    """(working tree, repository) for the remote's own working tree and each linked worktree."""
+    if not dst.is_bare:
+        yield (dst.workdir or str(path)).rstrip("/"), dst
+    for name in dst.list_worktrees():
+        try:
+            tree = dst.lookup_worktree(name)
+            yield tree.path.rstrip("/"), pygit2.Repository(tree.path)
+        except (pygit2.GitError, KeyError, OSError):
+            continue  # a pruned or broken worktree holds nothing checked out
+
+
+def _config(repo: pygit2.Repository, key: str) -> str | None:
+    try:
+        return repo.config[key]
+    except (KeyError, pygit2.GitError):
+        return None
 
 
 def _copy_objects(src: pygit2.Repository, dst: pygit2.Repository, tip: pygit2.Oid,
