@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import subprocess
 from pathlib import Path
 
 import pygit2
@@ -137,6 +138,23 @@ def test_an_unknown_or_changed_host_key_is_refused(tmp_path, sshd, client_key):
         assert words in str(err.value) and "\n" not in str(err.value)
     assert tip_of(bare) == before
     assert "Accepted publickey" not in sshd.log.read_text()  # refused before logging in
+
+
+def test_hashed_known_hosts_entries_work_both_ways(tmp_path, sshd, client_key):
+    """`ssh-keygen -H` hashes the host names: a hashed match is trusted, a hashed mismatch named as such."""
+    bare = make_remote(tmp_path)
+    work = ssh_clone(bare, tmp_path / "work", f"ssh://{sshd.user}@127.0.0.1:{sshd.port}{bare}")
+    impostor = keygen(tmp_path / "impostor")
+    good, bad = tmp_path / "good_hosts", tmp_path / "bad_hosts"
+    good.write_text(sshd.known_hosts_line)
+    bad.write_text(f"[127.0.0.1]:{sshd.port} {' '.join(impostor.with_suffix('.pub').read_text().split()[:2])}\n")
+    for path in (good, bad):
+        subprocess.run(["ssh-keygen", "-H", "-f", str(path)], check=True, capture_output=True)
+        assert path.read_text().startswith("|1|")
+
+    with pytest.raises(PublishError, match="does not match the one in"):
+        publish(work, Options(push="origin", credentials=creds(client_key, bad)), sleep=NO_SLEEP)
+    assert publish(work, Options(push="origin", credentials=creds(client_key, good)), sleep=NO_SLEEP).pushed
 
 
 def test_publish_command_over_ssh_from_the_environment(tmp_path, sshd, client_key, known_hosts,
