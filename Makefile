@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.meshc-installed
 
-.PHONY: compile test bench demo clean bytecode
+.PHONY: compile test bench demo clean bytecode sshd
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -22,7 +22,15 @@ bytecode: $(STAMP)
 compile: bytecode
 	$(BIN)/meshc compile
 
-test: bytecode
+# The SSH push tests run a real sshd (Debian's openssh-server). Install it when this is root
+# with apt; otherwise say so, and those tests skip naming the package.
+sshd:
+	@test -x /usr/sbin/sshd || command -v sshd >/dev/null 2>&1 || \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends openssh-server; \
+	  else echo "make: no sshd and not root with apt: install openssh-server, or the SSH push tests skip" >&2; fi
+
+test: bytecode sshd
 	$(BIN)/meshc validate
 	$(BIN)/meshc compile --check
 	$(BIN)/python -m pytest -q -n 2

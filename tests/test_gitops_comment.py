@@ -64,6 +64,37 @@ def test_never_overwrites_a_persons_comment_that_carries_the_marker(fake):
     assert [c["id"] for c in fake.comments[7]] == [pasted["id"], made["id"]]
 
 
+OTHER_APP = {"login": "other-app[bot]", "type": "Bot"}
+
+
+def test_an_installation_token_never_takes_another_apps_marked_comment(fake):
+    """GITHUB_TOKEN posts as github-actions[bot]: another app's marked comment is not meshc's."""
+    other = fake.add_comment(7, f"{MARKER}\nanother app's report", user=OTHER_APP)
+    mine = fake.add_comment(7, f"{MARKER}\nold diff", user=BOT)
+    fake.add_comment(8, f"{MARKER}\nanother app's report", user=OTHER_APP)
+
+    action, comment = client(fake).upsert_comment(7, "new diff")
+    assert action == "updated" and comment["id"] == mine["id"]
+    action, made = client(fake).upsert_comment(8, "new diff")
+    assert action == "created" and made["user"] == BOT
+
+    assert other["body"] == f"{MARKER}\nanother app's report"
+    assert fake.comments[8][0]["body"] == f"{MARKER}\nanother app's report"
+
+
+def test_the_bot_an_installation_token_posts_as_can_be_configured(fake):
+    """Another app's installation token posts as that app's bot: told its login, meshc takes its comment."""
+    fake.add_comment(7, f"{MARKER}\nfrom actions", user=BOT)
+    theirs = fake.add_comment(7, f"{MARKER}\nold diff", user=OTHER_APP)
+    fake.add_comment(7, f"{MARKER}\npasted by a person called other-app[bot]?",
+                     user={"login": "Other-App[bot]", "type": "User"})
+    gh = GitHub("good-token", fake.repository, fake.url, Retry(attempts=2, base_s=0.001), sleep=Sleeps(),
+                bot_login="Other-App[bot]")  # GitHub logins ignore case
+    action, comment = gh.upsert_comment(7, "new diff")
+    assert action == "updated" and comment["id"] == theirs["id"]
+    assert fake.comments[7][0]["body"] == f"{MARKER}\nfrom actions"
+
+
 def test_a_user_token_adopts_only_the_comments_of_its_own_account():
     machine = {"login": "meshc-bot", "type": "User"}
     with FakeGitHub(prs=(7, 8), users={"bot-pat": machine}) as fake:
@@ -197,6 +228,26 @@ def test_comment_usage_errors(github_env, monkeypatch, tmp_path, capsys):
     monkeypatch.delenv("GITHUB_TOKEN")
     assert meshc("comment", "--pr", "7", "--body-file", str(body)) == 2
     assert capsys.readouterr().err.splitlines()[-1] == "meshc: error: GITHUB_TOKEN is not set"
+
+
+def test_comment_bot_login_from_the_flag_or_the_environment(github_env, monkeypatch, tmp_path, capsys):
+    body = tmp_path / "b.md"
+    body.write_text("diff")
+    theirs = github_env.add_comment(7, f"{MARKER}\nold", user=OTHER_APP)
+    assert meshc("comment", "--pr", "7", "--body-file", str(body)) == 0  # default: github-actions[bot]
+    assert capsys.readouterr().out.startswith("created ")
+    assert theirs["body"] == f"{MARKER}\nold"
+
+    monkeypatch.setenv("MESHC_BOT_LOGIN", "other-app[bot]")
+    assert meshc("comment", "--pr", "7", "--body-file", str(body)) == 0
+    assert capsys.readouterr().out.startswith(f"updated comment {theirs['html_url']}")
+    body.write_text("newer diff")
+    assert meshc("comment", "--pr", "7", "--body-file", str(body), "--bot-login", "github-actions[bot]") == 0
+    assert theirs["body"] == f"{MARKER}\ndiff"  # the flag wins over the variable
+    assert capsys.readouterr().out.startswith("updated ")
+
+    assert meshc("comment", "--pr", "7", "--body-file", str(body), "--bot-login", "not a login") == 2
+    assert capsys.readouterr().err.startswith("meshc: error: --bot-login / MESHC_BOT_LOGIN must be a GitHub login")
 
 
 def test_an_oversized_body_is_cut_to_fit(fake):

@@ -166,10 +166,13 @@ def test_credentials_come_from_the_environment():
     assert creds.token == "gh" and creds.username == "x-access-token" and str(creds.ssh_key) == "/k/id_ed25519"
     assert credentials_from_env({"GITHUB_TOKEN": "gh", "MESHC_GIT_TOKEN": "pat"}).token == "pat"
     assert credentials_from_env({}) == Credentials()
+    ssh = credentials_from_env({"MESHC_SSH_USER": "deploy", "MESHC_SSH_KNOWN_HOSTS": "/ci/known_hosts"})
+    assert ssh.ssh_user == "deploy" and str(ssh.known_hosts) == "/ci/known_hosts"
 
 
 def test_ssh_and_https_credentials_are_offered_once_each(tmp_path):
-    """No SSH server can run here: the callback libgit2 calls is exercised directly."""
+    """The callback, called the way libgit2 calls it (tests/test_gitops_ssh.py pushes through
+    a real sshd): a URL without a user gets a user-name-only request first."""
     from pygit2.enums import CredentialType
 
     from compiler.gitops.remote import _Callbacks
@@ -181,8 +184,15 @@ def test_ssh_and_https_credentials_are_offered_once_each(tmp_path):
     assert offered.credential_tuple == ("git", f"{key}.pub", str(key), "pw")
     with pytest.raises(PublishError, match="MESHC_SSH_KEY or an ssh-agent"):
         ssh.credentials("git@github.com:acme/mesh.git", "git", CredentialType.SSH_KEY)  # rejected: stop asking
-    agent = _Callbacks(Credentials()).credentials("ssh://github.com/acme/mesh.git", None, CredentialType.SSH_KEY)
-    assert isinstance(agent, pygit2.KeypairFromAgent) and agent.credential_tuple[0] == "git"
+    for configured, user in [(None, "git"), ("deploy", "deploy")]:
+        asking = _Callbacks(Credentials(ssh_user=configured), "ssh://github.com/acme/mesh.git")
+        name = asking.credentials("ssh://github.com/acme/mesh.git", None, CredentialType.USERNAME)
+        assert isinstance(name, pygit2.Username) and name.credential_tuple == (user,)
+        agent = asking.credentials("ssh://github.com/acme/mesh.git", user,
+                                   CredentialType.SSH_KEY | CredentialType.SSH_CUSTOM)
+        assert isinstance(agent, pygit2.KeypairFromAgent) and agent.credential_tuple[0] == user
+    named = _Callbacks(Credentials(ssh_user="deploy")).credentials("ssh://ci@h/r.git", "ci", CredentialType.USERNAME)
+    assert named.credential_tuple == ("ci",)  # the URL's user wins
     https = _Callbacks(Credentials(token="t")).credentials("https://github.com/acme/mesh.git", None,
                                                             CredentialType.USERPASS_PLAINTEXT)
     assert isinstance(https, pygit2.UserPass) and https.credential_tuple == ("x-access-token", "t")

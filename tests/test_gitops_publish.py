@@ -234,6 +234,32 @@ def test_ci_runs_for_consecutive_commits_make_one_render(tmp_path):
     assert_sources_rendered_once(bare, tip, {"S1", "S2"})
 
 
+def test_push_to_a_checked_out_branch_of_a_non_bare_remote_is_refused(tmp_path, capsys):
+    """As git's receive.denyCurrentBranch: the owner's working tree and index would go stale."""
+    owner = make_repo(tmp_path / "owner")  # a non-bare repository, main checked out
+    work = clone(Path(owner.workdir), tmp_path / "work")
+    before = owner.head.target
+
+    with pytest.raises(PublishError, match=r"refusing to update checked out branch refs/heads/main in "
+                                           rf"{tmp_path / 'owner'}: .*push to a bare repository"):
+        publish(work, Options(push="origin"), sleep=NO_SLEEP)
+    assert owner.head.target == before and git(tmp_path / "owner", "status", "--porcelain") == ""
+    assert meshc("publish", "--repo", work.workdir, "--push", "origin") == 1
+    assert capsys.readouterr().err.startswith("meshc: error: refusing to update checked out branch")
+
+    # another branch of the same repository may move: nothing has it checked out
+    published = publish(work, Options(branch="rendered", push="origin"), sleep=NO_SLEEP)
+    assert str(owner.references["refs/heads/rendered"].target) == published.commit
+    # a linked worktree's checkout counts too
+    git(tmp_path / "owner", "worktree", "add", "-q", str(tmp_path / "linked"), "rendered")
+    commit_files(work, {"policies/bookinfo/reviews.yaml": edit(REVIEWS, "weight: 10", "weight: 40")}, "canary 40")
+    with pytest.raises(PublishError, match=f"checked out branch refs/heads/rendered in {tmp_path / 'linked'}"):
+        publish(work, Options(branch="rendered", push="origin"), sleep=NO_SLEEP)
+    # and the owner can allow it, as in git
+    git(tmp_path / "owner", "config", "receive.denyCurrentBranch", "ignore")
+    assert publish(work, Options(push="origin"), sleep=NO_SLEEP).pushed
+
+
 def test_push_errors_are_publish_errors(tmp_path):
     repo = make_repo(tmp_path / "r")
     with pytest.raises(PublishError, match="no remote named 'upstream'"):

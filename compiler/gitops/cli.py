@@ -18,7 +18,7 @@ from pathlib import Path
 import pygit2
 
 from compiler.gitops.build import open_cache, renderer
-from compiler.gitops.comment import API_URL, GitHub
+from compiler.gitops.comment import ACTIONS_BOT, API_URL, GitHub
 from compiler.gitops.errors import CompileFailed, GitHubError, GitOpsError, PublishError, RepoError
 from compiler.gitops.publish import BOT, Identity, Options, publish
 from compiler.gitops.render import markdown, render
@@ -59,13 +59,16 @@ def add_parsers(subparsers) -> None:
     com = subparsers.add_parser(
         "comment", help="post the diff as one sticky pull-request comment",
         description="Post or update meshc's comment on a pull request. "
-                    "Reads GITHUB_TOKEN, GITHUB_REPOSITORY (owner/name) and GITHUB_API_URL.")
+                    "Reads GITHUB_TOKEN, GITHUB_REPOSITORY (owner/name), GITHUB_API_URL and MESHC_BOT_LOGIN.")
     _repo(com)
     com.add_argument("--pr", type=_positive, required=True, metavar="N", help="the pull request number")
     source = com.add_mutually_exclusive_group(required=True)
     source.add_argument("--body-file", metavar="FILE", help="the Markdown to post ('-' for stdin)")
     source.add_argument("--base", metavar="REF", help="compute the diff against this revision")
     com.add_argument("--head", metavar="REF", help="with --base: the changed revision (default: the working tree)")
+    com.add_argument("--bot-login", metavar="LOGIN",
+                     help="the bot an app installation token posts as, whose marked comment is meshc's "
+                          f"(default: $MESHC_BOT_LOGIN, else {ACTIONS_BOT}); a user token's own login is asked")
     _no_cache(com)
     com.set_defaults(func=run_comment)
 
@@ -84,9 +87,12 @@ def run_diff(args) -> int:
 
 
 def run_publish(args) -> int:
+    credentials = credentials_from_env(os.environ)
+    if credentials.known_hosts is not None and not credentials.known_hosts.expanduser().is_file():
+        return _fail(f"MESHC_SSH_KNOWN_HOSTS: no such file {credentials.known_hosts}", EXIT_USAGE)
     options = Options(branch=args.branch, push=args.push, author=args.author,
                       committer=args.committer or args.author, attempts=args.attempts,
-                      credentials=credentials_from_env(os.environ))
+                      credentials=credentials)
     cache = None
     try:
         repo = open_repo(args.repo)
@@ -145,7 +151,11 @@ def run_comment(args) -> int:
         return _fail(err, EXIT_USAGE)
     except pygit2.GitError as err:
         return _fail(f"git: {err}", EXIT_USAGE)
-    github = GitHub(token, repository, os.environ.get("GITHUB_API_URL") or API_URL)
+    bot = args.bot_login or os.environ.get("MESHC_BOT_LOGIN") or ACTIONS_BOT
+    if not re.fullmatch(r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\[bot\])?", bot):
+        return _fail(f"--bot-login / MESHC_BOT_LOGIN must be a GitHub login such as {ACTIONS_BOT}, not {bot!r}",
+                     EXIT_USAGE)
+    github = GitHub(token, repository, os.environ.get("GITHUB_API_URL") or API_URL, bot_login=bot)
     try:
         action, comment = github.upsert_comment(args.pr, body)
     except GitHubError as err:

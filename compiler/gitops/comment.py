@@ -5,8 +5,9 @@ request by a hidden marker, across every page of the comment list (the
 `Link: rel="next"` header), and updates it with PATCH, or creates it with
 POST; an unchanged body is left alone. Only a comment the token's own
 account wrote is ever updated (`GET /user`; an installation token such as
-Actions' GITHUB_TOKEN cannot read /user and posts as a bot, so then a bot's
-comment): a person who pasted the marker keeps their comment. Requests are
+Actions' GITHUB_TOKEN cannot read /user, so then the comment of the bot it
+posts as, `github-actions[bot]` unless told another app's login): a person
+who pasted the marker, or another app posting its own marked comment, keeps it. Requests are
 retried with exponential backoff on connection errors, 5xx, 429 and rate
 limits (a 403 carrying `Retry-After` or `X-RateLimit-Remaining: 0`), waiting
 as long as GitHub asks. 401, 403 and 404 become one-line `GitHubError`s.
@@ -30,6 +31,7 @@ from compiler.gitops.errors import GitHubError
 from compiler.gitops.render import MARKDOWN_LIMIT, MARKER
 
 API_URL = "https://api.github.com"
+ACTIONS_BOT = "github-actions[bot]"  # whom GitHub Actions' GITHUB_TOKEN posts as
 COMMENT_LIMIT = 65_536  # GitHub refuses longer comment bodies
 
 
@@ -45,8 +47,9 @@ class GitHub:
 
     def __init__(self, token: str, repository: str, api_url: str = API_URL, retry: Retry = Retry(),
                  session: requests.Session | None = None, sleep: Callable[[float], None] = time.sleep,
-                 clock: Callable[[], float] = time.time, timeout_s: float = 30.0):
+                 clock: Callable[[], float] = time.time, timeout_s: float = 30.0, bot_login: str = ACTIONS_BOT):
         self.repository = repository
+        self.bot_login = bot_login  # who an installation token posts as (it cannot ask /user)
         self.api_url = api_url.rstrip("/")
         self.retry = retry
         self._sleep, self._clock, self._timeout = sleep, clock, timeout_s
@@ -75,7 +78,7 @@ class GitHub:
 
     def author(self, pr: int) -> "Author":
         """Who this token comments as: its login from `GET /user`, or, for an installation
-        token (403 "Resource not accessible by integration"), any bot."""
+        token (403 "Resource not accessible by integration"), the bot `bot_login`."""
         if self._author is None:
             response = self._call("GET", "/user", pr, accept=(403, 404))
             try:
@@ -83,7 +86,10 @@ class GitHub:
             except ValueError:
                 user = None
             login = user.get("login") if isinstance(user, dict) else None
-            self._author = Author(login if isinstance(login, str) and login else None)
+            if isinstance(login, str) and login:
+                self._author = Author(login)
+            else:
+                self._author = Author(self.bot_login, bot=True)
         return self._author
 
     def comments(self, pr: int) -> Iterator[dict]:
@@ -168,14 +174,19 @@ def _message(response: requests.Response) -> str:
 
 @dataclass(frozen=True)
 class Author:
-    """The identity meshc's comments carry: a login, or None for "some bot" (an installation
-    token, e.g. GITHUB_TOKEN posting as github-actions[bot], cannot ask who it is)."""
+    """The identity meshc's comments carry: the token's own login, or (`bot`) the login of
+    the bot an installation token posts as (GITHUB_TOKEN: github-actions[bot]), which such a
+    token cannot ask for; then the comment must also be a bot's."""
 
-    login: str | None
+    login: str
+    bot: bool = False
 
     def wrote(self, comment: dict) -> bool:
         user = comment.get("user") or {}
-        return user.get("login") == self.login if self.login else user.get("type") == "Bot"
+        login = user.get("login")
+        if not isinstance(login, str) or login.lower() != self.login.lower():  # GitHub logins ignore case
+            return False
+        return user.get("type") == "Bot" if self.bot else True
 
 
 def _with_marker(body: str, marker: str) -> str:
