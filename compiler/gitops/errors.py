@@ -1,4 +1,4 @@
-"""The exceptions of the GitOps loop, one tree:
+"""The exceptions of the GitOps loop, one tree (a branch of the one in `compiler.errors`):
 
     GitOpsError                 a user-facing failure: the CLI prints `meshc: error: <message>`
     ├── RepoError               not a git repository, unborn or detached HEAD, unknown revision
@@ -14,9 +14,10 @@ from __future__ import annotations
 from typing import Sequence
 
 from compiler.diagnostics import Diagnostic
+from compiler.errors import MeshcError
 
 
-class GitOpsError(Exception):
+class GitOpsError(MeshcError):
     """A failure the user can act on; `str()` is the one-line message."""
 
 
