@@ -4,7 +4,6 @@ server) behind basic auth on 127.0.0.1, as GitHub serves HTTPS pushes."""
 from __future__ import annotations
 
 import base64
-import multiprocessing
 import os
 import subprocess
 import threading
@@ -17,7 +16,7 @@ import pytest
 from compiler.gitops.errors import PublishError
 from compiler.gitops.publish import Options, publish
 from compiler.gitops.remote import Credentials, credentials_from_env
-from test_gitops_publish import assert_sources_rendered_once
+from test_gitops_publish import assert_sources_rendered_once, race
 from test_gitops_support import REVIEWS, SAMPLE, commit_files, edit, git, make_remote
 
 TOKEN = "ghs_test_token"
@@ -146,14 +145,7 @@ def test_two_publishers_over_http_lose_nothing(served, tmp_path):
     commit_files(a, {"policies/bookinfo/reviews.yaml": edit(REVIEWS, "weight: 10", "weight: 20")}, "A: canary 20")
     commit_files(b, {"environments/prod.yaml": SAMPLE["environments/prod.yaml"].replace("weight: 5", "weight: 1")},
                  "B: prod canary 1")
-    ctx = multiprocessing.get_context("fork")
-    barrier, queue = ctx.Barrier(2), ctx.Queue()
-    workers = [ctx.Process(target=_publish, args=(barrier, r.workdir, queue)) for r in (a, b)]
-    for w in workers:
-        w.start()
-    for w in workers:
-        w.join(120)
-    results = [queue.get(timeout=5) for _ in workers]
+    results = race(_publish, [(r.workdir,) for r in (a, b)])
     assert all(r[0] is True for r in results), results
     repo = pygit2.Repository(str(bare))
     assert_sources_rendered_once(repo, repo.references["refs/heads/main"].peel(pygit2.Commit),

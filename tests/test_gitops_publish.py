@@ -181,6 +181,19 @@ def assert_sources_rendered_once(repo, tip: pygit2.Commit, messages: set[str]) -
     assert_fresh(repo, tip)
 
 
+def race(target, args: list[tuple]) -> list:
+    """Run `target(barrier, *a, queue)` in one forked process per `a`, released together by the
+    barrier; → what each put on the queue."""
+    ctx = multiprocessing.get_context("fork")
+    barrier, queue = ctx.Barrier(len(args)), ctx.Queue()
+    workers = [ctx.Process(target=target, args=(barrier, *a, queue)) for a in args]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(120)
+    return [queue.get(timeout=5) for _ in workers]
+
+
 def _publish_after(barrier, path: str, queue) -> None:
     repo = pygit2.Repository(path)
     barrier.wait()
@@ -197,14 +210,7 @@ def test_two_processes_publishing_at_once_lose_nothing(tmp_path, round_):
     a, b = clone(remote, tmp_path / "a"), clone(remote, tmp_path / "b")
     commit_files(a, {"policies/bookinfo/reviews.yaml": edit(REVIEWS, "weight: 10", "weight: 30")}, "A: canary 30")
     commit_files(b, {"environments/dev.yaml": SAMPLE["environments/dev.yaml"].replace("10s", "3s")}, "B: dev 3s")
-    ctx = multiprocessing.get_context("fork")
-    barrier, queue = ctx.Barrier(2), ctx.Queue()
-    workers = [ctx.Process(target=_publish_after, args=(barrier, repo.workdir, queue)) for repo in (a, b)]
-    for w in workers:
-        w.start()
-    for w in workers:
-        w.join(120)
-    results = [queue.get(timeout=5) for _ in workers]
+    results = race(_publish_after, [(repo.workdir,) for repo in (a, b)])
 
     assert all(r[1] is True for r in results), results
     bare = pygit2.Repository(str(remote))

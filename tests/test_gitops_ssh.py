@@ -4,7 +4,6 @@ file, in both URL forms (ssh://… and scp-like host:path)."""
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 import subprocess
 from pathlib import Path
@@ -18,7 +17,7 @@ from compiler.gitops.publish import Options, publish
 from compiler.gitops.remote import Credentials, SshTarget, _local_path, ssh_target, transport_of
 from support.backends import free_port
 from support.sshd import MISSING, Sshd, find_sshd, keygen, port_is_free
-from test_gitops_publish import assert_sources_rendered_once
+from test_gitops_publish import assert_sources_rendered_once, race
 from test_gitops_support import REVIEWS, SAMPLE, clone, commit_files, edit, git, make_remote
 
 NO_SLEEP = lambda seconds: None  # noqa: E731
@@ -199,15 +198,7 @@ def test_two_publishers_over_ssh_lose_nothing(tmp_path, sshd, client_key, known_
     commit_files(a, {"policies/bookinfo/reviews.yaml": edit(REVIEWS, "weight: 10", "weight: 35")}, "A: canary 35")
     commit_files(b, {"environments/staging.yaml": SAMPLE["environments/staging.yaml"].replace("10s", "4s")},
                  "B: staging 4s")
-    ctx = multiprocessing.get_context("fork")
-    barrier, queue = ctx.Barrier(2), ctx.Queue()
-    workers = [ctx.Process(target=_publish, args=(barrier, r.workdir, str(client_key), str(known_hosts),
-                                                  sshd.user, queue)) for r in (a, b)]
-    for w in workers:
-        w.start()
-    for w in workers:
-        w.join(120)
-    results = [queue.get(timeout=5) for _ in workers]
+    results = race(_publish, [(r.workdir, str(client_key), str(known_hosts), sshd.user) for r in (a, b)])
 
     assert all(r[0] is True for r in results), results
     repo = pygit2.Repository(str(bare))
