@@ -7,6 +7,8 @@ the model cannot represent is a diagnostic at the span that caused it.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
+
 from compiler import model as m
 from compiler.diagnostics import Diagnostics, Note, SpanMap
 from compiler.values import duration_ms, split_address
@@ -14,22 +16,30 @@ from compiler.values import duration_ms, split_address
 
 def service(meta: dict, spec: dict, spans: SpanMap, env: m.Environment, endpoints: m.Endpoints, diags: Diagnostics) -> m.Service:
     name, namespace = meta["name"], meta["namespace"]
+    fqdn = f"{name}.{namespace}.svc.{env.cluster_domain}"
+    own = _HttpPolicy.of(spec, f"{namespace}/{name}", fqdn, env)
+    traffic = _traffic(spec.get("traffic"), spans, diags)
     return m.Service(
         name=name,
         namespace=namespace,
-        fqdn=f"{name}.{namespace}.svc.{env.cluster_domain}",
+        fqdn=fqdn,
         selector=tuple(sorted(spec["selector"].items())),
         ports=tuple(_port(p) for p in spec["ports"]),
         versions=tuple(m.Version(v, tuple(sorted(d["labels"].items()))) for v, d in sorted(spec.get("versions", {}).items())),
-        traffic=_traffic(spec.get("traffic"), spans, diags),
-        timeout_ms=_ms(spec.get("timeout")),
-        retries=_retries(spec.get("retries")),
+        traffic=traffic,
+        timeout_ms=own.timeout_ms,
+        retries=own.retries,
         load_balancer=_load_balancer(spec.get("loadBalancer")),
         connection_pool=_connection_pool(spec.get("connectionPool")),
         outlier_detection=_outlier_detection(spec.get("outlierDetection")),
         tls=_tls(spec.get("tls")),
         ingress=_ingress(spec.get("ingress")),
         endpoints=endpoints,
+        headers=own.headers,
+        cors=own.cors,
+        fault=own.fault,
+        mirror=own.mirror,
+        routes=_routes(spec, traffic, own, f"{namespace}/{name}", fqdn, env, spans, diags),
         spans=spans,
     )
 
@@ -42,14 +52,14 @@ def _port(p: dict) -> m.Port:
     return m.Port(p["name"], p["port"], p.get("targetPort", p["port"]), m.Protocol(p.get("protocol", "HTTP")))
 
 
-def _traffic(t: dict | None, spans: SpanMap, diags: Diagnostics) -> m.Traffic:
+def _traffic(t: dict | None, spans: SpanMap, diags: Diagnostics, at: tuple = ("traffic",)) -> m.Traffic:
     if not t:
         return m.Traffic()
     if "split" in t:
         for other in ("stable", "canary"):
             if other in t:
                 # At the split: when an override switches a policy to a split, that is the line to fix.
-                split_at, other_at = spans.key_at(("traffic", "split")), spans.key_at(("traffic", other))
+                split_at, other_at = spans.key_at(at + ("split",)), spans.key_at(at + (other,))
                 hint = f" (an override removes it with `{other}: null`)" if split_at and other_at and split_at.path != other_at.path else ""
                 diags.error(
                     "traffic.shape",
@@ -60,7 +70,7 @@ def _traffic(t: dict | None, spans: SpanMap, diags: Diagnostics) -> m.Traffic:
         weights = tuple(m.WeightedVersion(v, w) for v, w in sorted(t["split"].items()))
         return m.Traffic(m.TrafficShape.SPLIT, weights)
     if "stable" not in t:
-        diags.error("traffic.shape", "a canary needs a `stable` version to take the rest of the traffic", spans.key_at(("traffic", "canary")))
+        diags.error("traffic.shape", "a canary needs a `stable` version to take the rest of the traffic", spans.key_at(at + ("canary",)))
         return m.Traffic()
     canary = t.get("canary")
     if canary is None:
@@ -68,8 +78,155 @@ def _traffic(t: dict | None, spans: SpanMap, diags: Diagnostics) -> m.Traffic:
     weight = canary["weight"]
     weights = (m.WeightedVersion(t["stable"], 100 - weight), m.WeightedVersion(canary["version"], weight))
     headers = (canary.get("match") or {}).get("headers", {})
-    match = tuple(m.HeaderMatch(h, m.MatchKind(next(iter(rule))), next(iter(rule.values()))) for h, rule in sorted(headers.items()))
+    match = _header_matches(headers)
     return m.Traffic(m.TrafficShape.CANARY, weights, match, canary["version"] if match else None)
+
+
+def _header_matches(headers: dict) -> tuple[m.HeaderMatch, ...]:
+    """Sorted by header name, as istiod sorts them."""
+    return tuple(_header_match(h, rule) for h, rule in sorted(headers.items()))
+
+
+def _header_match(name: str, rule: dict) -> m.HeaderMatch:
+    kind, value = next(iter(rule.items()))
+    return m.HeaderMatch(name, m.MatchKind(kind), "" if kind == "present" else value)
+
+
+# -- routes ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _HttpPolicy:
+    """What a service sets for every HTTP route, and a route may set for itself instead."""
+
+    timeout_ms: int | None = None
+    retries: m.Retries | None = None
+    headers: m.Headers | None = None
+    cors: m.Cors | None = None
+    fault: m.Fault | None = None
+    mirror: m.Mirror | None = None
+
+    @classmethod
+    def of(cls, spec: dict, own_key: str, own_fqdn: str, env: m.Environment, under: "_HttpPolicy | None" = None) -> "_HttpPolicy":
+        base = under or cls()
+        return cls(
+            timeout_ms=_ms(spec["timeout"]) if "timeout" in spec else base.timeout_ms,
+            retries=_retries(spec["retries"]) if "retries" in spec else base.retries,
+            headers=_headers(spec["headers"]) if "headers" in spec else base.headers,
+            cors=_cors(spec["cors"]) if "cors" in spec else base.cors,
+            fault=_fault(spec["fault"]) if "fault" in spec else base.fault,
+            mirror=_mirror(spec["mirror"], own_key, own_fqdn, env) if "mirror" in spec else base.mirror,
+        )
+
+    def fields(self) -> dict:
+        return {"timeout_ms": self.timeout_ms, "retries": self.retries, "headers": self.headers, "cors": self.cors,
+                "fault": self.fault, "mirror": self.mirror}
+
+
+def _routes(spec: dict, traffic: m.Traffic, own: _HttpPolicy, key: str, fqdn: str, env: m.Environment,
+            spans: SpanMap, diags: Diagnostics) -> tuple[m.Route, ...]:
+    """Every HTTP route in the order they are tried: each named route (its canary's header
+    route first), then the service's own (`canary-match`, `default`). Like istiod, nothing
+    after a route that matches every request: it could never be reached."""
+    routes: list[m.Route] = []
+    for name, r in (spec.get("routes") or {}).items():
+        at = ("routes", name)
+        policy = _HttpPolicy.of(r, key, fqdn, env, own)
+        match = _route_match(r.get("match") or {})
+        common = {"rewrite": _rewrite(r.get("rewrite")), "source": at, **policy.fields()}
+        if "redirect" in r:
+            routes.append(m.Route(name, match, redirect=_redirect(r["redirect"]), **common))
+        elif "directResponse" in r:
+            d = r["directResponse"]
+            routes.append(m.Route(name, match, direct_response=m.DirectResponse(d["status"], d.get("body")), **common))
+        else:
+            t = _traffic(r["traffic"], spans, diags, at + ("traffic",)) if "traffic" in r else traffic
+            routes += _traffic_routes(name, match, t, common)
+    if not any(r.match.is_everything for r in routes):  # else `check` reports what comes after it
+        routes += _traffic_routes("", m.RouteMatch(), traffic, {"source": (), **own.fields()})
+    return tuple(routes)
+
+
+def default_routes(svc: m.Service) -> tuple[m.Route, ...]:
+    """The routes of a service that names none: its traffic, with its own values."""
+    own = {"timeout_ms": svc.timeout_ms, "retries": svc.retries, "headers": svc.headers, "cors": svc.cors,
+           "fault": svc.fault, "mirror": svc.mirror}
+    return tuple(_traffic_routes("", m.RouteMatch(), svc.traffic, {"source": (), **own}))
+
+
+def _traffic_routes(name: str, match: m.RouteMatch, t: m.Traffic, common: dict) -> list[m.Route]:
+    """A route sending `t`: a canary with a header match first takes the matching requests."""
+    routes = []
+    if t.match and t.match_version:
+        pinned = m.Traffic(m.TrafficShape.STABLE, (m.WeightedVersion(t.match_version, 100),))
+        headers = tuple(sorted(match.headers + t.match, key=lambda h: h.header))
+        routes.append(m.Route(f"{name}-canary-match" if name else "canary-match", replace(match, headers=headers),
+                              traffic=pinned, **common))
+    routes.append(m.Route(name or "default", match, traffic=t, **common))
+    return routes
+
+
+def _route_match(match: dict) -> m.RouteMatch:
+    path = match.get("path")
+    kind, value = next(iter(path.items())) if path else (None, None)
+    methods = match.get("methods") or ()
+    return m.RouteMatch(
+        path=m.StringMatch(m.MatchKind(kind), value) if path else None,
+        methods=tuple(dict.fromkeys(methods)),
+        headers=_header_matches(match.get("headers") or {}),
+        query=tuple(m.QueryMatch(q, m.MatchKind(next(iter(rule))), next(iter(rule.values())))
+                    for q, rule in sorted((match.get("query") or {}).items())),
+    )
+
+
+def _rewrite(r: dict | None) -> m.Rewrite | None:
+    if r is None:
+        return None
+    regex = r.get("regex") or {}
+    return m.Rewrite(r.get("prefix"), regex.get("match"), regex.get("substitute"), r.get("authority"))
+
+
+def _redirect(r: dict) -> m.Redirect:
+    return m.Redirect(r.get("path"), r.get("scheme"), r.get("host"), r.get("port"), r.get("code", m.Redirect.code))
+
+
+def _fault(f: dict) -> m.Fault:
+    delay, abort = f.get("delay") or {}, f.get("abort") or {}
+    return m.Fault(
+        delay_ms=_ms(delay.get("fixed")),
+        delay_percent=delay.get("percent", 100),
+        abort_status=abort.get("status"),
+        abort_grpc_status=abort.get("grpcStatus"),
+        abort_percent=abort.get("percent", 100),
+    )
+
+
+def _mirror(mirror: dict, own_key: str, own_fqdn: str, env: m.Environment) -> m.Mirror:
+    key = mirror.get("service", own_key)
+    namespace, _, name = key.partition("/")
+    fqdn = own_fqdn if key == own_key else f"{name}.{namespace}.svc.{env.cluster_domain}"
+    return m.Mirror(key, fqdn, mirror.get("version"), mirror.get("percent", 100))
+
+
+def _header_ops(ops: dict | None) -> m.HeaderOps:
+    ops = ops or {}
+    return m.HeaderOps(tuple(sorted((ops.get("set") or {}).items())), tuple(sorted((ops.get("add") or {}).items())),
+                       tuple(dict.fromkeys(ops.get("remove") or ())))
+
+
+def _headers(h: dict) -> m.Headers:
+    return m.Headers(_header_ops(h.get("request")), _header_ops(h.get("response")))
+
+
+def _cors(c: dict) -> m.Cors:
+    return m.Cors(
+        allow_origins=tuple(m.StringMatch(m.MatchKind(k), v) for o in c.get("allowOrigins") or () for k, v in o.items()),
+        allow_methods=tuple(c.get("allowMethods") or ()),
+        allow_headers=tuple(c.get("allowHeaders") or ()),
+        expose_headers=tuple(c.get("exposeHeaders") or ()),
+        max_age_ms=_ms(c.get("maxAge")),
+        allow_credentials=c.get("allowCredentials"),
+    )
 
 
 def _retries(r: dict | None) -> m.Retries | None:
@@ -126,7 +283,7 @@ def _tls(tls: dict | None) -> m.Tls | None:
 def _ingress(ing: dict | None) -> m.Ingress | None:
     if ing is None:
         return None
-    return m.Ingress(tuple(ing["hosts"]), ing.get("port", 80))
+    return m.Ingress(tuple(ing["hosts"]), ing.get("port", 80), tuple(dict.fromkeys(ing.get("paths") or ())))
 
 
 def endpoints(raw) -> m.Endpoints:

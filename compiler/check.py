@@ -7,23 +7,17 @@ the span of the value at fault. None of them change the model.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Callable
 
 from compiler import model as m
-from compiler.diagnostics import Diagnostics, Note, Span, did_you_mean
+from compiler.diagnostics import Diagnostics, Note, Span, SpanMap, did_you_mean
 from compiler.values import human_duration
-
-# What Python's `re` accepts but RE2 (Envoy's engine) refuses: https://github.com/google/re2/wiki/Syntax
-_RE2_GROUPS = (("(?=", "look-around"), ("(?!", "look-around"), ("(?<=", "look-around"), ("(?<!", "look-around"),
-               ("(?P=", "back-references"), ("(?>", "atomic groups"), ("(?(", "conditional groups"))  # fmt: skip
-_COUNTED = re.compile(r"\{\d*(,\d*)?\}")
-
 
 def service(svc: m.Service, diags: Diagnostics) -> None:
     """Every per-service check."""
-    for check in (_ports, _versions_referenced, _weights, _header_regexes, _tcp_only, _retry_budget, _ingress_hosts_once):
+    for check in (_ports, _versions_referenced, _weights, _regexes, _tcp_only, _retry_budget, _ingress_hosts_once,
+                  _route_names, _route_actions, _shadowed_routes, _mirrors, _headers, _cors):
         check(svc, diags)
 
 
@@ -39,22 +33,36 @@ def _ports(svc: m.Service, diags: Diagnostics) -> None:
             seen.setdefault(value, i)
 
 
+def named_routes(svc: m.Service) -> list[m.Route]:
+    """One route per route the policy names, as written (its canary's header route, which
+    shares its source, left out)."""
+    return [r for r in svc.routes if r.source and r.name == r.source[-1]]
+
+
+def _traffics(svc: m.Service):
+    """(traffic, spec path) of the service, and of each named route that sets its own."""
+    yield svc.traffic, ("traffic",)
+    for r in named_routes(svc):
+        if r.traffic is not None and r.traffic != svc.traffic:
+            yield r.traffic, r.source + ("traffic",)
+
+
 def _versions_referenced(svc: m.Service, diags: Diagnostics) -> None:
-    t = svc.traffic
     defined = [v.name for v in svc.versions]
-    refs: list[tuple[str, tuple]] = []
-    if t.shape is m.TrafficShape.SPLIT:
-        refs = [(w.version, ("traffic", "split", w.version, "\0key")) for w in t.weights]
-    elif t.shape in (m.TrafficShape.STABLE, m.TrafficShape.CANARY):
-        refs = [(t.weights[0].version, ("traffic", "stable"))]
-        if t.canary:
-            refs.append((t.canary.version, ("traffic", "canary", "version")))
-    for name, path in refs:
-        if svc.version(name) is None:
-            span = svc.spans.key_at(path[:-1]) if path[-1] == "\0key" else svc.spans.at(path)
-            diags.error("traffic.unknown-version", f"version {name!r} is not defined in `versions`{_hint(name, defined)}", span)
-    if t.canary and t.canary.version == t.stable:
-        diags.error("traffic.canary-is-stable", f"the canary version {t.stable!r} is also the stable version", svc.spans.at(("traffic", "canary", "version")))
+    for t, at in _traffics(svc):
+        refs: list[tuple[str, tuple]] = []
+        if t.shape is m.TrafficShape.SPLIT:
+            refs = [(w.version, at + ("split", w.version, "\0key")) for w in t.weights]
+        elif t.shape in (m.TrafficShape.STABLE, m.TrafficShape.CANARY):
+            refs = [(t.weights[0].version, at + ("stable",))]
+            if t.canary:
+                refs.append((t.canary.version, at + ("canary", "version")))
+        for name, path in refs:
+            if svc.version(name) is None:
+                span = svc.spans.key_at(path[:-1]) if path[-1] == "\0key" else svc.spans.at(path)
+                diags.error("traffic.unknown-version", f"version {name!r} is not defined in `versions`{_hint(name, defined)}", span)
+        if t.canary and t.canary.version == t.stable:
+            diags.error("traffic.canary-is-stable", f"the canary version {t.stable!r} is also the stable version", svc.spans.at(at + ("canary", "version")))
 
 
 def _hint(name: str, defined: list[str]) -> str:
@@ -64,68 +72,193 @@ def _hint(name: str, defined: list[str]) -> str:
 
 
 def _weights(svc: m.Service, diags: Diagnostics) -> None:
-    t = svc.traffic
-    if t.shape is m.TrafficShape.SPLIT:
-        total = sum(w.weight for w in t.weights)
-        if total != 100:
-            parts = " + ".join(f"{w.version} {w.weight}" for w in t.weights)
-            diags.error("traffic.split-sum", f"split weights must sum to 100, but {parts} = {total}", svc.spans.key_at(("traffic", "split")))
+    for t, at in _traffics(svc):
+        if t.shape is m.TrafficShape.SPLIT:
+            total = sum(w.weight for w in t.weights)
+            if total != 100:
+                parts = " + ".join(f"{w.version} {w.weight}" for w in t.weights)
+                diags.error("traffic.split-sum", f"split weights must sum to 100, but {parts} = {total}", svc.spans.key_at(at + ("split",)))
 
 
-def _header_regexes(svc: m.Service, diags: Diagnostics) -> None:
+#: Envoy refuses a regex whose RE2 program is larger than this (runtime `re2.max_program_size.error_level`).
+RE2_MAX_PROGRAM_SIZE = 100
+#: RE2's words for what Python's `re` accepts and RE2 does not (by the start of its message),
+#: said the way users search for it.
+_RE2_WORDS = (("invalid perl operator: (?=", "RE2 has no look-around"), ("invalid perl operator: (?!", "RE2 has no look-around"),
+              ("invalid perl operator: (?<", "RE2 has no look-around"), ("invalid perl operator: (?>", "RE2 has no atomic groups"),
+              ("bad repetition operator: ", "RE2 has no possessive quantifiers"),
+              ("invalid escape sequence: \\Z", "RE2 spells it \\z"),
+              *((f"invalid escape sequence: \\{d}", "RE2 has no back-references") for d in "123456789"))
+
+
+def _regexes(svc: m.Service, diags: Diagnostics) -> None:
+    for what, pattern, path in _regexes_of(svc):
+        problem = re2_problem(pattern)
+        if problem:
+            diags.error("match.regex", f"{what}: regex {pattern!r} {problem}", svc.spans.at(path))
+
+
+def _regexes_of(svc: m.Service):
+    """(what, pattern, spec path) of every regex a service's policy holds, each once."""
     for h in svc.traffic.match:
-        if h.kind is not m.MatchKind.REGEX:
-            continue
-        span = svc.spans.at(("traffic", "canary", "match", "headers", h.header, "regex"))
-        try:
-            re.compile(h.value)
-        except re.error as exc:
-            diags.error("match.regex", f"header {h.header!r}: regex {h.value!r} does not compile: {exc.msg} at position {exc.pos}", span)
-            continue
-        lacking = re2_lacks(h.value)
-        if lacking:
-            diags.error("match.regex", f"header {h.header!r}: regex {h.value!r} uses {lacking}, which RE2 (Envoy's engine) does not support", span)
+        if h.kind is m.MatchKind.REGEX:
+            yield f"header {h.header!r}", h.value, ("traffic", "canary", "match", "headers", h.header, "regex")
+    yield from _cors_regexes(svc.cors, ())
+    for r in named_routes(svc):
+        match = r.source + ("match",)
+        if r.match.path and r.match.path.kind is m.MatchKind.REGEX:
+            yield "path", r.match.path.value, match + ("path", "regex")
+        for h in r.match.headers:
+            if h.kind is m.MatchKind.REGEX:
+                yield f"header {h.header!r}", h.value, match + ("headers", h.header, "regex")
+        for q in r.match.query:
+            if q.kind is m.MatchKind.REGEX:
+                yield f"query parameter {q.name!r}", q.value, match + ("query", q.name, "regex")
+        if r.rewrite and r.rewrite.regex is not None:
+            yield "rewrite", r.rewrite.regex, r.source + ("rewrite", "regex", "match")
+        if r.cors != svc.cors:
+            yield from _cors_regexes(r.cors, r.source)
+        if r.traffic is not None and r.traffic != svc.traffic:
+            for h in r.traffic.match:
+                if h.kind is m.MatchKind.REGEX:
+                    yield f"header {h.header!r}", h.value, r.source + ("traffic", "canary", "match", "headers", h.header, "regex")
 
 
-def re2_lacks(pattern: str) -> str | None:
-    """The first construct of a (Python-valid) `pattern` that RE2 does not support, in words; else None.
+def _cors_regexes(cors: m.Cors | None, at: tuple):
+    for i, origin in enumerate(cors.allow_origins if cors else ()):
+        if origin.kind is m.MatchKind.REGEX:
+            yield "CORS origin", origin.value, at + ("cors", "allowOrigins", i, "regex")
 
-    A small scanner: escapes and character classes are skipped, so `\\(?=` or `[*+]+` raise nothing.
-    """
-    i, n = 0, len(pattern)
-    while i < n:
-        c = pattern[i]
-        if c == "\\":
-            nxt = pattern[i + 1 : i + 2]
-            if nxt and nxt in "123456789":
-                return "back-references"
-            if nxt == "Z":
-                return "\\Z (RE2 spells it \\z)"
-            i += 2
-            continue
-        if c == "[":
-            i = _class_end(pattern, i + 1)
-            continue
-        for opener, words in _RE2_GROUPS:
-            if pattern.startswith(opener, i):
-                return words
-        counted = _COUNTED.match(pattern, i) if c == "{" else None
-        end = counted.end() if counted else i + 1
-        if (counted or c in "*+?") and pattern[end : end + 1] == "+" and not pattern.startswith("(?", i - 1):
-            return "possessive quantifiers"
-        i = end
+
+def re2_problem(pattern: str) -> str | None:
+    """Why RE2 as Envoy runs it refuses `pattern` (in words), else None."""
+    import re2  # google-re2: the engine itself, not a Python re look-alike
+
+    options = re2.Options()
+    options.log_errors = False
+    try:
+        compiled = re2.compile(pattern, options)
+    except re2.error as exc:
+        reason = exc.args[0].decode() if exc.args and isinstance(exc.args[0], bytes) else str(exc)
+        words = next((w for prefix, w in _RE2_WORDS if reason.startswith(prefix)), None)
+        return f"is refused by RE2 (Envoy's engine): {reason}" + (f" ({words})" if words else "")
+    if compiled.programsize > RE2_MAX_PROGRAM_SIZE:
+        return (f"compiles to an RE2 program of size {compiled.programsize}, more than the {RE2_MAX_PROGRAM_SIZE} "
+                "Envoy accepts; simplify it (fewer counted repetitions or alternatives)")
     return None
 
 
-def _class_end(pattern: str, i: int) -> int:
-    """The index after the `]` that closes a character class whose body starts at `i`."""
-    if pattern[i : i + 1] == "^":
-        i += 1
-    if pattern[i : i + 1] == "]":  # a `]` first in the class is a literal
-        i += 1
-    while i < len(pattern) and pattern[i] != "]":
-        i += 2 if pattern[i] == "\\" else 1
-    return i + 1
+# -- routes --------------------------------------------------------------------------------
+
+
+def _route_names(svc: m.Service, diags: Diagnostics) -> None:
+    """Each route is named as written, its canary's header route `NAME-canary-match`, the
+    service's own `canary-match` and `default`: no two may share a name (Envoy and Istio
+    would both take them for one)."""
+    first: dict[str, m.Route] = {}
+    for r in svc.routes:
+        if r.name in first and first[r.name].source != r.source or r.name in first and not r.source:
+            owner = first[r.name]
+            span = svc.spans.key_at(r.source) if r.source else svc.spans.key_at(("traffic",))
+            made = "the name of the service's own route" if not owner.source else f"also the name made for route {owner.source[-1]!r}"
+            diags.error("routes.duplicate-name", f"route name {r.name!r} is {made}; rename the route",
+                        span or svc.spans.key_at(owner.source), Note("that route comes from here", svc.spans.key_at(owner.source or ("traffic",))))
+        first.setdefault(r.name, r)
+
+
+def _route_actions(svc: m.Service, diags: Diagnostics) -> None:
+    """A redirect or a direct response sends nothing upstream: what shapes an upstream request
+    (rewrite, timeout, retries, fault, mirror) cannot be set on that route."""
+    for r in named_routes(svc):
+        if r.traffic is not None:
+            continue
+        action = "redirect" if r.redirect else "directResponse"
+        for key in ("rewrite", "timeout", "retries", "fault", "mirror"):
+            span = svc.spans.exact(r.source + (key, SpanMap.KEY))
+            if span is not None:
+                diags.error("routes.action", f"route {r.source[-1]!r}: `{key}` applies to a route that sends traffic upstream, "
+                            f"and this route answers with a `{action}`", span, Note(f"`{action}` set here", svc.spans.key_at(r.source + (action,))))
+
+
+def _shadowed_routes(svc: m.Service, diags: Diagnostics) -> None:
+    """A named route that an earlier one always takes first can never match (istioctl does not say)."""
+    earlier: list[m.Route] = []
+    for r in named_routes(svc):
+        for e in earlier:
+            if covers(e.match, r.match):
+                what = "every request" if e.match.is_everything else "every request this one matches"
+                diags.error("routes.shadowed", f"route {r.source[-1]!r} can never match: route {e.source[-1]!r}, tried before it, "
+                            f"matches {what}", svc.spans.key_at(r.source),
+                            Note(f"route {e.source[-1]!r} is here", svc.spans.key_at(e.source)))
+                break
+        earlier.append(r)
+
+
+def covers(a: m.RouteMatch, b: m.RouteMatch) -> bool:
+    """Whether every request `b` matches is matched by `a` too (sound: False when unsure)."""
+    if not _path_covers(a.path, b.path):
+        return False
+    if a.methods and not (b.methods and set(b.methods) <= set(a.methods)):
+        return False
+    if not all(any(bh.header == ah.header and _string_covers(ah, bh) for bh in b.headers) for ah in a.headers):
+        return False
+    return all(q in b.query for q in a.query)
+
+
+def _path_covers(a: m.StringMatch | None, b: m.StringMatch | None) -> bool:
+    if a is None or a in (m.StringMatch(m.MatchKind.PREFIX, "/"), m.StringMatch(m.MatchKind.REGEX, ".*")):
+        return True
+    return b is not None and _string_covers(a, b)
+
+
+def _string_covers(a, b) -> bool:
+    """`a` and `b` are matches (kind, value) on one string: does `a` take all that `b` takes?"""
+    if a.kind is m.MatchKind.PRESENT:
+        return True  # b is a condition on the same header, which it needs present
+    if a.kind is m.MatchKind.PREFIX:
+        return b.kind in (m.MatchKind.EXACT, m.MatchKind.PREFIX) and b.value.startswith(a.value)
+    return a.kind is b.kind and a.value == b.value  # exact, and regex (only when written alike)
+
+
+def _mirrors(svc: m.Service, diags: Diagnostics) -> None:
+    """A mirror of this service names one of its versions (another service's are `claims`')."""
+    holders = [((), svc.mirror)] + [(r.source, r.mirror) for r in named_routes(svc) if r.mirror != svc.mirror]
+    for at, mirror in holders:
+        if mirror is None or mirror.service != svc.key:
+            continue
+        if mirror.version is None:
+            diags.error("mirror.target", "a mirror needs a `version` of this service, or another `service`: "
+                        "copying requests to where they already go would send each twice", svc.spans.key_at(at + ("mirror",)))
+        elif svc.version(mirror.version) is None:
+            defined = [v.name for v in svc.versions]
+            diags.error("mirror.unknown-version", f"mirror version {mirror.version!r} is not defined in `versions`{_hint(mirror.version, defined)}",
+                        svc.spans.at(at + ("mirror", "version")))
+
+
+#: Envoy refuses to add, set or remove these (istiod drops them); the host is `rewrite.authority`'s.
+_UNTOUCHABLE_HEADERS = ("host",)
+
+
+def _headers(svc: m.Service, diags: Diagnostics) -> None:
+    holders = [((), svc.headers)] + [(r.source, r.headers) for r in named_routes(svc) if r.headers != svc.headers]
+    for at, headers in holders:
+        if headers is None:
+            continue
+        for side, ops in (("request", headers.request), ("response", headers.response)):
+            for op, names in (("set", [k for k, _ in ops.set]), ("add", [k for k, _ in ops.add]), ("remove", list(ops.remove))):
+                for i, name in enumerate(names):
+                    if name in _UNTOUCHABLE_HEADERS:
+                        path = at + ("headers", side, op) + ((i,) if op == "remove" else (name,))
+                        diags.error("headers.host", f"headers.{side}.{op}: Envoy does not let a route change the {name!r} header; "
+                                    "set `rewrite.authority` on a route instead", svc.spans.key_at(path) if op != "remove" else svc.spans.at(path))
+
+
+def _cors(svc: m.Service, diags: Diagnostics) -> None:
+    holders = [((), svc.cors)] + [(r.source, r.cors) for r in named_routes(svc) if r.cors != svc.cors]
+    for at, cors in holders:
+        if cors is not None and cors.max_age_ms is not None and cors.max_age_ms % 1000:
+            diags.error("cors.max-age", "cors.maxAge must be whole seconds (the Access-Control-Max-Age header counts seconds)",
+                        svc.spans.at(at + ("cors", "maxAge")))
 
 
 @dataclass(frozen=True)

@@ -47,6 +47,7 @@ class MatchKind(StrEnum):
     EXACT = "exact"
     PREFIX = "prefix"
     REGEX = "regex"
+    PRESENT = "present"  # headers only: the header is there, whatever its value
 
 
 class TrafficShape(StrEnum):
@@ -111,6 +112,123 @@ class Traffic:
 
 
 @dataclass(frozen=True)
+class StringMatch:
+    kind: MatchKind
+    value: str = ""  # empty for PRESENT
+
+
+@dataclass(frozen=True)
+class QueryMatch:
+    name: str
+    kind: MatchKind  # EXACT | REGEX
+    value: str
+
+
+@dataclass(frozen=True)
+class RouteMatch:
+    """What a request must carry for a route to take it: every condition set here (no path: any)."""
+
+    path: StringMatch | None = None
+    methods: tuple[str, ...] = ()
+    headers: tuple[HeaderMatch, ...] = ()
+    query: tuple[QueryMatch, ...] = ()
+
+    @property
+    def is_everything(self) -> bool:
+        every_path = self.path in (None, StringMatch(MatchKind.PREFIX, "/"), StringMatch(MatchKind.REGEX, ".*"))
+        return every_path and not (self.methods or self.headers or self.query)
+
+
+@dataclass(frozen=True)
+class Rewrite:
+    prefix: str | None = None
+    regex: str | None = None  # with `substitute`
+    substitute: str | None = None
+    authority: str | None = None
+
+
+@dataclass(frozen=True)
+class Redirect:
+    path: str | None = None
+    scheme: str | None = None
+    host: str | None = None
+    port: int | None = None
+    code: int = 301  # Istio's default redirectCode
+
+
+@dataclass(frozen=True)
+class DirectResponse:
+    status: int
+    body: str | None = None
+
+
+@dataclass(frozen=True)
+class Fault:
+    delay_ms: int | None = None
+    delay_percent: float = 100
+    abort_status: int | None = None  # an HTTP status, or
+    abort_grpc_status: str | None = None  # a gRPC status name (UNAVAILABLE)
+    abort_percent: float = 100
+
+
+@dataclass(frozen=True)
+class Mirror:
+    """A copy of each request (of `percent` of them) to a version of this or another service."""
+
+    service: str  # namespace/name
+    fqdn: str
+    version: str | None = None
+    percent: float = 100
+
+
+@dataclass(frozen=True)
+class HeaderOps:
+    set: tuple[tuple[str, str], ...] = ()
+    add: tuple[tuple[str, str], ...] = ()
+    remove: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Headers:
+    request: HeaderOps = HeaderOps()
+    response: HeaderOps = HeaderOps()
+
+
+@dataclass(frozen=True)
+class Cors:
+    allow_origins: tuple[StringMatch, ...] = ()
+    allow_methods: tuple[str, ...] = ()
+    allow_headers: tuple[str, ...] = ()
+    expose_headers: tuple[str, ...] = ()
+    max_age_ms: int | None = None
+    allow_credentials: bool | None = None
+
+
+@dataclass(frozen=True)
+class Route:
+    """One HTTP route, in the order routes are tried; what it leaves out it took from the service.
+
+    Exactly one action: `traffic` (where the request goes), `redirect` or
+    `direct_response`. `source` is where the route was written, spec-relative:
+    `("routes", NAME)` for a named route, `()` for the service's default routes.
+    """
+
+    name: str
+    match: RouteMatch = RouteMatch()
+    traffic: "Traffic | None" = None
+    redirect: Redirect | None = None
+    direct_response: DirectResponse | None = None
+    rewrite: Rewrite | None = None
+    timeout_ms: int | None = None
+    retries: "Retries | None" = None
+    headers: Headers | None = None
+    cors: Cors | None = None
+    fault: Fault | None = None
+    mirror: Mirror | None = None
+    source: tuple = ()
+
+
+@dataclass(frozen=True)
 class Retries:
     attempts: int
     per_try_timeout_ms: int | None = None
@@ -162,6 +280,7 @@ class Tls:
 class Ingress:
     hosts: tuple[str, ...]
     port: int
+    paths: tuple[str, ...] = ()  # path prefixes taken on the hosts; none: what no other service takes
 
 
 @dataclass(frozen=True)
@@ -211,6 +330,11 @@ class Service:
     tls: Tls | None = None
     ingress: Ingress | None = None
     endpoints: Endpoints = Endpoints()
+    headers: Headers | None = None
+    cors: Cors | None = None
+    fault: Fault | None = None
+    mirror: Mirror | None = None
+    routes: tuple[Route, ...] = ()  # every HTTP route in order: named ones, then the default ones
     spans: SpanMap = field(default_factory=SpanMap, compare=False, repr=False)
 
     @property

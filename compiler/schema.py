@@ -42,6 +42,11 @@ RETRY_ON = (
 SIMPLE_LB = ("ROUND_ROBIN", "LEAST_REQUEST", "RANDOM", "PASSTHROUGH")
 PROTOCOLS = ("HTTP", "HTTP2", "GRPC", "TCP")
 TLS_MODES = ("DISABLE", "SIMPLE", "MUTUAL", "ISTIO_MUTUAL")
+HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH")
+REDIRECT_CODES = (301, 302, 303, 307, 308)  # the codes Envoy's RedirectAction can answer
+GRPC_STATUSES = ("OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "NOT_FOUND", "ALREADY_EXISTS",
+                 "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION", "ABORTED", "OUT_OF_RANGE",
+                 "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE", "DATA_LOSS", "UNAUTHENTICATED")  # by code, 0..16
 PATCH_OPS = ("add", "remove", "replace", "move", "copy", "test")
 PATCH_KINDS = ("Service", "DestinationRule", "VirtualService", "Gateway",  # the Istio output's
                "Cluster", "ClusterLoadAssignment", "Listener", "RouteConfiguration")  # the Envoy snapshot's
@@ -129,6 +134,112 @@ INT32_MAX = 2**31 - 1  # Istio's CRDs declare these int32
 _count = {"type": "integer", "min": 0, "max": INT32_MAX}
 _positive = {"type": "integer", "min": 1, "max": INT32_MAX}
 
+_header_name = {"type": "string", "regex": HEADER_NAME, "meta": {"what": "a lower-case HTTP header name"}}
+_path = {"type": "string", "regex": r"/.*", "meta": {"what": "a path starting with '/'"}}
+_percent = {"type": "number", "min": 0, "max": 100}
+_status = {"type": "integer", "min": 200, "max": 599}
+_methods = {"type": "list", "minlength": 1, "schema": {"type": "string", "allowed": HTTP_METHODS}}
+
+
+def _one_of(**rules) -> dict:
+    """A mapping that sets exactly one of `rules` (a StringMatch: `{exact: ...}`)."""
+    return {"type": "dict", "minlength": 1, "maxlength": 1, "schema": rules}
+
+
+_string_match = _one_of(exact={"type": "string"}, prefix={"type": "string"}, regex={"type": "string"})
+_header_matches = {"type": "dict", "minlength": 1, "keysrules": _header_name,
+                   "valuesrules": _one_of(exact={"type": "string"}, prefix={"type": "string"}, regex={"type": "string"},
+                                          present={"type": "boolean", "allowed": (True,)})}
+_header_values = {"type": "dict", "keysrules": _header_name, "valuesrules": {"type": "string"}}
+_header_ops = {"type": "dict", "schema": {"set": _header_values, "add": _header_values,
+                                          "remove": {"type": "list", "schema": _header_name}}}
+_HTTP_POLICY = {  # what a service sets for its HTTP routes and a route may set for itself
+    "timeout": _duration,
+    "retries": {
+        "type": "dict",
+        "schema": {
+            "attempts": {"type": "integer", "required": True, "min": 0, "max": INT32_MAX},
+            "perTryTimeout": _duration,
+            "retryOn": {"type": "list", "schema": {"type": "string", "allowed": RETRY_ON}},
+        },
+    },
+    "fault": {
+        "type": "dict",
+        "minlength": 1,
+        "schema": {
+            "delay": {"type": "dict", "schema": {"fixed": {**_duration, "required": True}, "percent": _percent}},
+            "abort": {"type": "dict", "schema": {"status": _status, "grpcStatus": {"type": "string", "allowed": GRPC_STATUSES},
+                                                 "percent": _percent}},
+        },
+    },
+    "mirror": {
+        "type": "dict",
+        "minlength": 1,
+        "schema": {"version": _label,
+                   "service": {"type": "string", "regex": SERVICE_KEY, "meta": {"what": "a service key NAMESPACE/NAME"}},
+                   "percent": _percent},
+    },
+    "headers": {"type": "dict", "schema": {"request": _header_ops, "response": _header_ops}},
+    "cors": {
+        "type": "dict",
+        "schema": {
+            "allowOrigins": {"type": "list", "minlength": 1, "schema": _string_match},
+            "allowMethods": _methods,
+            "allowHeaders": {"type": "list", "schema": _header_name},
+            "exposeHeaders": {"type": "list", "schema": _header_name},
+            "maxAge": _duration,
+            "allowCredentials": {"type": "boolean"},
+        },
+    },
+}
+_traffic = {
+    "type": "dict",
+    "schema": {
+        "stable": _label,
+        "canary": {
+            "type": "dict",
+            "schema": {
+                "version": {**_label, "required": True},
+                "weight": {"type": "integer", "required": True, "min": 0, "max": 100},
+                "match": {"type": "dict", "schema": {"headers": {**_header_matches, "required": True}}},
+            },
+        },
+        "split": {"type": "dict", "minlength": 1, "keysrules": _label, "valuesrules": {"type": "integer", "min": 0, "max": 100}},
+    },
+}
+_ROUTE = {
+    "match": {
+        "type": "dict",
+        "schema": {
+            "path": _one_of(exact=_path, prefix=_path, regex={"type": "string"}),
+            "methods": _methods,
+            "headers": _header_matches,
+            "query": {"type": "dict", "minlength": 1, "keysrules": {"type": "string", "minlength": 1},
+                      "valuesrules": _one_of(exact={"type": "string"}, regex={"type": "string"})},
+        },
+    },
+    "traffic": _traffic,
+    "redirect": {
+        "type": "dict",
+        "minlength": 1,
+        "schema": {"path": _path, "scheme": {"type": "string", "allowed": ("http", "https")},
+                   "host": {"type": "string", "regex": DNS1123_SUBDOMAIN, "meta": {"what": "a host name"}},
+                   "port": _port, "code": {"type": "integer", "allowed": REDIRECT_CODES}},
+    },
+    "directResponse": {"type": "dict", "schema": {"status": {**_status, "required": True}, "body": {"type": "string"}}},
+    "rewrite": {
+        "type": "dict",
+        "minlength": 1,
+        "schema": {
+            "prefix": _path,
+            "regex": {"type": "dict", "schema": {"match": {"type": "string", "required": True},
+                                                 "substitute": {"type": "string", "required": True}}},
+            "authority": {"type": "string", "regex": rf"{DNS1123_SUBDOMAIN}(:[0-9]{{1,5}})?", "meta": {"what": "a host name (HOST or HOST:PORT)"}},
+        },
+    },
+    **_HTTP_POLICY,
+}
+
 SPEC = {
     "selector": {**_labels, "required": True, "minlength": 1},
     "ports": {
@@ -150,46 +261,9 @@ SPEC = {
         "keysrules": _label,
         "valuesrules": {"type": "dict", "schema": {"labels": {**_labels, "required": True, "minlength": 1}}},
     },
-    "traffic": {
-        "type": "dict",
-        "schema": {
-            "stable": _label,
-            "canary": {
-                "type": "dict",
-                "schema": {
-                    "version": {**_label, "required": True},
-                    "weight": {"type": "integer", "required": True, "min": 0, "max": 100},
-                    "match": {
-                        "type": "dict",
-                        "schema": {
-                            "headers": {
-                                "type": "dict",
-                                "required": True,
-                                "minlength": 1,
-                                "keysrules": {"type": "string", "regex": HEADER_NAME, "meta": {"what": "a lower-case HTTP header name"}},
-                                "valuesrules": {
-                                    "type": "dict",
-                                    "minlength": 1,
-                                    "maxlength": 1,
-                                    "schema": {"exact": {"type": "string"}, "prefix": {"type": "string"}, "regex": {"type": "string"}},
-                                },
-                            }
-                        },
-                    },
-                },
-            },
-            "split": {"type": "dict", "minlength": 1, "keysrules": _label, "valuesrules": {"type": "integer", "min": 0, "max": 100}},
-        },
-    },
-    "timeout": _duration,
-    "retries": {
-        "type": "dict",
-        "schema": {
-            "attempts": {"type": "integer", "required": True, "min": 0, "max": INT32_MAX},
-            "perTryTimeout": _duration,
-            "retryOn": {"type": "list", "schema": {"type": "string", "allowed": RETRY_ON}},
-        },
-    },
+    "traffic": _traffic,
+    "routes": {"type": "dict", "keysrules": _label, "valuesrules": {"type": "dict", "schema": _ROUTE}},
+    **_HTTP_POLICY,
     "loadBalancer": {"type": ["string", "dict"], "check_with": "load_balancer"},
     "connectionPool": {
         "type": "dict",
@@ -234,6 +308,7 @@ SPEC = {
                 "schema": {"type": "string", "regex": HOSTNAME, "meta": {"what": "a host name such as shop.example.com or *.example.com"}},
             },
             "port": _port,
+            "paths": {"type": "list", "minlength": 1, "schema": _path},
         },
     },
 }
@@ -343,6 +418,7 @@ _TYPES = {
     "boolean": lambda v: isinstance(v, bool),
     "dict": lambda v: isinstance(v, dict),
     "list": lambda v: isinstance(v, list),
+    "number": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
 }
 _regex_cache: dict[str, re.Pattern] = {}
 
@@ -411,6 +487,7 @@ def _validator_class():
         types_mapping = {
             **cerberus.Validator.types_mapping,
             "integer": cerberus.TypeDefinition("integer", (int,), (bool,)),
+            "number": cerberus.TypeDefinition("number", (int, float), (bool,)),
         }
 
         def _check_with_duration(self, field, value):
@@ -573,7 +650,8 @@ def _not_one_of(value, allowed) -> str:
 
 
 def _type_words(constraint) -> str:
-    words = {"string": "a string", "integer": "an integer", "boolean": "true or false", "dict": "a mapping", "list": "a list"}
+    words = {"string": "a string", "integer": "an integer", "boolean": "true or false", "dict": "a mapping", "list": "a list",
+             "number": "a number"}
     kinds = constraint if isinstance(constraint, (list, tuple)) else [constraint]
     return " or ".join(words.get(k, k) for k in kinds)
 

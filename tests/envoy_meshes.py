@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
+from compiler.build import default_routes
 from compiler.model import (Address, ConnectionPool, ConsistentHash, Endpoints, EnvoyOptions, Environment,
                             HashOn, HeaderMatch, Ingress, LoadBalancer, MatchKind, Mesh, OutlierDetection,
                             Port, Protocol, Retries, Service, SimpleLb, Tls, TlsMode, Traffic, TrafficShape,
@@ -16,12 +19,14 @@ def http(number: int = 9080, protocol: Protocol = Protocol.HTTP, name: str = "ht
 
 def service(name: str = "reviews", namespace: str = "bookinfo", *, ports=None, versions=(),
             endpoints: dict | list | None = None, **fields) -> Service:
-    """A Service with an FQDN in cluster.local; `endpoints` as the environment file spells it."""
-    return Service(
+    """A Service with an FQDN in cluster.local; `endpoints` as the environment file spells it,
+    and the default routes of its traffic."""
+    svc = Service(
         name=name, namespace=namespace, fqdn=f"{name}.{namespace}.svc.cluster.local",
         selector=(("app", name),), ports=tuple(ports or (http(),)),
         versions=tuple(Version(v, (("version", v),)) for v in versions),
         endpoints=_endpoints(endpoints), **fields)
+    return replace(svc, routes=default_routes(svc))
 
 
 def canary(stable: str, version: str, weight: int, headers: dict[str, tuple[MatchKind, str]] | None = None) -> Traffic:

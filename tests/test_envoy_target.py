@@ -31,6 +31,8 @@ _EXTENSIONS = (
     "envoy.extensions.filters.network.http_connection_manager.v3.http_connection_manager_pb2",
     "envoy.extensions.filters.network.tcp_proxy.v3.tcp_proxy_pb2",
     "envoy.extensions.filters.http.router.v3.router_pb2",
+    "envoy.extensions.filters.http.fault.v3.fault_pb2",
+    "envoy.extensions.filters.http.cors.v3.cors_pb2",
     "envoy.extensions.transport_sockets.tls.v3.tls_pb2",
     "envoy.extensions.upstreams.http.v3.http_protocol_options_pb2",
     "envoy.extensions.retry.host.previous_hosts.v3.previous_hosts_pb2",
@@ -388,8 +390,11 @@ def test_one_listener_per_distinct_http_port():
     assert config["stat_prefix"] == "outbound_127.0.0.1_9080"
     assert config["rds"] == {"route_config_name": "9080",
                              "config_source": {"ads": {}, "resource_api_version": "V3"}}
-    assert config["http_filters"] == [{"name": "envoy.filters.http.router", "typed_config": {
-        "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}]
+    # istiod's order: fault and CORS (configured per route) before the router, which must be last.
+    assert [f["name"] for f in config["http_filters"]] == [
+        "envoy.filters.http.fault", "envoy.filters.http.cors", "envoy.filters.http.router"]
+    assert config["http_filters"][-1]["typed_config"] == {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}
 
 
 def test_a_tcp_port_proxies_to_its_service():

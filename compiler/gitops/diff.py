@@ -37,7 +37,7 @@ class Line:
     envs: tuple[str, ...]
     service: str
     text: str
-    code: str = ""  # warnings only: canary-step | timeout-shortened | version-referenced | no-effect
+    code: str = ""  # warnings only: canary-step | timeout-shortened | fault-in-prod | version-referenced | no-effect
 
     def __str__(self) -> str:
         where = " · ".join(x for x in (", ".join(self.envs), self.service) if x)
@@ -134,7 +134,7 @@ def _services(env: str, old_mesh, new_mesh, new_files: Mapping[str, bytes]) -> t
             lines.append(_line(env, key, "service removed"))
         elif a != b:
             lines += [_line(env, key, text) for text in summary.service_changes(a, b)]
-            warnings += [_line(env, key, text, code) for code, text in summary.service_warnings(a, b)]
+            warnings += [_line(env, key, text, code) for code, text in summary.service_warnings(a, b, env)]
             warnings += _removed_still_referenced(env, a, b, new_files)
     return lines, warnings
 

@@ -18,7 +18,11 @@ from compiler.values import human_duration
 MAX_STEP = 25  # percentage points of traffic one change may move without a warning
 
 # Fields with a phrase of their own below; every other field is compared generically.
-_SPECIAL = {"traffic", "timeout_ms", "retries", "versions", "endpoints", "spans", "name", "namespace"}
+_SPECIAL = {"traffic", "timeout_ms", "retries", "versions", "endpoints", "spans", "name", "namespace", "routes"}
+#: A route's fields compared one by one (its traffic has phrases of its own).
+_ROUTE_FIELDS = ("match", "redirect", "direct_response", "rewrite", "timeout_ms", "retries", "headers", "cors", "fault", "mirror")
+#: The values a route takes from its service when it leaves them out.
+_INHERITED = {"timeout_ms", "retries", "headers", "cors", "fault", "mirror"}
 
 
 def service_changes(old: m.Service, new: m.Service) -> list[str]:
@@ -28,6 +32,7 @@ def service_changes(old: m.Service, new: m.Service) -> list[str]:
         phrases.append(f"timeout {_duration(old.timeout_ms)} → {_duration(new.timeout_ms)}")
     phrases += _retries(old.retries, new.retries)
     phrases += _versions(old, new)
+    phrases += _routes(old, new)
     for f in dataclasses.fields(m.Service):
         if f.name not in _SPECIAL:
             phrases += _generic(_camel(f.name), getattr(old, f.name), getattr(new, f.name))
@@ -53,9 +58,13 @@ def traffic_shift(old: m.Traffic, new: m.Traffic) -> int:
     return sum(max(0, after.get(v, 0) - before.get(v, 0)) for v in after)
 
 
-def service_warnings(old: m.Service, new: m.Service) -> list[tuple[str, str]]:
-    """(code, message) pairs: `canary-step`, `timeout-shortened`."""
+def service_warnings(old: m.Service, new: m.Service, env: str = "") -> list[tuple[str, str]]:
+    """(code, message) pairs: `canary-step`, `timeout-shortened`, and `fault-in-prod` for a
+    fault newly injected in an environment named prod."""
     warnings = []
+    if env == "prod":
+        warnings += [("fault-in-prod", f"{where} now injects a fault in prod ({_value(fault)}): real users get the "
+                      "delays and errors") for where, fault in _new_faults(old, new)]
     shift = traffic_shift(old.traffic, new.traffic)
     if shift > MAX_STEP:
         change = next(_traffic(old.traffic, new.traffic))
@@ -76,6 +85,70 @@ def _shortened(what: str, old: int | None, new: int) -> str:
     return f"{what} shortened {_duration(old)} → {_duration(new)}"
 
 
+def _new_faults(old: m.Service, new: m.Service) -> list[tuple[str, m.Fault]]:
+    """(where, fault) for each fault `new` injects that `old` did not, where it did not."""
+    before = {r.name: r.fault for r in _named(old)}
+    out = [("the service", new.fault)] if new.fault is not None and new.fault != old.fault else []
+    out += [(f"route {r.name}", r.fault) for r in _named(new)
+            if r.fault is not None and r.fault != new.fault and r.fault != before.get(r.name)]
+    return out
+
+
+# --- routes --------------------------------------------------------------------------------
+
+def _named(svc: m.Service) -> list[m.Route]:
+    """The routes the policy names (its canaries' header routes left out)."""
+    return [r for r in svc.routes if r.source and r.name == r.source[-1]]
+
+
+def _routes(old: m.Service, new: m.Service) -> list[str]:
+    """Route changes by route name: added, removed, reordered, and what changed in each."""
+    before, after = {r.name: r for r in _named(old)}, {r.name: r for r in _named(new)}
+    out = [f"route {name} added ({_describe_route(r)})" for name, r in after.items() if name not in before]
+    out += [f"route {name} removed" for name in before if name not in after]
+    kept_before, kept_after = [n for n in before if n in after], [n for n in after if n in before]
+    if kept_before != kept_after:
+        out.append(f"routes reordered: {', '.join(kept_before)} → {', '.join(kept_after)}")
+    for name in kept_after:
+        a, b = before[name], after[name]
+        if a.traffic is not None and b.traffic is not None:
+            out += [f"route {name} {phrase}" for phrase in _traffic(a.traffic, b.traffic)]
+        elif (a.traffic is None) != (b.traffic is None):
+            out.append(f"route {name} {_action(a)} → {_action(b)}")
+        for field in _ROUTE_FIELDS:
+            x, y = getattr(a, field), getattr(b, field)
+            if field in _INHERITED and x == getattr(old, field) and y == getattr(new, field):
+                continue  # the service's value, reported once for the service
+            label = f"route {name}.{_camel(field.removesuffix('_ms'))}"
+            out += _durations(label, x, y) if field.endswith("_ms") else _generic(label, x, y)
+    return out
+
+
+def describe_match(match: m.RouteMatch) -> str:
+    """`path prefix /api, GET|POST, header x-user present`; `every request` for none."""
+    parts = [f"path {match.path.kind.value} {match.path.value}"] if match.path else []
+    parts += ["|".join(match.methods)] if match.methods else []
+    parts += [f"header {h.header} present" if h.kind is m.MatchKind.PRESENT else f"header {h.header} {h.kind.value} {h.value!r}"
+              for h in match.headers]
+    parts += [f"query {q.name} {q.kind.value} {q.value!r}" for q in match.query]
+    return ", ".join(parts) or "every request"
+
+
+def _action(r: m.Route) -> str:
+    if r.redirect:
+        return "redirect"
+    return "direct response" if r.direct_response else "traffic"
+
+
+def _describe_route(r: m.Route) -> str:
+    what = describe_match(r.match)
+    if r.redirect:
+        return f"{what}: redirect {_value(r.redirect)}"
+    if r.direct_response:
+        return f"{what}: answer {r.direct_response.status}"
+    return f"{what}: {describe_traffic(r.traffic)}"
+
+
 # --- traffic -------------------------------------------------------------------------------
 
 def _traffic(old: m.Traffic, new: m.Traffic) -> Iterator[str]:
@@ -92,6 +165,10 @@ def _traffic(old: m.Traffic, new: m.Traffic) -> Iterator[str]:
             yield f"traffic {describe_traffic(old)} → {describe_traffic(new)}"
     elif old.shape is m.TrafficShape.STABLE and new.shape is m.TrafficShape.CANARY and old.stable == new.stable:
         yield f"canary {new.canary.version} started at {new.canary.weight}%"
+    elif old.shape == new.shape == m.TrafficShape.SPLIT and [w.version for w in old.weights] == [w.version for w in new.weights]:
+        moved = [f"{b.version} {a.weight}% → {b.weight}%" for a, b in zip(old.weights, new.weights) if a.weight != b.weight]
+        if moved:
+            yield "split " + ", ".join(moved)
     elif old.weights != new.weights or old.shape != new.shape:
         yield f"traffic {describe_traffic(old)} → {describe_traffic(new)}"
     if (old.match, old.match_version) != (new.match, new.match_version):

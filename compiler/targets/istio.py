@@ -168,45 +168,106 @@ def virtual_service(svc: m.Service) -> dict:
     return {"apiVersion": NETWORKING, "kind": "VirtualService", "metadata": _meta(svc.name, svc.namespace), "spec": spec}
 
 
-def http_routes(svc: m.Service, port: m.Port | None, by_port: bool) -> list[dict]:
-    """The header-match canary route first, then the weighted default route.
+def http_routes(svc: m.Service, port: m.Port, by_port: bool, dest_port: bool | None = None) -> list[dict]:
+    """The service's HTTP routes (`svc.routes`, in order) for one port.
 
-    With several HTTP ports each gets its own routes, matched by port, so a
-    destination never leaves its port to Istio's guess.
+    With several HTTP ports each gets its own routes, matched by port and
+    named `NAME-PORT`, so a destination never leaves its port to Istio's guess.
     """
-    suffix = f"-{port.number}" if by_port else ""
-    port_match = {"port": port.number} if by_port else {}
-    extras = _drop_none({"timeout": _dur(svc.timeout_ms), "retries": _retries(svc.retries)})
-    routes = []
-    t = svc.traffic
-    if t.match:
-        headers = {h.header: {h.kind.value: h.value} for h in t.match}
-        routes.append(
-            {
-                "name": f"canary-match{suffix}",
-                "match": [{"headers": headers, **port_match}],
-                "route": [{"destination": _destination(svc, t.match_version, port if by_port else None)}],
-                **extras,
-            }
-        )
-    default: dict = {"name": f"default{suffix}"}
-    if port_match:
-        default["match"] = [port_match]
-    default["route"] = _weighted(svc, port if by_port else None)
-    routes.append({**default, **extras})
-    return routes
+    return [_http_route(svc, route, port, by_port, by_port if dest_port is None else dest_port) for route in svc.routes]
+
+
+def _http_route(svc: m.Service, r: m.Route, port: m.Port, by_port: bool, dest_port: bool) -> dict:
+    out: dict = {"name": f"{r.name}-{port.number}" if by_port else r.name}
+    match = _match(r.match, port.number if by_port else None)
+    if match:
+        out["match"] = [match]
+    if r.redirect:
+        out["redirect"] = _redirect(r.redirect)
+    elif r.direct_response:
+        d = r.direct_response
+        out["directResponse"] = _drop_none({"status": d.status, "body": {"string": d.body} if d.body is not None else None})
+    else:
+        out["route"] = _weighted(svc, r.traffic, port if dest_port else None)
+        out.update(_drop_none({"rewrite": _rewrite(r.rewrite), "timeout": _dur(r.timeout_ms), "retries": _retries(r.retries),
+                               "fault": _fault(r.fault)}))
+        if r.mirror:
+            mirror = {"host": r.mirror.fqdn, "subset": r.mirror.version, "port": {"number": port.number}}
+            out["mirror"] = _drop_none(mirror)
+            out["mirrorPercentage"] = {"value": r.mirror.percent}
+    out.update(_drop_none({"headers": _headers(r.headers), "corsPolicy": _cors(r.cors)}))
+    return out
+
+
+def _match(match: m.RouteMatch, port: int | None) -> dict:
+    out: dict = {}
+    if match.path:
+        out["uri"] = {match.path.kind.value: match.path.value}
+    if match.methods:
+        out["method"] = {"exact": match.methods[0]} if len(match.methods) == 1 else {"regex": "|".join(match.methods)}
+    if match.headers:
+        out["headers"] = {h.header: {} if h.kind is m.MatchKind.PRESENT else {h.kind.value: h.value} for h in match.headers}
+    if match.query:
+        out["queryParams"] = {q.name: {q.kind.value: q.value} for q in match.query}
+    if port is not None:
+        out["port"] = port
+    return out
+
+
+def _redirect(r: m.Redirect) -> dict:
+    return _drop_none({"uri": r.path, "authority": r.host, "port": r.port, "scheme": r.scheme, "redirectCode": r.code})
+
+
+def _rewrite(r: m.Rewrite | None) -> dict | None:
+    if r is None:
+        return None
+    regex = {"match": r.regex, "rewrite": r.substitute} if r.regex is not None else None
+    return _drop_none({"uri": r.prefix, "uriRegexRewrite": regex, "authority": r.authority})
+
+
+def _fault(f: m.Fault | None) -> dict | None:
+    if f is None:
+        return None
+    delay = {"fixedDelay": _dur(f.delay_ms), "percentage": {"value": f.delay_percent}} if f.delay_ms is not None else None
+    abort = None
+    if f.abort_status is not None or f.abort_grpc_status is not None:
+        code = {"httpStatus": f.abort_status} if f.abort_status is not None else {"grpcStatus": f.abort_grpc_status}
+        abort = {**code, "percentage": {"value": f.abort_percent}}
+    return _drop_none({"delay": delay, "abort": abort})
+
+
+def _headers(h: m.Headers | None) -> dict | None:
+    if h is None:
+        return None
+    return _drop_none({"request": _header_ops(h.request), "response": _header_ops(h.response)}) or None
+
+
+def _header_ops(ops: m.HeaderOps) -> dict | None:
+    return _drop_none({"set": dict(ops.set) or None, "add": dict(ops.add) or None, "remove": list(ops.remove) or None}) or None
+
+
+def _cors(c: m.Cors | None) -> dict | None:
+    if c is None:
+        return None
+    return _drop_none({
+        "allowOrigins": [{o.kind.value: o.value} for o in c.allow_origins] or None,
+        "allowMethods": list(c.allow_methods) or None,
+        "allowHeaders": list(c.allow_headers) or None,
+        "exposeHeaders": list(c.expose_headers) or None,
+        "maxAge": _dur(c.max_age_ms),
+        "allowCredentials": c.allow_credentials,
+    })
 
 
 def tcp_route(svc: m.Service, port: m.Port, by_port: bool) -> dict:
-    route: dict = {"route": _weighted(svc, port)}
+    route: dict = {"route": _weighted(svc, svc.traffic, port)}
     if by_port:
         route["match"] = [{"port": port.number}]
     return route
 
 
-def _weighted(svc: m.Service, port: m.Port | None) -> list[dict]:
+def _weighted(svc: m.Service, t: m.Traffic, port: m.Port | None) -> list[dict]:
     """Route destinations by weight; a 0% entry is left out (Envoy's weighted clusters refuse zero)."""
-    t = svc.traffic
     if t.shape is m.TrafficShape.NONE:
         return [{"destination": _destination(svc, None, port)}]
     live = [w for w in t.weights if w.weight > 0]
@@ -259,11 +320,7 @@ def ingress_virtual_service(svc: m.Service) -> dict:
 
     A multi-port service is reached through the gateway on its first HTTP port.
     """
-    routes = http_routes(svc, None, False)
-    if len(svc.ports) > 1:
-        for route in routes:
-            for dest in route["route"]:
-                dest["destination"]["port"] = {"number": svc.http_ports[0].number}
+    routes = http_routes(svc, svc.http_ports[0], False, dest_port=len(svc.ports) > 1)
     return {
         "apiVersion": NETWORKING,
         "kind": "VirtualService",

@@ -9,10 +9,18 @@ cluster `outbound|PORT|SUBSET|FQDN`, route configuration `PORT` (gateway:
 from __future__ import annotations
 
 from compiler.diagnostics import Diagnostic, Severity, Span
-from compiler.model import Service, TrafficShape
+from compiler.model import Service, Traffic, TrafficShape
 from compiler.values import format_duration
 
 ROUTER = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
+FAULT = "type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault"
+CORS = "type.googleapis.com/envoy.extensions.filters.http.cors.v3.Cors"
+CORS_POLICY = "type.googleapis.com/envoy.extensions.filters.http.cors.v3.CorsPolicy"
+#: An HTTP connection manager's filters, as istiod orders them: fault and CORS (configured per
+#: route by `typed_per_filter_config`, doing nothing on a route without) before the router.
+HTTP_FILTERS = ({"name": "envoy.filters.http.fault", "typed_config": {"@type": FAULT}},
+                {"name": "envoy.filters.http.cors", "typed_config": {"@type": CORS}},
+                {"name": "envoy.filters.http.router", "typed_config": {"@type": ROUTER}})
 UPSTREAM_TLS = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext"
 HTTP_OPTIONS = "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 PREVIOUS_HOSTS = "type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate"
@@ -62,14 +70,14 @@ def span(value: list | None) -> Span | None:
     return None if value is None else Span(*value)
 
 
-def default_destinations(service: Service, port: int) -> tuple[tuple[str, int], ...]:
-    """Where a request that matches no header rule goes: (cluster, weight) pairs.
+def default_destinations(service: Service, port: int, traffic: Traffic | None = None) -> tuple[tuple[str, int], ...]:
+    """Where `traffic` (default: the service's own) sends a request: (cluster, weight) pairs.
 
     NONE: the whole service; STABLE: the stable version; CANARY and SPLIT:
     every version with a non-zero weight, in the model's order (stable then
     canary; version names). Zero weights are dropped, as istiod drops them.
     """
-    traffic = service.traffic
+    traffic = traffic or service.traffic
     if traffic.shape is TrafficShape.NONE:
         return ((cluster_name(port, service.fqdn), 100),)
     if traffic.shape is TrafficShape.STABLE:

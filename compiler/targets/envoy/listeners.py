@@ -13,7 +13,7 @@ from collections import defaultdict
 
 from compiler.diagnostics import Diagnostic, Severity
 from compiler.model import HashOn, Service
-from compiler.targets.envoy.common import ADS, ROUTER, default_destinations, gateway_route_name, listener_name, span
+from compiler.targets.envoy.common import ADS, HTTP_FILTERS, default_destinations, gateway_route_name, listener_name, span
 from compiler.xds.resources import HCM, LISTENER, TCP_PROXY
 
 
@@ -62,7 +62,7 @@ def _http_listener(address: str, port: int, route_config: str, *, gateway: bool)
         "@type": HCM,
         "stat_prefix": f"outbound_{name}",
         "rds": {"config_source": ADS, "route_config_name": route_config},
-        "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {"@type": ROUTER}}],
+        "http_filters": list(HTTP_FILTERS),
     }
     if gateway:
         manager["use_remote_address"] = True  # the gateway is the edge: trust no X-Forwarded-For

@@ -15,9 +15,11 @@ from operator import itemgetter
 
 from compiler.diagnostics import Diagnostic, Severity
 from compiler.emit import Piece
-from compiler.model import ConsistentHash, HashOn, HeaderMatch, MatchKind, Retries, Service
-from compiler.targets.envoy.common import (PREVIOUS_HOSTS, cluster_name, default_destinations, duration,
-                                           gateway_route_name, span)
+from compiler.model import (ConsistentHash, Cors, Fault, HashOn, HeaderMatch, Headers, MatchKind, Redirect, Retries,
+                            Route, RouteMatch, Service)
+from compiler.schema import GRPC_STATUSES
+from compiler.targets.envoy.common import (CORS_POLICY, FAULT, PREVIOUS_HOSTS, cluster_name, default_destinations,
+                                           duration, gateway_route_name, span)
 from compiler.xds.resources import ROUTES
 
 #: istiod's retry policy for a route whose VirtualService sets no `retries`
@@ -40,12 +42,12 @@ def lower(service: Service) -> tuple[list[dict], dict | None]:
     `assemble` drops those another service shares. Plain data: the target's
     `lower_service` makes pieces of the virtual hosts.
     """
-    action = _action_policy(service)
+    hashing = service.load_balancer.consistent_hash if service.load_balancer else None
     by_port = len(service.http_ports) > 1  # the VirtualService then names its routes per port
     http = [{"port": port.number,
              "virtual_host": _virtual_host(f"{service.fqdn}:{port.number}",
                                            _service_domains(service, port.number),
-                                           _routes(service, port.number, action, f"-{port.number}" if by_port else ""))}
+                                           _routes(service, port.number, hashing, f"-{port.number}" if by_port else ""))}
             for port in service.http_ports]
     ingress = service.ingress
     if ingress is None:
@@ -143,42 +145,151 @@ def _virtual_host(name: str, domains: list[str], routes: list[dict]) -> dict:
     return {"name": name, "domains": sorted(domains), "routes": routes}
 
 
-def _routes(service: Service, port: int, policy: dict, suffix: str) -> list[dict]:
-    """The header-match route (if any), then the default route, named as the VirtualService's
-    `http[]` entries are (istiod names each Envoy route after its entry)."""
-    traffic = service.traffic
-    routes = []
-    if traffic.match and traffic.match_version:
-        target = ((cluster_name(port, service.fqdn, traffic.match_version), 100),)
-        routes.append({"name": f"canary-match{suffix}", "match": {"prefix": "/", "headers": _headers(traffic.match)},
-                       "route": _action(target, policy)})
-    routes.append({"name": f"default{suffix}", "match": {"prefix": "/"},
-                   "route": _action(default_destinations(service, port), policy)})
-    return routes
+def _routes(service: Service, port: int, hashing: ConsistentHash | None, suffix: str) -> list[dict]:
+    """The service's routes (`service.routes`, in order), named as the VirtualService's `http[]`
+    entries are (istiod names each Envoy route after its entry)."""
+    return [_route(service, r, port, hashing, suffix) for r in service.routes]
+
+
+def _route(service: Service, r: Route, port: int, hashing: ConsistentHash | None, suffix: str) -> dict:
+    out: dict = {"name": r.name + suffix, "match": _match(r.match)}
+    if r.redirect:
+        out["redirect"] = _redirect(r.redirect)
+    elif r.direct_response:
+        d = r.direct_response
+        out["direct_response"] = {"status": d.status, **({"body": {"inline_string": d.body}} if d.body is not None else {})}
+    else:
+        out["route"] = _action(default_destinations(service, port, r.traffic), _action_policy(r, hashing, port))
+    out.update(_header_ops(r.headers))
+    per_filter = {}
+    if r.fault and not (r.redirect or r.direct_response):
+        per_filter["envoy.filters.http.fault"] = _fault(r.fault)
+    if r.cors:
+        per_filter["envoy.filters.http.cors"] = _cors(r.cors)
+    if per_filter:
+        out["typed_per_filter_config"] = per_filter
+    return out
+
+
+def _match(match: RouteMatch) -> dict:
+    """istiod's TranslateRouteMatch: the path (`prefix: /` when none), headers sorted by name,
+    then the method as `:method`, then query parameters."""
+    path = match.path
+    if path is None:
+        out: dict = {"prefix": "/"}
+    elif path.kind is MatchKind.REGEX:
+        out = {"safe_regex": {"regex": path.value}}
+    else:
+        out = {"path" if path.kind is MatchKind.EXACT else "prefix": path.value}
+    headers = _headers(match.headers)
+    if match.methods:
+        method = {"exact": match.methods[0]} if len(match.methods) == 1 else {"safe_regex": {"regex": "|".join(match.methods)}}
+        headers.append({"name": ":method", "string_match": method})
+    if headers:
+        out["headers"] = headers
+    if match.query:
+        out["query_parameters"] = [{"name": q.name, "string_match": _string_match(q)} for q in match.query]
+    return out
 
 
 def _headers(matches: tuple[HeaderMatch, ...]) -> list[dict]:
-    return [{"name": m.header, "string_match": _string_match(m)} for m in matches]
+    return [{"name": m.header, "present_match": True} if m.kind is MatchKind.PRESENT
+            else {"name": m.header, "string_match": _string_match(m)} for m in matches]
 
 
-def _string_match(match: HeaderMatch) -> dict:
+def _string_match(match) -> dict:
     if match.kind is MatchKind.REGEX:
         return {"safe_regex": {"regex": match.value}}
     return {match.kind.value: match.value}  # "exact" | "prefix"
 
 
-def _action_policy(service: Service) -> dict:
-    """What every route action of a service carries besides its clusters: timeout, retries, hashing.
+_REDIRECT_CODES = {301: "MOVED_PERMANENTLY", 302: "FOUND", 303: "SEE_OTHER", 307: "TEMPORARY_REDIRECT",
+                   308: "PERMANENT_REDIRECT"}
 
-    Built once per service and shared by its routes.
-    """
-    hashing = service.load_balancer.consistent_hash if service.load_balancer else None
-    policy: dict = {"timeout": duration(service.timeout_ms or 0)}
-    retry = _retry_policy(service.retries, hashing is not None)
+
+def _redirect(r: Redirect) -> dict:
+    """istiod's ApplyRedirect; a port that is the scheme's default is left out, as istiod does."""
+    out: dict = {}
+    if r.scheme:
+        out["scheme_redirect"] = r.scheme
+    if r.host:
+        out["host_redirect"] = r.host
+    if r.port is not None and (r.scheme, r.port) not in (("http", 80), ("https", 443)):
+        out["port_redirect"] = r.port
+    if r.path is not None:
+        out["path_redirect"] = r.path
+    out["response_code"] = _REDIRECT_CODES[r.code]
+    return out
+
+
+def _million(percent: float) -> dict:
+    """A percentage as istiod's translatePercentToFractionalPercent: parts per million, truncated."""
+    return {"numerator": int(percent * 10000), "denominator": "MILLION"}
+
+
+def _fault(f: Fault) -> dict:
+    out: dict = {"@type": FAULT}
+    if f.delay_ms is not None:
+        out["delay"] = {"fixed_delay": duration(f.delay_ms), "percentage": _million(f.delay_percent)}
+    if f.abort_status is not None:
+        out["abort"] = {"http_status": f.abort_status, "percentage": _million(f.abort_percent)}
+    elif f.abort_grpc_status is not None:
+        out["abort"] = {"grpc_status": GRPC_STATUSES.index(f.abort_grpc_status), "percentage": _million(f.abort_percent)}
+    return out
+
+
+def _cors(c: Cors) -> dict:
+    """istiod's TranslateCORSPolicy: lists joined by ",", max_age in whole seconds."""
+    out: dict = {"@type": CORS_POLICY, "allow_origin_string_match": [_string_match(o) for o in c.allow_origins]}
+    for key, values in (("allow_methods", c.allow_methods), ("allow_headers", c.allow_headers),
+                        ("expose_headers", c.expose_headers)):
+        if values:
+            out[key] = ",".join(values)
+    if c.max_age_ms is not None:
+        out["max_age"] = str(c.max_age_ms // 1000)
+    if c.allow_credentials is not None:
+        out["allow_credentials"] = c.allow_credentials
+    out["filter_enabled"] = {"default_value": {"numerator": 100, "denominator": "HUNDRED"}}
+    out["forward_not_matching_preflights"] = True
+    return out
+
+
+def _header_ops(h: Headers | None) -> dict:
+    """Route header manipulation: `set` overwrites, `add` appends (istiod's TranslateHeadersOperations)."""
+    if h is None:
+        return {}
+    out: dict = {}
+    for side, ops in (("request", h.request), ("response", h.response)):
+        added = [{"header": {"key": k, "value": v}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"} for k, v in ops.set]
+        added += [{"header": {"key": k, "value": v}, "append_action": "APPEND_IF_EXISTS_OR_ADD"} for k, v in ops.add]
+        if added:
+            out[f"{side}_headers_to_add"] = added
+        if ops.remove:
+            out[f"{side}_headers_to_remove"] = list(ops.remove)
+    return out
+
+
+def _action_policy(r: Route, hashing: ConsistentHash | None, port: int) -> dict:
+    """What a route action carries besides its clusters: timeout, retries, hashing, rewrite, mirror."""
+    policy: dict = {"timeout": duration(r.timeout_ms or 0)}
+    retry = _retry_policy(r.retries, hashing is not None)
     if retry:
         policy["retry_policy"] = retry
     if hashing:
         policy["hash_policy"] = [_hash_policy(hashing)]
+    rewrite = r.rewrite
+    if rewrite is not None:
+        if rewrite.prefix is not None:
+            policy["prefix_rewrite"] = rewrite.prefix
+        if rewrite.regex is not None:
+            policy["regex_rewrite"] = {"pattern": {"regex": rewrite.regex}, "substitution": rewrite.substitute}
+        if rewrite.authority is not None:
+            policy["host_rewrite_literal"] = rewrite.authority
+    if r.mirror and r.mirror.percent > 0:
+        policy["request_mirror_policies"] = [{
+            "cluster": cluster_name(port, r.mirror.fqdn, r.mirror.version or ""),
+            "runtime_fraction": {"default_value": _million(r.mirror.percent)},
+            "trace_sampled": False}]
     return policy
 
 
