@@ -202,9 +202,9 @@ def _diagnostics(service: Service) -> list[dict]:
             where = (*path, "loadBalancer") if policy.load_balancer is not None else path
             problems.append(problem(
                 "envoy.hash-by-service",
-                f"{service.key}: the consistentHash of {what} differs from the service's, and the Envoy "
-                "target's routes hash requests as the service's loadBalancer says; requests to the "
-                f"clusters of {what} are not hashed as its policy says",
+                f"{service.key}: {what} hashes requests otherwise than the service does, but the Envoy "
+                "target builds its routes' hash policy from the service's loadBalancer only: the routes "
+                f"to {what} carry the service's hash policy, not the one of its own policy",
                 span_of(service, *where), Severity.WARNING))
     return problems
 
