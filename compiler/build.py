@@ -25,7 +25,8 @@ def service(meta: dict, spec: dict, spans: SpanMap, env: m.Environment, endpoint
         fqdn=fqdn,
         selector=tuple(sorted(spec["selector"].items())),
         ports=tuple(_port(p) for p in spec["ports"]),
-        versions=tuple(m.Version(v, tuple(sorted(d["labels"].items()))) for v, d in sorted(spec.get("versions", {}).items())),
+        versions=tuple(m.Version(v, tuple(sorted(d["labels"].items())), _policy(d.get("policy")))
+                       for v, d in sorted(spec.get("versions", {}).items())),
         traffic=traffic,
         timeout_ms=own.timeout_ms,
         retries=own.retries,
@@ -49,7 +50,15 @@ def _ms(value: str | None) -> int | None:
 
 
 def _port(p: dict) -> m.Port:
-    return m.Port(p["name"], p["port"], p.get("targetPort", p["port"]), m.Protocol(p.get("protocol", "HTTP")))
+    return m.Port(p["name"], p["port"], p.get("targetPort", p["port"]), m.Protocol(p.get("protocol", "HTTP")), _policy(p.get("policy")))
+
+
+def _policy(p: dict | None) -> m.TrafficPolicy | None:
+    """A version's or a port's `policy`; `{}` is a policy too (on a port: every field at its default)."""
+    if p is None:
+        return None
+    return m.TrafficPolicy(_load_balancer(p.get("loadBalancer")), _connection_pool(p.get("connectionPool")),
+                           _outlier_detection(p.get("outlierDetection")), _tls(p.get("tls")))
 
 
 def _traffic(t: dict | None, spans: SpanMap, diags: Diagnostics, at: tuple = ("traffic",)) -> m.Traffic:
@@ -240,13 +249,20 @@ def _load_balancer(lb) -> m.LoadBalancer | None:
         return None
     if isinstance(lb, str):
         return m.LoadBalancer(simple=m.SimpleLb(lb))
-    kind, arg = next(iter(lb["consistentHash"].items()))
+    simple = m.SimpleLb(lb["simple"]) if "simple" in lb else None
+    return m.LoadBalancer(simple, _consistent_hash(lb.get("consistentHash")), _ms(lb.get("warmup")))
+
+
+def _consistent_hash(ch: dict | None) -> m.ConsistentHash | None:
+    if ch is None:
+        return None
+    kind, arg = next(iter(ch.items()))
     on = m.HashOn(kind)
     if on is m.HashOn.HEADER:
-        return m.LoadBalancer(consistent_hash=m.ConsistentHash(on, header=arg))
+        return m.ConsistentHash(on, header=arg)
     if on is m.HashOn.COOKIE:
-        return m.LoadBalancer(consistent_hash=m.ConsistentHash(on, cookie=arg["name"], cookie_ttl_ms=_ms(arg.get("ttl")), cookie_path=arg.get("path")))
-    return m.LoadBalancer(consistent_hash=m.ConsistentHash(on))
+        return m.ConsistentHash(on, cookie=arg["name"], cookie_ttl_ms=_ms(arg.get("ttl")), cookie_path=arg.get("path"))
+    return m.ConsistentHash(on)
 
 
 def _connection_pool(cp: dict | None) -> m.ConnectionPool | None:
@@ -260,7 +276,16 @@ def _connection_pool(cp: dict | None) -> m.ConnectionPool | None:
         http2_max_requests=http.get("http2MaxRequests"),
         max_requests_per_connection=http.get("maxRequestsPerConnection"),
         max_retries=http.get("maxRetries"),
+        tcp_keepalive=_tcp_keepalive(tcp.get("tcpKeepalive")),
+        idle_timeout_ms=_ms(http.get("idleTimeout")),
+        h2_upgrade_policy=m.H2UpgradePolicy(http["h2UpgradePolicy"]) if "h2UpgradePolicy" in http else None,
     )
+
+
+def _tcp_keepalive(k: dict | None) -> m.TcpKeepalive | None:
+    if k is None:
+        return None
+    return m.TcpKeepalive(_ms(k.get("time")), _ms(k.get("interval")), k.get("probes"))
 
 
 def _outlier_detection(od: dict | None) -> m.OutlierDetection | None:

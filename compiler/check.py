@@ -12,12 +12,13 @@ from typing import Callable
 
 from compiler import model as m
 from compiler.diagnostics import Diagnostics, Note, Span, SpanMap, did_you_mean
+from compiler.schema import TRAFFIC_POLICY_FIELDS
 from compiler.values import human_duration
 
 def service(svc: m.Service, diags: Diagnostics) -> None:
     """Every per-service check."""
     for check in (_ports, _versions_referenced, _weights, _regexes, _tcp_only, _retry_budget, _ingress_hosts_once,
-                  _route_names, _route_actions, _shadowed_routes, _mirrors, _headers, _cors):
+                  _port_policies_replace, _route_names, _route_actions, _shadowed_routes, _mirrors, _headers, _cors):
         check(svc, diags)
 
 
@@ -279,39 +280,89 @@ class HttpOnly:
         return self.on_spec(spec)
 
 
+@dataclass(frozen=True)
+class PolicyHttpOnly:
+    """A traffic-policy setting that means nothing without HTTP, wherever the policy is: the
+    service's own, a version's or a port's. `path` is within the policy."""
+
+    path: tuple
+    what: str
+    on_policy: Callable[[m.TrafficPolicy], bool]
+    on_spec: Callable[[dict], bool] = lambda policy: True
+
+
 def _hash_on_request(lb) -> bool:
     return isinstance(lb, dict) and bool(set(lb.get("consistentHash") or {}) & {"header", "cookie"})
 
+
+def _hashes_requests(lb: m.LoadBalancer | None) -> bool:
+    return bool(lb and lb.consistent_hash and lb.consistent_hash.on is not m.HashOn.SOURCE_IP)
+
+
+def _http_pool_set(cp: m.ConnectionPool | None) -> bool:
+    return cp is not None and any(v is not None for v in cp.http_settings)
+
+
+POLICY_HTTP_ONLY = (
+    PolicyHttpOnly(("loadBalancer",), "hashing on a header or cookie", lambda p: _hashes_requests(p.load_balancer),
+                   lambda spec: _hash_on_request(spec.get("loadBalancer"))),
+    PolicyHttpOnly(("connectionPool", "http"), "HTTP connection-pool settings", lambda p: _http_pool_set(p.connection_pool)),
+)
 
 HTTP_ONLY = (
     HttpOnly(("timeout",), "a request timeout", lambda s: s.timeout_ms is not None),
     HttpOnly(("retries",), "retries", lambda s: s.retries is not None),
     HttpOnly(("traffic", "canary", "match"), "a header match", lambda s: bool(s.traffic.match)),
-    HttpOnly(
-        ("loadBalancer",),
-        "hashing on a header or cookie",
-        lambda s: bool(s.load_balancer and s.load_balancer.consistent_hash and s.load_balancer.consistent_hash.on is not m.HashOn.SOURCE_IP),
-        lambda spec: _hash_on_request(spec.get("loadBalancer")),
-    ),
-    HttpOnly(("connectionPool", "http"), "HTTP connection-pool settings", lambda s: bool(s.connection_pool and _http_pool_set(s.connection_pool))),
+    *(HttpOnly(rule.path, rule.what, lambda s, rule=rule: rule.on_policy(s.policy), rule.on_spec) for rule in POLICY_HTTP_ONLY),
     HttpOnly(("ingress",), "an HTTP ingress", lambda s: s.ingress is not None),
 )
 
 
-def _http_pool_set(cp: m.ConnectionPool) -> bool:
-    return any(v is not None for v in (cp.http1_max_pending_requests, cp.http2_max_requests, cp.max_requests_per_connection, cp.max_retries))
-
-
 def _tcp_only(svc: m.Service, diags: Diagnostics) -> None:
-    if svc.http_ports:
-        return
-    for rule in HTTP_ONLY:
-        if rule.on_service(svc):
-            diags.error(
-                "tcp.http-setting",
-                f"{rule.what} applies to HTTP traffic only, but every port of this service is TCP",
-                svc.spans.key_at(rule.path),
-                Note("ports declared here", svc.spans.key_at(("ports",))),
+    """HTTP settings where no HTTP flows: anywhere on a TCP-only service; in a TCP port's own policy."""
+    every_port = Note("ports declared here", svc.spans.key_at(("ports",)))
+    if not svc.http_ports:
+        for rule in HTTP_ONLY:
+            if rule.on_service(svc):
+                diags.error(
+                    "tcp.http-setting",
+                    f"{rule.what} applies to HTTP traffic only, but every port of this service is TCP",
+                    svc.spans.key_at(rule.path),
+                    every_port,
+                )
+        for v in svc.versions:
+            if v.policy:
+                _policy_tcp_only(svc, v.policy, ("versions", v.name, "policy"), "every port of this service is TCP", every_port, diags)
+    for i, port in enumerate(svc.ports):
+        if port.policy and not port.is_http:
+            note = Note(f"port {port.number} declared here", svc.spans.key_at(("ports", i)))
+            _policy_tcp_only(svc, port.policy, ("ports", i, "policy"), f"port {port.number} is TCP", note, diags)
+
+
+def _policy_tcp_only(svc: m.Service, policy: m.TrafficPolicy, at: tuple, why: str, note: Note, diags: Diagnostics) -> None:
+    for rule in POLICY_HTTP_ONLY:
+        if rule.on_policy(policy):
+            diags.error("tcp.http-setting", f"{rule.what} applies to HTTP traffic only, but {why}", svc.spans.key_at(at + rule.path), note)
+
+
+def _port_policies_replace(svc: m.Service, diags: Diagnostics) -> None:
+    """A port's policy is used instead of the service's on that port, as Istio's portLevelSettings are:
+    a field the service sets and the port's policy leaves out is at its default there, not the
+    service's value. That surprises Istio users (istio/istio#58297), so it is said where it happens."""
+    for i, port in enumerate(svc.ports):
+        if port.policy is None:
+            continue
+        lost = [name for name, own, service in zip(TRAFFIC_POLICY_FIELDS, port.policy.fields, svc.policy.fields)
+                if own is None and service is not None]
+        if lost:
+            names = " and ".join(f"`{name}`" for name in lost)
+            diags.warning(
+                "ports.policy-replaces",
+                f"the policy of port {port.number} replaces the service's there, as Istio's portLevelSettings do: "
+                f"the service's {names} {'does' if len(lost) == 1 else 'do'} not apply to port {port.number}; "
+                "repeat what it should keep in the port's policy",
+                svc.spans.key_at(("ports", i, "policy")),
+                *(Note(f"the service's `{name}` is set here", svc.spans.key_at((name,))) for name in lost),
             )
 
 

@@ -36,6 +36,12 @@ class HashOn(StrEnum):
     SOURCE_IP = "sourceIp"
 
 
+class H2UpgradePolicy(StrEnum):
+    DEFAULT = "DEFAULT"  # the mesh's choice: Istio's default mesh config does not upgrade
+    DO_NOT_UPGRADE = "DO_NOT_UPGRADE"
+    UPGRADE = "UPGRADE"
+
+
 class TlsMode(StrEnum):
     DISABLE = "DISABLE"
     SIMPLE = "SIMPLE"
@@ -63,6 +69,7 @@ class Port:
     number: int
     target_port: int
     protocol: Protocol
+    policy: TrafficPolicy | None = None  # the port's own (Istio's portLevelSettings); see Service.policy_for
 
     @property
     def is_http(self) -> bool:
@@ -73,6 +80,7 @@ class Port:
 class Version:
     name: str
     labels: tuple[tuple[str, str], ...]
+    policy: TrafficPolicy | None = None  # the subset's own trafficPolicy; see Service.policy_for
 
 
 @dataclass(frozen=True)
@@ -246,8 +254,20 @@ class ConsistentHash:
 
 @dataclass(frozen=True)
 class LoadBalancer:
+    """`simple` or `consistent_hash` or neither (the default balancer); `warmup_ms` only without a hash."""
+
     simple: SimpleLb | None = None
     consistent_hash: ConsistentHash | None = None
+    warmup_ms: int | None = None  # slow start of new endpoints (ROUND_ROBIN, LEAST_REQUEST)
+
+
+@dataclass(frozen=True)
+class TcpKeepalive:
+    """SO_KEEPALIVE on upstream connections; what is unset is the OS default. Whole seconds, in ms."""
+
+    time_ms: int | None = None
+    interval_ms: int | None = None
+    probes: int | None = None
 
 
 @dataclass(frozen=True)
@@ -258,6 +278,15 @@ class ConnectionPool:
     http2_max_requests: int | None = None
     max_requests_per_connection: int | None = None
     max_retries: int | None = None
+    tcp_keepalive: TcpKeepalive | None = None
+    idle_timeout_ms: int | None = None  # HTTP: an upstream connection idle this long is closed
+    h2_upgrade_policy: H2UpgradePolicy | None = None
+
+    @property
+    def http_settings(self) -> tuple:
+        """The settings that mean something for HTTP only, each None when unset."""
+        return (self.http1_max_pending_requests, self.http2_max_requests, self.max_requests_per_connection,
+                self.max_retries, self.idle_timeout_ms, self.h2_upgrade_policy)
 
 
 @dataclass(frozen=True)
@@ -274,6 +303,25 @@ class Tls:
     credential_name: str | None = None  # Kubernetes secret with the client cert (SIMPLE/MUTUAL)
     sni: str | None = None
     subject_alt_names: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class TrafficPolicy:
+    """A DestinationRule trafficPolicy: four fields, each None when unset."""
+
+    load_balancer: LoadBalancer | None = None
+    connection_pool: ConnectionPool | None = None
+    outlier_detection: OutlierDetection | None = None
+    tls: Tls | None = None
+
+    def over(self, base: "TrafficPolicy") -> "TrafficPolicy":
+        """This policy, with each field it leaves unset taken whole from `base`."""
+        return TrafficPolicy(*(mine if mine is not None else theirs for mine, theirs in zip(self.fields, base.fields)))
+
+    @property
+    def fields(self) -> tuple:
+        """The four fields in declaration order: load balancer, connection pool, outlier detection, TLS."""
+        return self.load_balancer, self.connection_pool, self.outlier_detection, self.tls
 
 
 @dataclass(frozen=True)
@@ -348,6 +396,25 @@ class Service:
 
     def version(self, name: str) -> Version | None:
         return next((v for v in self.versions if v.name == name), None)
+
+    @property
+    def policy(self) -> TrafficPolicy:
+        """The service's own traffic policy (the DestinationRule's top-level trafficPolicy)."""
+        return TrafficPolicy(self.load_balancer, self.connection_pool, self.outlier_detection, self.tls)
+
+    def policy_for(self, port: Port, version: str = "") -> TrafficPolicy:
+        """The traffic policy of the clusters of one port and version ("" for the whole service), as istiod merges it.
+
+        A port's policy replaces the service's on that port entirely: what it leaves
+        unset is the default, not the service's (`GetPortLevelTrafficPolicy`). A
+        version's policy then replaces each field it sets, whole (a `connectionPool`
+        of its own replaces the inherited one, `tcp` and `http` alike), and takes the
+        rest from there (`MergeSubsetTrafficPolicy`):
+        https://github.com/istio/istio/blob/master/pilot/pkg/networking/util/util.go
+        """
+        base = port.policy if port.policy is not None else self.policy
+        own = self.version(version).policy if version else None
+        return base if own is None else own.over(base)
 
 
 #: The kinds a patch may target in the Envoy snapshot (the rest are the Istio output's).

@@ -40,6 +40,8 @@ RETRY_ON = (
     "resource-exhausted", "unavailable",
 )  # fmt: skip
 SIMPLE_LB = ("ROUND_ROBIN", "LEAST_REQUEST", "RANDOM", "PASSTHROUGH")
+WARMUP_LB = ("ROUND_ROBIN", "LEAST_REQUEST")  # the balancers Envoy's slow start works with
+H2_UPGRADE_POLICIES = ("DEFAULT", "DO_NOT_UPGRADE", "UPGRADE")
 PROTOCOLS = ("HTTP", "HTTP2", "GRPC", "TCP")
 TLS_MODES = ("DISABLE", "SIMPLE", "MUTUAL", "ISTIO_MUTUAL")
 HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH")
@@ -60,24 +62,47 @@ def _check_duration(value) -> str | None:
 
 
 def _check_load_balancer(value) -> str | None:
+    """The scalar form, or what the mapping form's fields must agree on (each field has its own rule).
+
+    Nulls count as absent: an overlay's `simple: null` removes the key it names.
+    """
     if isinstance(value, str):
         return None if value in SIMPLE_LB else _not_one_of(value, SIMPLE_LB)
-    if set(value) != {"consistentHash"}:
-        return "expected one of " + ", ".join(SIMPLE_LB) + " or {consistentHash: {header | cookie | sourceIp}}"
-    ch = value["consistentHash"]
-    if not isinstance(ch, dict) or len(ch) != 1 or next(iter(ch)) not in ("header", "cookie", "sourceIp"):
-        return "consistentHash takes exactly one of: header: NAME, cookie: {name, ttl}, sourceIp: true"
+    present = {k for k, v in value.items() if v is not None}
+    if {"simple", "consistentHash"} <= present:
+        return "takes `simple` or `consistentHash`, not both (an override removes one with `simple: null`)"
+    # istiod applies a warmup only with these two (as Envoy's slow start); under RANDOM or a
+    # consistent hash it is dropped without a word (cluster_traffic_policy.go, applyLoadBalancer).
+    simple = value.get("simple")
+    if "warmup" in present and ("consistentHash" in present or simple in SIMPLE_LB and simple not in WARMUP_LB):
+        return f"warmup applies to {' and '.join(WARMUP_LB)} balancing only"
+    return None
+
+
+def _check_consistent_hash(ch) -> str | None:
+    if len(ch) != 1 or next(iter(ch)) not in ("header", "cookie", "sourceIp"):
+        return "takes exactly one of: header: NAME, cookie: {name, ttl}, sourceIp: true"
     kind, arg = next(iter(ch.items()))
     if kind == "header" and not (isinstance(arg, str) and re.fullmatch(HEADER_NAME, arg)):
-        return "consistentHash.header must be a lower-case HTTP header name"
+        return "header must be a lower-case HTTP header name"
     if kind == "sourceIp" and arg is not True:
-        return "consistentHash.sourceIp must be true"
+        return "sourceIp must be true"
     if kind == "cookie":
         if not isinstance(arg, dict) or not isinstance(arg.get("name"), str) or set(arg) - {"name", "ttl", "path"}:
-            return "consistentHash.cookie takes {name: NAME, ttl: DURATION, path: PATH}"
+            return "cookie takes {name: NAME, ttl: DURATION, path: PATH}"
         if "ttl" in arg:
             return _check_duration(arg["ttl"]) if isinstance(arg["ttl"], str) else "cookie ttl must be a duration"
     return None
+
+
+def _check_seconds(value) -> str | None:
+    if not isinstance(value, str):
+        return None
+    ms, problem = parse_duration(value)
+    if problem:
+        return problem
+    # Envoy's TcpKeepalive counts seconds, and istiod drops the rest of a duration.
+    return None if ms % 1000 == 0 else f"{value!r} is not a whole number of seconds (TCP keepalive counts seconds)"
 
 
 def _check_endpoints(value) -> str | None:
@@ -115,6 +140,8 @@ def _check_ip(value) -> str | None:
 CHECKS: dict[str, Callable[[object], str | None]] = {
     "duration": _check_duration,
     "load_balancer": _check_load_balancer,
+    "consistent_hash": _check_consistent_hash,
+    "seconds": _check_seconds,
     "endpoints": _check_endpoints,
     "ip": _check_ip,
 }
@@ -123,6 +150,7 @@ CHECKS: dict[str, Callable[[object], str | None]] = {
 # -- schemas ------------------------------------------------------------------------------
 
 _duration = {"type": "string", "check_with": "duration"}
+_seconds = {"type": "string", "check_with": "seconds"}
 _labels = {
     "type": "dict",
     "keysrules": {"type": "string", "regex": LABEL_KEY, "meta": {"what": "a label key"}},
@@ -264,11 +292,28 @@ SPEC = {
     "traffic": _traffic,
     "routes": {"type": "dict", "keysrules": _label, "valuesrules": {"type": "dict", "schema": _ROUTE}},
     **_HTTP_POLICY,
-    "loadBalancer": {"type": ["string", "dict"], "check_with": "load_balancer"},
+    "loadBalancer": {
+        # A scalar (ROUND_ROBIN, ...) or a mapping: `schema` applies to the mapping form only.
+        "type": ["string", "dict"],
+        "minlength": 1,
+        "check_with": "load_balancer",
+        "schema": {
+            "simple": {"type": "string", "allowed": SIMPLE_LB},
+            "warmup": _duration,
+            "consistentHash": {"type": "dict", "check_with": "consistent_hash"},
+        },
+    },
     "connectionPool": {
         "type": "dict",
         "schema": {
-            "tcp": {"type": "dict", "schema": {"maxConnections": _positive, "connectTimeout": _duration}},
+            "tcp": {
+                "type": "dict",
+                "schema": {
+                    "maxConnections": _positive,
+                    "connectTimeout": _duration,
+                    "tcpKeepalive": {"type": "dict", "schema": {"time": _seconds, "interval": _seconds, "probes": _positive}},
+                },
+            },
             "http": {
                 "type": "dict",
                 "schema": {
@@ -276,6 +321,8 @@ SPEC = {
                     "http2MaxRequests": _positive,
                     "maxRequestsPerConnection": _count,
                     "maxRetries": _count,
+                    "idleTimeout": _duration,
+                    "h2UpgradePolicy": {"type": "string", "allowed": H2_UPGRADE_POLICIES},
                 },
             },
         },
@@ -313,6 +360,13 @@ SPEC = {
     },
 }
 
+#: A DestinationRule trafficPolicy's fields. A version's `policy` (its subset's trafficPolicy) and a
+#: port's (its portLevelSettings entry) take these four with the very rules of the spec's own.
+TRAFFIC_POLICY_FIELDS = ("loadBalancer", "connectionPool", "outlierDetection", "tls")
+_traffic_policy = {"type": "dict", "schema": {name: SPEC[name] for name in TRAFFIC_POLICY_FIELDS}}
+SPEC["ports"]["schema"]["schema"]["policy"] = _traffic_policy
+SPEC["versions"]["valuesrules"]["schema"]["policy"] = _traffic_policy
+
 
 def _partial(schema: dict) -> dict:
     """The schema of a fragment merged over a spec: nothing required, `null` allowed (it removes a key)."""
@@ -320,7 +374,7 @@ def _partial(schema: dict) -> dict:
     for name, rules in schema.items():
         rules = {k: v for k, v in rules.items() if k != "required"}
         rules["nullable"] = True
-        if isinstance(rules.get("schema"), dict) and rules.get("type") == "dict":
+        if isinstance(rules.get("schema"), dict) and "dict" in _types(rules):
             rules["schema"] = _partial(rules["schema"])
         if rules.get("type") == "dict" and "valuesrules" in rules:
             # an override removes one entry of a mapping (a split weight, a label) with `null`
@@ -330,6 +384,11 @@ def _partial(schema: dict) -> dict:
             rules["valuesrules"] = values
         out[name] = rules
     return out
+
+
+def _types(rules: dict) -> tuple:
+    kind = rules.get("type")
+    return tuple(kind) if isinstance(kind, list) else (kind,)
 
 
 PARTIAL_SPEC = _partial(SPEC)
@@ -449,8 +508,8 @@ def _fast_ok(value, rules: dict) -> bool:
         if isinstance(value, dict):
             if not _fast_mapping_ok(value, sub):
                 return False
-        elif not all(_fast_ok(item, sub) for item in value):
-            return False
+        elif isinstance(value, list) and not all(_fast_ok(item, sub) for item in value):
+            return False  # as cerberus, `schema` means nothing for a scalar (loadBalancer: ROUND_ROBIN)
     if "keysrules" in rules and not all(_fast_ok(k, rules["keysrules"]) for k in value):
         return False
     if "valuesrules" in rules and not all(_fast_ok(v, rules["valuesrules"]) for v in value.values()):
@@ -495,6 +554,12 @@ def _validator_class():
 
         def _check_with_load_balancer(self, field, value):
             self._check("load_balancer", field, value)
+
+        def _check_with_consistent_hash(self, field, value):
+            self._check("consistent_hash", field, value)
+
+        def _check_with_seconds(self, field, value):
+            self._check("seconds", field, value)
 
         def _check_with_endpoints(self, field, value):
             self._check("endpoints", field, value)

@@ -28,6 +28,8 @@ ODD_VALUES = (
     "web\n", "../x", "10 s", "0ms", "0.5ms", "1.0005s", "250ms", "2m", "LEAST_CONN", "ISTIO_MUTUAL", "TCP", "on",
     "10.0.0.1:80", "10.0.0.1", "host:99999", [], ["x"], [1], [{}], {}, {"x": 1}, {"consistentHash": {"sourceIp": False}},
     {"consistentHash": {"cookie": {"name": "c", "ttl": 5}}}, {"v1": ["10.0.0.1:80"]}, {"exact": "a", "prefix": "b"},
+    "1500ms", "UPGRADE", {"simple": "RANDOM", "warmup": "30s"}, {"simple": None, "warmup": "1m"}, {"time": "60s"},
+    {"loadBalancer": "RANDOM", "tls": {"mode": "DISABLE"}},
 )  # fmt: skip
 
 

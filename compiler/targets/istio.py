@@ -88,29 +88,47 @@ def destination_rule(svc: m.Service) -> dict | None:
     if policy:
         spec["trafficPolicy"] = policy
     if svc.versions:
-        spec["subsets"] = [{"name": v.name, "labels": dict(v.labels)} for v in svc.versions]
+        spec["subsets"] = [_subset(v) for v in svc.versions]
     if len(spec) == 1:
         return None
     return {"apiVersion": NETWORKING, "kind": "DestinationRule", "metadata": _meta(svc.name, svc.namespace), "spec": spec}
 
 
 def traffic_policy(svc: m.Service) -> dict:
-    policy: dict = {}
-    if svc.load_balancer:
-        policy["loadBalancer"] = _load_balancer(svc.load_balancer)
-    if svc.connection_pool:
-        policy["connectionPool"] = _connection_pool(svc.connection_pool)
-    if svc.outlier_detection:
-        policy["outlierDetection"] = _outlier_detection(svc.outlier_detection)
-    if svc.tls:
-        policy["tls"] = _tls(svc.tls)
+    """The service's trafficPolicy: its own fields, and a `portLevelSettings` entry per port with a policy
+    (in port order), which istiod uses instead of the rest on that port."""
+    policy = _policy_fields(svc.policy)
+    ports = [{"port": {"number": p.number}, **_policy_fields(p.policy)} for p in svc.ports if p.policy is not None]
+    if ports:
+        policy["portLevelSettings"] = ports
     return policy
 
 
+def _subset(v: m.Version) -> dict:
+    subset = {"name": v.name, "labels": dict(v.labels)}
+    policy = _policy_fields(v.policy) if v.policy else {}
+    if policy:  # an empty one changes nothing: istiod keeps every field of the service's
+        subset["trafficPolicy"] = policy
+    return subset
+
+
+def _policy_fields(p: m.TrafficPolicy) -> dict:
+    return _drop_none({
+        "loadBalancer": _load_balancer(p.load_balancer) if p.load_balancer else None,
+        "connectionPool": _connection_pool(p.connection_pool) if p.connection_pool else None,
+        "outlierDetection": _outlier_detection(p.outlier_detection) if p.outlier_detection else None,
+        "tls": _tls(p.tls) if p.tls else None,
+    })
+
+
 def _load_balancer(lb: m.LoadBalancer) -> dict:
+    # `warmup` is the CRD's current field; `warmupDurationSecs` is deprecated in its favour.
+    warmup = {"warmup": {"duration": _dur(lb.warmup_ms)}} if lb.warmup_ms is not None else {}
     if lb.simple:
-        return {"simple": lb.simple.value}
+        return {"simple": lb.simple.value, **warmup}
     ch = lb.consistent_hash
+    if ch is None:
+        return warmup  # the default balancer, warmed up
     if ch.on is m.HashOn.HEADER:
         return {"consistentHash": {"httpHeaderName": ch.header}}
     if ch.on is m.HashOn.COOKIE:
@@ -120,13 +138,23 @@ def _load_balancer(lb: m.LoadBalancer) -> dict:
 
 
 def _connection_pool(cp: m.ConnectionPool) -> dict:
-    tcp = _drop_none({"maxConnections": cp.max_connections, "connectTimeout": _dur(cp.connect_timeout_ms)})
+    keepalive = cp.tcp_keepalive
+    tcp = _drop_none(
+        {
+            "maxConnections": cp.max_connections,
+            "connectTimeout": _dur(cp.connect_timeout_ms),
+            "tcpKeepalive": None if keepalive is None else _drop_none(
+                {"time": _dur(keepalive.time_ms), "interval": _dur(keepalive.interval_ms), "probes": keepalive.probes}),
+        }
+    )
     http = _drop_none(
         {
             "http1MaxPendingRequests": cp.http1_max_pending_requests,
             "http2MaxRequests": cp.http2_max_requests,
             "maxRequestsPerConnection": cp.max_requests_per_connection,
             "maxRetries": cp.max_retries,
+            "idleTimeout": _dur(cp.idle_timeout_ms),
+            "h2UpgradePolicy": cp.h2_upgrade_policy.value if cp.h2_upgrade_policy else None,
         }
     )
     return _drop_none({"tcp": tcp or None, "http": http or None})

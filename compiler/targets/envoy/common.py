@@ -45,7 +45,7 @@ def gateway_route_name(port: int) -> str:
 duration = format_duration  # whole milliseconds as a protobuf JSON Duration: 250 → "0.250s"
 
 
-def span_of(service: Service, *path: str) -> list | None:
+def span_of(service: Service, *path: str | int) -> list | None:
     """Where a policy field was set, as JSON (`[path, line, col]`), or None without spans.
 
     Spans are keyed relative to the effective spec. Fragments hold spans in

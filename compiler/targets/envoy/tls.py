@@ -20,13 +20,13 @@ _ALPN_MESH_H2 = ["istio-peer-exchange", "istio", "h2"]
 _H2 = frozenset((Protocol.HTTP2, Protocol.GRPC))
 
 
-def port_socket(service: Service, port: Port, h2: bool) -> dict | None:
-    """The `transport_socket` a port's clusters share, or None for plaintext (no tls, DISABLE).
+def shared_socket(tls: Tls | None, h2: bool) -> dict | None:
+    """The `transport_socket` that clusters with one TLS setting share, or None for plaintext (no tls, DISABLE).
 
-    `h2` is `is_h2(port)`. Under ISTIO_MUTUAL without an explicit SNI each
-    cluster has its own SNI: `cluster_socket` adds it.
+    `h2`: the clusters speak HTTP/2 (`is_h2(port)`, or upgraded by the pool's
+    h2UpgradePolicy), which their ALPN says. Under ISTIO_MUTUAL without an
+    explicit SNI each cluster has its own SNI: `cluster_socket` adds it.
     """
-    tls = service.tls
     if tls is None or tls.mode is TlsMode.DISABLE:
         return None
     if tls.mode is TlsMode.ISTIO_MUTUAL:
@@ -36,24 +36,26 @@ def port_socket(service: Service, port: Port, h2: bool) -> dict | None:
     return {"name": "envoy.transport_sockets.tls", "typed_config": {"@type": UPSTREAM_TLS, **context}}
 
 
-def cluster_socket(shared: dict | None, service: Service, port: Port, version: str) -> dict | None:
-    """The `transport_socket` of one cluster: its port's (`port_socket`), with istiod's in-mesh SNI if it needs one."""
-    if shared is None or service.tls.mode is not TlsMode.ISTIO_MUTUAL or service.tls.sni:
+def cluster_socket(shared: dict | None, tls: Tls | None, fqdn: str, port: Port, version: str) -> dict | None:
+    """The `transport_socket` of one cluster: `shared_socket(tls, ...)`, with istiod's in-mesh SNI if it needs one."""
+    if shared is None or tls.mode is not TlsMode.ISTIO_MUTUAL or tls.sni:
         return shared
-    sni = _istio_sni(port.number, version, service.fqdn)
+    sni = _istio_sni(port.number, version, fqdn)
     return {**shared, "typed_config": {**shared["typed_config"], "sni": sni}}
 
 
 def diagnostics(service: Service) -> list[dict]:
-    """What the Envoy target cannot express about this service's TLS (`common.problem` dicts)."""
-    tls = service.tls
-    if tls is not None and tls.mode is TlsMode.MUTUAL and not tls.credential_name:
-        return [problem(
-            "envoy.tls-mutual-without-credential",
-            f"{service.key}: tls mode MUTUAL needs `credentialName` for the Envoy target "
-            "(the client certificate is delivered by SDS under that name)",
-            span_of(service, "tls", "mode"))]
-    return []
+    """What the Envoy target cannot express about this service's TLS settings, the service's own and
+    those of its versions' and ports' policies (`common.problem` dicts)."""
+    settings = [(("tls",), service.tls)]
+    settings += [(("versions", v.name, "policy", "tls"), v.policy.tls) for v in service.versions if v.policy]
+    settings += [(("ports", i, "policy", "tls"), p.policy.tls) for i, p in enumerate(service.ports) if p.policy]
+    return [problem(
+        "envoy.tls-mutual-without-credential",
+        f"{service.key}: tls mode MUTUAL needs `credentialName` for the Envoy target "
+        "(the client certificate is delivered by SDS under that name)",
+        span_of(service, *path, "mode"))
+        for path, tls in settings if tls is not None and tls.mode is TlsMode.MUTUAL and not tls.credential_name]
 
 
 def is_h2(port: Port) -> bool:
