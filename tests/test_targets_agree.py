@@ -3,12 +3,16 @@
 For every compiling golden case and the example repository, each mesh
 VirtualService route (`http[]` entry) is read the way istiod reads it, and
 compared with the Envoy route of the same name in the route configuration of
-its port: destinations and weights, timeout, and retry policy. istiod's
-translation is written here once, from its source, so the test holds both
-targets to Istio rather than to each other:
+its port: the match, the action (destinations and weights, a redirect, a
+direct response), timeout, retry policy, rewrite, mirror, fault, header
+operations and CORS. istiod's translation is written here once, from its
+source, so the test holds both targets to Istio rather than to each other:
 https://github.com/istio/istio/blob/master/pilot/pkg/networking/core/route/retry/retry.go
 (`DefaultPolicy`, `ConvertPolicy`, `parseRetryOn`; EXCLUDE_UNSAFE_503_FROM_DEFAULT_RETRY
-defaults to true since Istio 1.24, so the default retries no status code).
+defaults to true since Istio 1.24, so the default retries no status code) and
+https://github.com/istio/istio/blob/master/pilot/pkg/networking/core/route/route.go
+(`TranslateRouteMatch`, `ApplyRedirect`, `translateFault`, `TranslateCORSPolicy`,
+`TranslateHeadersOperations`, mirror percentages as parts per million).
 """
 
 from __future__ import annotations
@@ -110,11 +114,102 @@ def _istio_routes(tree: Path) -> dict[tuple[str, int, str], dict]:
             for route in doc["spec"].get("http", ()):
                 matched = [m["port"] for m in route.get("match", ()) if "port" in m]
                 for port in matched or ports:
-                    out[(fqdn, port, route["name"])] = {
-                        "destinations": _istio_destinations(route, port),
-                        "timeout": _seconds(route.get("timeout")) or 0.0,  # istiod: no timeout is 0s
-                        "retry": _istio_retry(route.get("retries"), hashing)}
+                    out[(fqdn, port, route["name"])] = _istio_meaning(route, port, hashing)
     return out
+
+
+def _istio_meaning(route: dict, port: int, hashing: bool) -> dict:
+    meaning = {"match": _istio_match(route.get("match", [{}])[0]),
+               "headers": _istio_header_ops(route.get("headers", {})),
+               "cors": _istio_cors(route.get("corsPolicy"))}
+    if "redirect" in route:
+        r = route["redirect"]
+        return {**meaning, "redirect": _location(r.get("scheme"), r.get("authority"), r.get("port"), r.get("uri"),
+                                                 r.get("redirectCode", 301))}
+    if "directResponse" in route:
+        d = route["directResponse"]
+        return {**meaning, "direct_response": (d["status"], d.get("body", {}).get("string"))}
+    rewrite = route.get("rewrite", {})
+    regex = rewrite.get("uriRegexRewrite")
+    mirror = route.get("mirror")
+    mirror_percent = route.get("mirrorPercentage", {}).get("value", 100)  # istiod: a mirror alone is 100%
+    return {**meaning,
+            "destinations": _istio_destinations(route, port),
+            "timeout": _seconds(route.get("timeout")) or 0.0,  # istiod: no timeout is 0s
+            "retry": _istio_retry(route.get("retries"), hashing),
+            "rewrite": (rewrite.get("uri"), regex and (regex["match"], regex["rewrite"]), rewrite.get("authority")),
+            "mirror": (f"outbound|{mirror.get('port', {}).get('number', port)}|{mirror.get('subset', '')}|{mirror['host']}",
+                       _ppm(mirror_percent)) if mirror and mirror_percent > 0 else None,
+            "fault": _istio_fault(route.get("fault"))}
+
+
+def _istio_match(match: dict) -> dict:
+    """TranslateRouteMatch: no uri is `prefix: /`; the method is the `:method` header; `{}` is presence."""
+    uri = match.get("uri", {"prefix": "/"})
+    headers = {(name, *_istio_string(m)) for name, m in match.get("headers", {}).items()}
+    if "method" in match:
+        headers.add((":method", *_istio_string(match["method"])))
+    return {"path": _istio_string(uri), "headers": headers,
+            "query": {(name, *_istio_string(m)) for name, m in match.get("queryParams", {}).items()}}
+
+
+def _istio_string(match: dict) -> tuple:
+    if not match:
+        return ("present", True)
+    (kind, value), = match.items()
+    return (kind, value)
+
+
+def _istio_header_ops(headers: dict) -> dict:
+    out = {}
+    for side in ("request", "response"):
+        ops = headers.get(side, {})
+        out[side] = ({(k, v, "OVERWRITE_IF_EXISTS_OR_ADD") for k, v in ops.get("set", {}).items()}
+                     | {(k, v, "APPEND_IF_EXISTS_OR_ADD") for k, v in ops.get("add", {}).items()},
+                     sorted(ops.get("remove", ())))
+    return out
+
+
+def _istio_cors(cors: dict | None) -> dict | None:
+    if cors is None:
+        return None
+    return {"origins": [_istio_string(o) for o in cors.get("allowOrigins", ())],
+            "methods": cors.get("allowMethods", []), "headers": cors.get("allowHeaders", []),
+            "expose": cors.get("exposeHeaders", []),
+            "max_age": cors.get("maxAge") and int(_seconds(cors["maxAge"])),
+            "credentials": cors.get("allowCredentials")}
+
+
+#: gRPC status codes by number (google.rpc.Code), as istiod turns `grpcStatus` names into numbers.
+GRPC_CODES = ("OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "NOT_FOUND", "ALREADY_EXISTS",
+              "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION", "ABORTED", "OUT_OF_RANGE",
+              "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE", "DATA_LOSS", "UNAUTHENTICATED")
+
+
+def _istio_fault(fault: dict | None) -> dict | None:
+    if fault is None:
+        return None
+    out = {}
+    if "delay" in fault:
+        delay = fault["delay"]
+        out["delay"] = (_seconds(delay["fixedDelay"]), _ppm(delay.get("percentage", {}).get("value", 100)))
+    if "abort" in fault:
+        abort = fault["abort"]
+        code = ("http", abort["httpStatus"]) if "httpStatus" in abort else ("grpc", GRPC_CODES.index(abort["grpcStatus"]))
+        out["abort"] = (*code, _ppm(abort.get("percentage", {}).get("value", 100)))
+    return out
+
+
+def _ppm(percent: float) -> int:
+    """translatePercentToFractionalPercent: a percentage as parts per million, truncated."""
+    return int(percent * 10000)
+
+
+def _location(scheme: str | None, host: str | None, port: int | None, path: str | None, code: int) -> tuple:
+    """Where a redirect sends, and how: a port that is its scheme's default names the same place."""
+    if (scheme, port) in (("http", 80), ("https", 443)):
+        port = None
+    return (scheme, host, port, path, code)
 
 
 def _envoy_routes(tree: Path) -> dict[tuple[str, int, str], dict]:
@@ -127,11 +222,83 @@ def _envoy_routes(tree: Path) -> dict[tuple[str, int, str], dict]:
         for host in config["virtual_hosts"]:
             fqdn = host["name"].rsplit(":", 1)[0]
             for route in host["routes"]:
-                action = route["route"]
-                out[(fqdn, port, route["name"])] = {
-                    "destinations": _envoy_destinations(action),
-                    "timeout": _seconds(action.get("timeout")),
-                    "retry": _envoy_retry(action.get("retry_policy"))}
+                out[(fqdn, port, route["name"])] = _envoy_meaning(route)
+    return out
+
+
+_ENVOY_CODES = {"MOVED_PERMANENTLY": 301, "FOUND": 302, "SEE_OTHER": 303, "TEMPORARY_REDIRECT": 307,
+                "PERMANENT_REDIRECT": 308}
+
+
+def _envoy_meaning(route: dict) -> dict:
+    per_filter = route.get("typed_per_filter_config", {})
+    meaning = {"match": _envoy_match(route["match"]),
+               "headers": {side: ({(h["header"]["key"], h["header"]["value"], h["append_action"])
+                                   for h in route.get(f"{side}_headers_to_add", ())},
+                                  sorted(route.get(f"{side}_headers_to_remove", ())))
+                           for side in ("request", "response")},
+               "cors": _envoy_cors(per_filter.get("envoy.filters.http.cors"))}
+    if "redirect" in route:
+        r = route["redirect"]
+        return {**meaning, "redirect": _location(r.get("scheme_redirect"), r.get("host_redirect"), r.get("port_redirect"),
+                                                 r.get("path_redirect"), _ENVOY_CODES[r.get("response_code", "MOVED_PERMANENTLY")])}
+    if "direct_response" in route:
+        d = route["direct_response"]
+        return {**meaning, "direct_response": (d["status"], d.get("body", {}).get("inline_string"))}
+    action = route["route"]
+    regex = action.get("regex_rewrite")
+    mirrors = action.get("request_mirror_policies", ())
+    assert len(mirrors) <= 1 and all(m["trace_sampled"] is False for m in mirrors)
+    return {**meaning,
+            "destinations": _envoy_destinations(action),
+            "timeout": _seconds(action.get("timeout")),
+            "retry": _envoy_retry(action.get("retry_policy")),
+            "rewrite": (action.get("prefix_rewrite"), regex and (regex["pattern"]["regex"], regex["substitution"]),
+                        action.get("host_rewrite_literal")),
+            "mirror": (mirrors[0]["cluster"], _envoy_ppm(mirrors[0]["runtime_fraction"]["default_value"])) if mirrors else None,
+            "fault": _envoy_fault(per_filter.get("envoy.filters.http.fault"))}
+
+
+def _envoy_match(match: dict) -> dict:
+    (kind, value), = ((k, v) for k, v in match.items() if k in ("prefix", "path", "safe_regex"))
+    path = ("regex", value["regex"]) if kind == "safe_regex" else ({"path": "exact"}.get(kind, kind), value)
+    return {"path": path, "headers": {(h["name"], *_envoy_string(h)) for h in match.get("headers", ())},
+            "query": {(q["name"], *_envoy_string(q["string_match"])) for q in match.get("query_parameters", ())}}
+
+
+def _envoy_string(match: dict) -> tuple:
+    if match.get("present_match"):
+        return ("present", True)
+    match = match.get("string_match", match)
+    (kind, value), = match.items()
+    return ("regex", value["regex"]) if kind == "safe_regex" else (kind, value)
+
+
+def _envoy_ppm(fraction: dict) -> int:
+    per = {"HUNDRED": 10000, "TEN_THOUSAND": 100, "MILLION": 1}[fraction.get("denominator", "HUNDRED")]
+    return fraction.get("numerator", 0) * per
+
+
+def _envoy_cors(cors: dict | None) -> dict | None:
+    if cors is None:
+        return None
+    assert cors["filter_enabled"]["default_value"] == {"numerator": 100, "denominator": "HUNDRED"}
+    split = lambda key: cors[key].split(",") if key in cors else []  # noqa: E731
+    return {"origins": [_envoy_string(o) for o in cors.get("allow_origin_string_match", ())],
+            "methods": split("allow_methods"), "headers": split("allow_headers"), "expose": split("expose_headers"),
+            "max_age": cors.get("max_age") and int(cors["max_age"]), "credentials": cors.get("allow_credentials")}
+
+
+def _envoy_fault(fault: dict | None) -> dict | None:
+    if fault is None:
+        return None
+    out = {}
+    if "delay" in fault:
+        out["delay"] = (_seconds(fault["delay"]["fixed_delay"]), _envoy_ppm(fault["delay"]["percentage"]))
+    if "abort" in fault:
+        abort = fault["abort"]
+        code = ("http", abort["http_status"]) if "http_status" in abort else ("grpc", abort["grpc_status"])
+        out["abort"] = (*code, _envoy_ppm(abort["percentage"]))
     return out
 
 
@@ -147,11 +314,23 @@ def test_every_route_means_the_same_in_both_targets(tree):
 
 def test_the_comparison_covers_routes_with_and_without_retries():
     """The trees hold the cases that matter: a default retry, a policy's own, and hashing."""
-    meanings = [r["retry"] for tree in TREES.values() for r in _envoy_routes(tree).values()]
+    meanings = [r["retry"] for tree in TREES.values() for r in _envoy_routes(tree).values() if "retry" in r]
     assert any(r == {**ISTIO_DEFAULT_RETRY, "previous_hosts": True} for r in meanings)
     assert any(r and r["retry_on"] != ISTIO_DEFAULT_RETRY["retry_on"] for r in meanings)
     assert any(r and not r["previous_hosts"] for r in meanings)
     assert len(TREES) >= 10
+
+
+def test_the_comparison_covers_every_part_of_a_route():
+    """Each part compared above is set somewhere, so none is compared only as absent."""
+    routes = [r for tree in TREES.values() for r in _envoy_routes(tree).values()]
+    for part in ("redirect", "direct_response", "fault", "mirror", "cors"):
+        assert any(r.get(part) for r in routes), part
+    assert any(any(r["rewrite"]) for r in routes if "rewrite" in r)
+    assert any(r["headers"]["request"] != (set(), []) and r["headers"]["response"] != (set(), []) for r in routes)
+    kinds = {kind for r in routes for kind in [r["match"]["path"][0]] + [h[1] for h in r["match"]["headers"]]}
+    assert kinds >= {"exact", "prefix", "regex", "present"}
+    assert any(r["match"]["query"] for r in routes)
 
 
 def test_what_is_left_out_is_patched_by_its_environment():
