@@ -137,6 +137,36 @@ def _check_ip(value) -> str | None:
     return None if isinstance(value, str) and is_ip(value) else f"{value!r} is not an IP address"
 
 
+def _present(value: dict, keys: tuple[str, ...]) -> list[str]:
+    """The keys of `value` that are set (an overlay's null removes a key, so it counts as absent)."""
+    return [k for k in keys if value.get(k) is not None]
+
+
+ROUTE_ACTIONS = ("traffic", "redirect", "directResponse")
+
+
+def _check_route(value) -> str | None:
+    actions = _present(value, ROUTE_ACTIONS)
+    if len(actions) > 1:
+        return (f"sets both `{actions[0]}` and `{actions[1]}`: a route takes one action, `traffic`, `redirect` or "
+                "`directResponse` (an override that changes the action sets the other to null)")
+    return None
+
+
+def _check_abort(value) -> str | None:
+    codes = _present(value, ("status", "grpcStatus"))
+    if len(codes) != 1:
+        return ("needs the status it answers with: `status` (HTTP) or `grpcStatus`" if not codes
+                else "takes `status` or `grpcStatus`, not both")
+    return None
+
+
+def _check_redirect(value) -> str | None:
+    if not _present(value, ("path", "scheme", "host", "port")):
+        return "needs where it sends: `path`, `scheme`, `host` or `port` (else it sends the client back to the same URL)"
+    return None
+
+
 CHECKS: dict[str, Callable[[object], str | None]] = {
     "duration": _check_duration,
     "load_balancer": _check_load_balancer,
@@ -144,6 +174,9 @@ CHECKS: dict[str, Callable[[object], str | None]] = {
     "seconds": _check_seconds,
     "endpoints": _check_endpoints,
     "ip": _check_ip,
+    "route": _check_route,
+    "abort": _check_abort,
+    "redirect": _check_redirect,
 }
 
 
@@ -196,7 +229,7 @@ _HTTP_POLICY = {  # what a service sets for its HTTP routes and a route may set 
         "minlength": 1,
         "schema": {
             "delay": {"type": "dict", "schema": {"fixed": {**_duration, "required": True}, "percent": _percent}},
-            "abort": {"type": "dict", "schema": {"status": _status, "grpcStatus": {"type": "string", "allowed": GRPC_STATUSES},
+            "abort": {"type": "dict", "check_with": "abort", "schema": {"status": _status, "grpcStatus": {"type": "string", "allowed": GRPC_STATUSES},
                                                  "percent": _percent}},
         },
     },
@@ -249,7 +282,7 @@ _ROUTE = {
     "traffic": _traffic,
     "redirect": {
         "type": "dict",
-        "minlength": 1,
+        "check_with": "redirect",
         "schema": {"path": _path, "scheme": {"type": "string", "allowed": ("http", "https")},
                    "host": {"type": "string", "regex": DNS1123_SUBDOMAIN, "meta": {"what": "a host name"}},
                    "port": _port, "code": {"type": "integer", "allowed": REDIRECT_CODES}},
@@ -290,7 +323,7 @@ SPEC = {
         "valuesrules": {"type": "dict", "schema": {"labels": {**_labels, "required": True, "minlength": 1}}},
     },
     "traffic": _traffic,
-    "routes": {"type": "dict", "keysrules": _label, "valuesrules": {"type": "dict", "schema": _ROUTE}},
+    "routes": {"type": "dict", "keysrules": _label, "valuesrules": {"type": "dict", "check_with": "route", "schema": _ROUTE}},
     **_HTTP_POLICY,
     "loadBalancer": {
         # A scalar (ROUND_ROBIN, ...) or a mapping: `schema` applies to the mapping form only.
@@ -549,24 +582,6 @@ def _validator_class():
             "number": cerberus.TypeDefinition("number", (int, float), (bool,)),
         }
 
-        def _check_with_duration(self, field, value):
-            self._check("duration", field, value)
-
-        def _check_with_load_balancer(self, field, value):
-            self._check("load_balancer", field, value)
-
-        def _check_with_consistent_hash(self, field, value):
-            self._check("consistent_hash", field, value)
-
-        def _check_with_seconds(self, field, value):
-            self._check("seconds", field, value)
-
-        def _check_with_endpoints(self, field, value):
-            self._check("endpoints", field, value)
-
-        def _check_with_ip(self, field, value):
-            self._check("ip", field, value)
-
         def _check(self, name, field, value):
             # cerberus runs check_with even on a null (nullable or not); the nullable rule has
             # answered for it already, as in the fast path. CHECKS functions take non-null values.
@@ -585,7 +600,13 @@ def _validator_class():
         def _validate_meta(self, constraint, field, value):
             """{'type': 'dict'}"""  # schema for cerberus' own schema check: meta carries our wording
 
-    return _Validator
+    # `check_with: NAME` calls `_check_with_NAME`, which cerberus' metaclass must see when it makes the class.
+    checkers = {f"_check_with_{name}": _checker(name) for name in CHECKS}
+    return type("Validator", (_Validator,), checkers)
+
+
+def _checker(name: str):
+    return lambda self, field, value: self._check(name, field, value)
 
 
 def validate(
