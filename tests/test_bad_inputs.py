@@ -87,6 +87,9 @@ RULES = [
     ("bad-ingress-generated-name", "istio.duplicate-object"),
     ("bad-patch-identity", "patch.op-failed"),
     ("bad-override-split-keeps-stable", "traffic.shape"),
+    ("bad-route-two-actions", "schema.value"),
+    ("bad-fault-abort-status", "schema.value"),
+    ("bad-redirect-no-target", "schema.value"),
 ]
 DIAGNOSTIC_LINE = re.compile(r"^(environments|policies)/[^:]+\.ya?ml:\d+:\d+: (error|warning|note): \S.*$")
 
