@@ -221,11 +221,16 @@ def _string_covers(a, b) -> bool:
     return a.kind is b.kind and a.value == b.value  # exact, and regex (only when written alike)
 
 
+def _mirror_holders(svc: m.Service) -> list[tuple[tuple, m.Mirror]]:
+    """(spec path, mirror) of the service's mirror and of each named route that sets another."""
+    holders = [((), svc.mirror)] + [(r.source, r.mirror) for r in named_routes(svc) if r.mirror != svc.mirror]
+    return [(at, mirror) for at, mirror in holders if mirror is not None]
+
+
 def _mirrors(svc: m.Service, diags: Diagnostics) -> None:
     """A mirror of this service names one of its versions (another service's are `claims`')."""
-    holders = [((), svc.mirror)] + [(r.source, r.mirror) for r in named_routes(svc) if r.mirror != svc.mirror]
-    for at, mirror in holders:
-        if mirror is None or mirror.service != svc.key:
+    for at, mirror in _mirror_holders(svc):
+        if mirror.service != svc.key:
             continue
         if mirror.version is None:
             diags.error("mirror.target", "a mirror needs a `version` of this service, or another `service`: "
@@ -405,31 +410,46 @@ class Claims:
     `ports` is every (number, is TCP, span) of the service; `ingress_hosts` its (host, span)
     pairs; `generated` the `namespace/name` of each object named after it for another
     purpose (the ingress VirtualService `<name>-ingress`), with the span that asked for it.
+
+    Two fields are references rather than claims, checked against the other units for the
+    same reason: `versions` names the service's versions, and `mirrors` each (service,
+    version or None, port, span of the service, span of the version) that this service
+    copies requests to in another service.
     """
 
     key: str
     ports: tuple[tuple[int, bool, Span | None], ...] = ()
     ingress_hosts: tuple[tuple[str, Span | None], ...] = ()
     generated: tuple[tuple[str, Span | None], ...] = ()
+    versions: tuple[str, ...] = ()
+    mirrors: tuple[tuple[str, str | None, int, Span | None, Span | None], ...] = ()
+    failed: bool = False  # the service did not compile: what it holds is unknown (never cached)
 
     @classmethod
     def of(cls, svc: m.Service) -> "Claims":
         at = svc.spans.at
         ports = tuple((p.number, not p.is_http, at(("ports", i, "port"))) for i, p in enumerate(svc.ports))
-        if svc.ingress is None:
-            return cls(svc.key, ports)
-        hosts = tuple((h, at(("ingress", "hosts", i))) for i, h in enumerate(svc.ingress.hosts))
-        return cls(svc.key, ports, hosts, ((f"{svc.key}-ingress", svc.spans.key_at(("ingress",))),))
+        hosts, generated = (), ()
+        if svc.ingress is not None:
+            hosts = tuple((h, at(("ingress", "hosts", i))) for i, h in enumerate(svc.ingress.hosts))
+            generated = ((f"{svc.key}-ingress", svc.spans.key_at(("ingress",))),)
+        # A mirror to another service copies to the same port of it as the request came in on.
+        mirrors = tuple((mirror.service, mirror.version, p.number, at(path + ("mirror", "service")), at(path + ("mirror", "version")))
+                        for path, mirror in _mirror_holders(svc) if mirror.service != svc.key
+                        for p in svc.ports if p.is_http)
+        return cls(svc.key, ports, hosts, generated, tuple(v.name for v in svc.versions), mirrors)
 
     def to_json(self) -> list:
         return [self.key, [[n, tcp, _row(s)] for n, tcp, s in self.ports], [[h, _row(s)] for h, s in self.ingress_hosts],
-                [[g, _row(s)] for g, s in self.generated]]
+                [[g, _row(s)] for g, s in self.generated], list(self.versions),
+                [[k, v, n, _row(s), _row(vs)] for k, v, n, s, vs in self.mirrors]]
 
     @classmethod
     def from_json(cls, value: list) -> "Claims":
-        key, ports, hosts, generated = value
+        key, ports, hosts, generated, versions, mirrors = value
         return cls(key, tuple((n, tcp, _span(s)) for n, tcp, s in ports), tuple((h, _span(s)) for h, s in hosts),
-                   tuple((g, _span(s)) for g, s in generated))
+                   tuple((g, _span(s)) for g, s in generated), tuple(versions),
+                   tuple((k, v, n, _span(s), _span(vs)) for k, v, n, s, vs in mirrors))
 
 
 def _row(span: Span | None) -> list | None:
@@ -489,6 +509,7 @@ def _clashes(units: list[Claims]):
                    "binds one listener per port and, without service addresses, cannot tell their connections "
                    "apart; give each TCP service a port of its own",
                    span, tuple(Note(f"{k} uses port {number} here", s) for k, s in others))
+    yield from _mirror_targets(units)
     keys = {u.key for u in units}
     for u in units:
         for name, span in u.generated:
@@ -496,3 +517,28 @@ def _clashes(units: list[Claims]):
                 yield ("istio.duplicate-object",
                        f"VirtualService {name}, generated for the ingress of {u.key} in {{where}}, is also the name of "
                        f"{name}'s own VirtualService; rename one of the services", span, ())
+
+
+def _mirror_targets(units: list[Claims]):
+    """A mirror to another service names a service of the environment, one of its versions
+    and an HTTP port it has: else Envoy's mirror cluster does not exist and Istio's subset
+    does not either."""
+    by_key = {u.key: u for u in units}
+    for u in units:
+        found = {}  # each HTTP port of the service finds the same missing service: report it once
+        for key, version, port, span, version_span in u.mirrors:
+            target = by_key.get(key)
+            if target is not None and target.failed:
+                continue  # its own errors are reported; what it would define is unknown
+            if target is None:
+                found.setdefault(("mirror.unknown-service", span), (
+                    f"mirror service {key!r} is not a service in {{where}}{did_you_mean(key, list(by_key))}", ()))
+            elif version is not None and version not in target.versions:
+                found.setdefault(("mirror.unknown-version", version_span), (
+                    f"mirror version {version!r} is not a version of {key} in {{where}}{_hint(version, list(target.versions))}", ()))
+            elif not any(n == port and not tcp for n, tcp, _ in target.ports):
+                found.setdefault(("mirror.port", span), (
+                    f"{key} has no HTTP port {port} in {{where}}: a mirror to another service copies each request "
+                    "to that service's port of the number it came in on", (Note(f"{key}'s ports", target.ports[0][2]),)))
+        for (code, span), (message, notes) in found.items():
+            yield code, message, span, notes

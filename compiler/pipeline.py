@@ -3,7 +3,7 @@
     load → validate          validate.load_inputs     policies and environments, parsed and schema-checked
     merge → model → check    units.compile_units      one service in one environment: overlays merged,
              → lower                                  built, checked, lowered by each target
-    check (between services) check.claims             ingress hosts, TCP ports, generated names
+    check (between services) check.claims             ingress hosts, TCP ports, generated names, mirrors
     emit                     _emit                    each target assembles an environment's files
     publish | serve          (callers: cli, gitops, xds read what this returns)
 
@@ -69,7 +69,7 @@ def compile_source(source: Source, envs: Sequence[str] | None = None, jobs: int 
             for env_units in by_env.values():
                 for unit in env_units:
                     diags.extend(unit.diagnostics)
-            check.claims({env: [u.claims for u in us if u.fragments] for env, us in by_env.items()}, diags)
+            check.claims({env: [u.claims for u in us] for env, us in by_env.items()}, diags)
             if not diags.has_errors:
                 result.outputs = {ctx.env.name: _emit(ctx, by_env[ctx.env.name], diags) for ctx in contexts}
             if models and not diags.has_errors:

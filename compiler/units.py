@@ -129,7 +129,7 @@ def _unit(ctx: EnvContext, policy: Policy, keep_spans: bool, keep_model: bool) -
     diags = Diagnostics()
     svc = service(ctx, policy, diags)
     if svc is None:
-        return Unit(policy.key, check.Claims(policy.key), {}, tuple(diags))
+        return Unit(policy.key, check.Claims(policy.key, failed=True), {}, tuple(diags))
     fragments = {target.NAME: target.lower_service(svc, ctx.env) for target in registry()}
     claims = check.Claims.of(svc)
     if not keep_model and not diags:

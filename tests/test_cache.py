@@ -172,3 +172,22 @@ def test_an_integer_beyond_64_bits_in_a_patch_compiles_with_the_cache(example_re
     assert cached.ok, [d.render() for d in cached.diagnostics]
     assert b"oncall: 123456789012345678901234567890" in cached.outputs["prod"]["istio/bookinfo/reviews.yaml"]
     assert _rendered(cached) == _rendered(_compile(example_repo, tmp_path / "cache")) == _rendered(_compile(example_repo))
+
+
+def test_a_mirror_into_a_changed_service_is_checked_from_the_cache(example_repo, tmp_path, monkeypatch):
+    """A unit's claims carry the mirrors it sends to other services: when the target moves
+    off the mirrored port, the mirroring unit, unchanged and cached, is reported at its span."""
+    cache_dir = tmp_path / "cache"
+    details = example_repo / "policies" / "bookinfo" / "details.yaml"
+    details.write_text(details.read_text() + "  mirror: {service: bookinfo/ratings, version: v2, percent: 10}\n")
+    assert _compile(example_repo, cache_dir).ok
+    computed = _counting_units(monkeypatch)
+    ratings = example_repo / "policies" / "bookinfo" / "ratings.yaml"
+    ratings.write_text(ratings.read_text().replace("port: 9080,", "port: 9090,"))
+    result = _compile(example_repo, cache_dir)
+    assert {key for _, key in computed} == {"bookinfo/ratings"}
+    errors = [d for d in result.diagnostics if d.is_error]
+    assert [(d.code, d.span.path, d.span.line) for d in errors] == [
+        ("mirror.port", "policies/bookinfo/details.yaml", details.read_text().count("\n"))]
+    assert errors[0].message.startswith("bookinfo/ratings has no HTTP port 9080 in environments 'dev', 'prod', 'staging'")
+    assert [d.render() for d in result.diagnostics] == [d.render() for d in _compile(example_repo).diagnostics]

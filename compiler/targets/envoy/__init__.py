@@ -36,6 +36,7 @@ A fragment (every list in the service's order unless said otherwise):
                                         # domains sorted, short names included
      "tcp": [{"port": int, "tcp_proxy": TcpProxy}],
      "ingress": null | {"port": int, "virtual_hosts": [[host, Piece(VirtualHost)]]},
+     "mirrored": [cluster_name],        # other services' clusters its routes mirror to, sorted
      "problems": [problem],             # {"code", "message", "severity", "span"}
      "spans": {"service", "ingress_port": [path, line, col] | null}}
 
@@ -86,7 +87,8 @@ def lower_service(service: Service, env: Environment) -> dict:
     assignments = endpoints.lower(upstreams)
     http, ingress = routes.lower(service)
     tcp = listeners.lower(service)
-    _check_service(env, service, cluster_list, assignments, http, ingress, tcp)
+    mirrored = routes.mirrored_elsewhere(service)
+    _check_service(env, service, cluster_list + [{"name": n} for n in mirrored], assignments, http, ingress, tcp)
     if ingress is not None:
         ingress = {**ingress, "virtual_hosts": [[host, Piece.json(vh, VIRTUAL_HOST_DEPTH)] for host, vh in ingress["virtual_hosts"]]}
     return {
@@ -97,6 +99,7 @@ def lower_service(service: Service, env: Environment) -> dict:
                   "virtual_host": Piece.json(e["virtual_host"], VIRTUAL_HOST_DEPTH)} for e in http],
         "tcp": tcp,
         "ingress": ingress,
+        "mirrored": mirrored,
         "problems": problems,
         "spans": {"service": span_of(service), "ingress_port": span_of(service, "ingress", "port")},
     }
@@ -109,7 +112,8 @@ def _run(resources: list[dict], name_key: str) -> dict:
 
 
 def _check_service(env: Environment, service: Service, cluster_list, assignments, http, ingress, tcp) -> None:
-    """Every reference inside one service's resources resolves among them."""
+    """Every reference inside one service's resources resolves among them (and the clusters
+    of other services it mirrors to, which `assemble` checks)."""
     hosts = [e["virtual_host"] for e in http]
     if ingress is not None:
         hosts += [vh for _, vh in ingress["virtual_hosts"]]
@@ -141,6 +145,9 @@ def assemble(env: Environment, fragments: list[dict]) -> Lowered:
     problems = consistency_errors({"listeners": listener_list,
                                    "routes": [{"name": n} for n in names["routes"]],
                                    "clusters": [{"name": n} for n in names["clusters"]]}) + _duplicates(names)
+    clusters_here = set(names["clusters"])
+    problems += [f"{f['service']}: mirror cluster {n!r} does not exist" for f in fragments for n in f["mirrored"]
+                 if n not in clusters_here]
     if problems:
         raise InconsistentSnapshot(env.name, problems)
     resources = {

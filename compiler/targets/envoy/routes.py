@@ -293,6 +293,14 @@ def _action_policy(r: Route, hashing: ConsistentHash | None, port: int) -> dict:
     return policy
 
 
+def mirrored_elsewhere(service: Service) -> list[str]:
+    """The clusters of other services that this service's routes mirror to: they come with
+    the other service's fragment (`check.claims` has made sure it has them)."""
+    return sorted({cluster_name(p.number, r.mirror.fqdn, r.mirror.version or "")
+                   for r in service.routes if r.mirror and r.mirror.percent > 0 and r.mirror.service != service.key
+                   for p in service.ports if p.is_http})
+
+
 def _action(destinations: tuple[tuple[str, int], ...], policy: dict) -> dict:
     if len(destinations) == 1:
         return {"cluster": destinations[0][0], **policy}
