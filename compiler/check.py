@@ -320,6 +320,11 @@ HTTP_ONLY = (
     HttpOnly(("traffic", "canary", "match"), "a header match", lambda s: bool(s.traffic.match)),
     *(HttpOnly(rule.path, rule.what, lambda s, rule=rule: rule.on_policy(s.policy), rule.on_spec) for rule in POLICY_HTTP_ONLY),
     HttpOnly(("ingress",), "an HTTP ingress", lambda s: s.ingress is not None),
+    HttpOnly(("routes",), "a named route", lambda s: bool(named_routes(s)), lambda spec: bool(spec["routes"])),
+    HttpOnly(("fault",), "fault injection", lambda s: s.fault is not None),
+    HttpOnly(("mirror",), "mirroring", lambda s: s.mirror is not None),
+    HttpOnly(("headers",), "header rewriting", lambda s: s.headers is not None),
+    HttpOnly(("cors",), "a CORS policy", lambda s: s.cors is not None),
 )
 
 

@@ -90,6 +90,7 @@ RULES = [
     ("bad-route-two-actions", "schema.value"),
     ("bad-fault-abort-status", "schema.value"),
     ("bad-redirect-no-target", "schema.value"),
+    ("bad-tcp-routes", "tcp.http-setting"),
 ]
 # More than one code: each of a case's errors is a different way to miss a target.
 MANY_CODES = {"bad-mirror-target": {"mirror.unknown-service", "mirror.unknown-version", "mirror.port"}}
