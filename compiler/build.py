@@ -308,7 +308,7 @@ def _tls(tls: dict | None) -> m.Tls | None:
 def _ingress(ing: dict | None) -> m.Ingress | None:
     if ing is None:
         return None
-    return m.Ingress(tuple(ing["hosts"]), ing.get("port", 80), tuple(dict.fromkeys(ing.get("paths") or ())))
+    return m.Ingress(tuple(ing["hosts"]), ing.get("port", 80), tuple(ing.get("paths") or ()))
 
 
 def endpoints(raw) -> m.Endpoints:

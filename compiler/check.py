@@ -17,7 +17,7 @@ from compiler.values import human_duration
 
 def service(svc: m.Service, diags: Diagnostics) -> None:
     """Every per-service check."""
-    for check in (_ports, _versions_referenced, _weights, _regexes, _tcp_only, _retry_budget, _ingress_hosts_once,
+    for check in (_ports, _versions_referenced, _weights, _regexes, _tcp_only, _retry_budget, _ingress_hosts_once, _ingress_paths,
                   _port_policies_replace, _route_names, _route_actions, _shadowed_routes, _mirrors, _headers, _cors):
         check(svc, diags)
 
@@ -395,12 +395,26 @@ def _retry_budget(svc: m.Service, diags: Diagnostics) -> None:
 def _ingress_hosts_once(svc: m.Service, diags: Diagnostics) -> None:
     if svc.ingress is None:
         return
-    first: dict[str, int] = {}
-    for i, host in enumerate(svc.ingress.hosts):
-        if host in first:
-            diags.error("ingress.host-conflict", f"ingress host {host!r} is listed twice", svc.spans.at(("ingress", "hosts", i)),
-                        Note("first listed here", svc.spans.at(("ingress", "hosts", first[host]))))
-        first.setdefault(host, i)
+    for field, what in (("hosts", "ingress host"), ("paths", "ingress path")):
+        first: dict[str, int] = {}
+        for i, value in enumerate(getattr(svc.ingress, field)):
+            if value in first:
+                diags.error(f"ingress.{field[:-1]}-conflict", f"{what} {value!r} is listed twice", svc.spans.at(("ingress", field, i)),
+                            Note("first listed here", svc.spans.at(("ingress", field, first[value]))))
+            first.setdefault(value, i)
+
+
+def _ingress_paths(svc: m.Service, diags: Diagnostics) -> None:
+    """On its ingress paths the gateway takes a route only within them: a regex path has no
+    such form (RE2 has no look-ahead to add `and it starts with /api`)."""
+    if svc.ingress is None or not svc.ingress.paths:
+        return
+    for r in named_routes(svc):
+        if r.match.path is not None and r.match.path.kind is m.MatchKind.REGEX:
+            diags.error("ingress.path-regex", "a route that matches its path by regex cannot be served under `ingress.paths`: "
+                        "the gateway would need both the regex and the path prefix, which one Envoy or Istio path "
+                        "match cannot say; match a prefix or an exact path", svc.spans.at(r.source + ("match", "path", "regex")),
+                        Note("ingress paths set here", svc.spans.key_at(("ingress", "paths"))))
 
 
 # -- between services ----------------------------------------------------------------------
@@ -412,8 +426,9 @@ class Claims:
     that name it: carried by every compiled unit, cached or not (`to_json` / `from_json`),
     so the checks between services never need the model.
 
-    `ports` is every (number, is TCP, span) of the service; `ingress_hosts` its (host, span)
-    pairs; `generated` the `namespace/name` of each object named after it for another
+    `ports` is every (number, is TCP, span) of the service; `ingress` each (host, path
+    prefix or None for what no other service takes, ingress port, span, span of the port)
+    it serves at the gateway, the span the path's where there is one; `generated` the `namespace/name` of each object named after it for another
     purpose (the ingress VirtualService `<name>-ingress`), with the span that asked for it.
 
     Two fields are references rather than claims, checked against the other units for the
@@ -424,7 +439,7 @@ class Claims:
 
     key: str
     ports: tuple[tuple[int, bool, Span | None], ...] = ()
-    ingress_hosts: tuple[tuple[str, Span | None], ...] = ()
+    ingress: tuple[tuple[str, str | None, int, Span | None, Span | None], ...] = ()
     generated: tuple[tuple[str, Span | None], ...] = ()
     versions: tuple[str, ...] = ()
     mirrors: tuple[tuple[str, str | None, int, Span | None, Span | None], ...] = ()
@@ -434,25 +449,29 @@ class Claims:
     def of(cls, svc: m.Service) -> "Claims":
         at = svc.spans.at
         ports = tuple((p.number, not p.is_http, at(("ports", i, "port"))) for i, p in enumerate(svc.ports))
-        hosts, generated = (), ()
+        ingress, generated = (), ()
         if svc.ingress is not None:
-            hosts = tuple((h, at(("ingress", "hosts", i))) for i, h in enumerate(svc.ingress.hosts))
+            ing, port_span = svc.ingress, at(("ingress", "port")) or svc.spans.key_at(("ingress",))
+            paths = [(p, at(("ingress", "paths", j))) for j, p in enumerate(ing.paths)]
+            ingress = tuple((h, prefix, ing.port, span if prefix else at(("ingress", "hosts", i)), port_span)
+                            for i, h in enumerate(ing.hosts) for prefix, span in paths or [(None, None)])
             generated = ((f"{svc.key}-ingress", svc.spans.key_at(("ingress",))),)
         # A mirror to another service copies to the same port of it as the request came in on.
         mirrors = tuple((mirror.service, mirror.version, p.number, at(path + ("mirror", "service")), at(path + ("mirror", "version")))
                         for path, mirror in _mirror_holders(svc) if mirror.service != svc.key
                         for p in svc.ports if p.is_http)
-        return cls(svc.key, ports, hosts, generated, tuple(v.name for v in svc.versions), mirrors)
+        return cls(svc.key, ports, ingress, generated, tuple(v.name for v in svc.versions), mirrors)
 
     def to_json(self) -> list:
-        return [self.key, [[n, tcp, _row(s)] for n, tcp, s in self.ports], [[h, _row(s)] for h, s in self.ingress_hosts],
+        return [self.key, [[n, tcp, _row(s)] for n, tcp, s in self.ports], [[h, p, n, _row(s), _row(ps)] for h, p, n, s, ps in self.ingress],
                 [[g, _row(s)] for g, s in self.generated], list(self.versions),
                 [[k, v, n, _row(s), _row(vs)] for k, v, n, s, vs in self.mirrors]]
 
     @classmethod
     def from_json(cls, value: list) -> "Claims":
-        key, ports, hosts, generated, versions, mirrors = value
-        return cls(key, tuple((n, tcp, _span(s)) for n, tcp, s in ports), tuple((h, _span(s)) for h, s in hosts),
+        key, ports, ingress, generated, versions, mirrors = value
+        return cls(key, tuple((n, tcp, _span(s)) for n, tcp, s in ports),
+                   tuple((h, p, n, _span(s), _span(ps)) for h, p, n, s, ps in ingress),
                    tuple((g, _span(s)) for g, s in generated), tuple(versions),
                    tuple((k, v, n, _span(s), _span(vs)) for k, v, n, s, vs in mirrors))
 
@@ -488,14 +507,7 @@ def claims(by_environment: dict[str, list[Claims]], diags: Diagnostics) -> None:
 def _clashes(units: list[Claims]):
     """(code, message, span, notes) of every clash among one environment's services, in mesh order;
     `{where}` in a message stands for the environments it occurs in."""
-    owner: dict[str, tuple[str, Span | None]] = {}
-    for u in units:
-        for host, span in u.ingress_hosts:
-            if host in owner and owner[host][0] != u.key:
-                first, first_span = owner[host]
-                yield ("ingress.host-conflict", f"ingress host {host!r} is claimed by both {first} and {u.key} in {{where}}", span,
-                       (Note(f"{first} claims it here", first_span),))
-            owner.setdefault(host, (u.key, span))
+    yield from _ingress_clashes(units)
     by_port: dict[int, list[tuple[str, bool, Span | None]]] = {}
     for u in units:
         for number, tcp, span in u.ports:
@@ -522,6 +534,25 @@ def _clashes(units: list[Claims]):
                 yield ("istio.duplicate-object",
                        f"VirtualService {name}, generated for the ingress of {u.key} in {{where}}, is also the name of "
                        f"{name}'s own VirtualService; rename one of the services", span, ())
+
+
+def _ingress_clashes(units: list[Claims]):
+    """One host and path prefix (or the rest of a host) is one service's; the services that
+    share a host serve it on one port: the gateway has one server per host and port."""
+    owner: dict[tuple[str, str | None], tuple[str, Span | None]] = {}
+    port_of: dict[str, tuple[str, int, Span | None]] = {}
+    for u in units:
+        for host, prefix, port, span, port_span in u.ingress:
+            what = f"ingress host {host!r}" + (f" path {prefix!r}" if prefix else "")
+            first = owner.setdefault((host, prefix), (u.key, span))
+            if first[0] != u.key:
+                yield ("ingress.host-conflict", f"{what} is claimed by both {first[0]} and {u.key} in {{where}}", span,
+                       (Note(f"{first[0]} claims it here", first[1]),))
+            first_port = port_of.setdefault(host, (u.key, port, port_span))
+            if first_port[0] != u.key and first_port[1] != port:
+                yield ("ingress.port-conflict", f"ingress host {host!r} is served on port {port} by {u.key} and on port "
+                       f"{first_port[1]} by {first_port[0]} in {{where}}: services that share a host share its port", port_span,
+                       (Note(f"{first_port[0]} serves it on port {first_port[1]} here", first_port[2]),))
 
 
 def _mirror_targets(units: list[Claims]):

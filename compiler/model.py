@@ -9,7 +9,7 @@ line that set a value.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
 from compiler.diagnostics import SpanMap
@@ -145,6 +145,16 @@ class RouteMatch:
     def is_everything(self) -> bool:
         every_path = self.path in (None, StringMatch(MatchKind.PREFIX, "/"), StringMatch(MatchKind.REGEX, ".*"))
         return every_path and not (self.methods or self.headers or self.query)
+
+    def under(self, prefix: str) -> "RouteMatch | None":
+        """This match, taking only paths that start with `prefix` (a shared ingress host's
+        path): None when it takes none of them. A regex path has no such form (RE2 has no
+        look-ahead): `check` refuses one on a service with ingress paths."""
+        path = self.path
+        if path is None or (path.kind is MatchKind.PREFIX and prefix.startswith(path.value)):
+            return replace(self, path=StringMatch(MatchKind.PREFIX, prefix))  # it takes all of `prefix`
+        assert path.kind is not MatchKind.REGEX, "a regex path under ingress paths passed check"
+        return self if path.value.startswith(prefix) else None  # an exact path or a longer prefix
 
 
 @dataclass(frozen=True)

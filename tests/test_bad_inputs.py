@@ -93,7 +93,11 @@ RULES = [
     ("bad-tcp-routes", "tcp.http-setting"),
 ]
 # More than one code: each of a case's errors is a different way to miss a target.
-MANY_CODES = {"bad-mirror-target": {"mirror.unknown-service", "mirror.unknown-version", "mirror.port"}}
+MANY_CODES = {
+    "bad-mirror-target": {"mirror.unknown-service", "mirror.unknown-version", "mirror.port"},
+    "bad-ingress-shared-host": {"ingress.path-regex", "ingress.path-conflict"},
+    "bad-ingress-path-conflict": {"ingress.host-conflict", "ingress.port-conflict"},
+}
 DIAGNOSTIC_LINE = re.compile(r"^(environments|policies)/[^:]+\.ya?ml:\d+:\d+: (error|warning|note): \S.*$")
 
 

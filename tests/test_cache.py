@@ -191,3 +191,25 @@ def test_a_mirror_into_a_changed_service_is_checked_from_the_cache(example_repo,
         ("mirror.port", "policies/bookinfo/details.yaml", details.read_text().count("\n"))]
     assert errors[0].message.startswith("bookinfo/ratings has no HTTP port 9080 in environments 'dev', 'prod', 'staging'")
     assert [d.render() for d in result.diagnostics] == [d.render() for d in _compile(example_repo).diagnostics]
+
+
+def test_a_shared_ingress_host_follows_a_change_to_one_of_its_services(tmp_path, monkeypatch):
+    """The host's VirtualService is in its owner's file but holds every claimant's routes:
+    a change to one claimant rewrites it, while the owner's own unit stays cached."""
+    import shutil
+
+    from conftest import GOLDEN
+
+    repo = tmp_path / "repo"
+    shutil.copytree(GOLDEN / "ingress-shared-host", repo, ignore=shutil.ignore_patterns("expected*"))
+    cache_dir = tmp_path / "cache"
+    before = _compile(repo, cache_dir)
+    computed = _counting_units(monkeypatch)
+    search = repo / "policies" / "catalog" / "search.yaml"
+    search.write_text(search.read_text().replace("paths: [/api/search]", "paths: [/api/find]"))
+    after = _compile(repo, cache_dir)
+    assert computed == [("prod", "catalog/search")]
+    assert _rendered(after) == _rendered(_compile(repo))
+    storefront = "istio/shop/storefront.yaml"
+    assert b"prefix: /api/search" in before.outputs["prod"][storefront]
+    assert b"prefix: /api/find" in after.outputs["prod"][storefront] and b"/api/search" not in after.outputs["prod"][storefront]

@@ -312,6 +312,55 @@ def test_every_route_means_the_same_in_both_targets(tree):
         assert envoy[key] == istio[key], key
 
 
+def _istio_gateway_routes(tree: Path) -> dict[tuple[str, int], list[dict]]:
+    """(ingress host, gateway port) → what each route of its gateway-bound VirtualService means, in order.
+    A route's destination port and hashing are its service's (a shared host routes to several)."""
+    docs = [d for path in sorted((tree / "istio").rglob("*.yaml")) for d in yaml.safe_load_all(path.read_text()) if d]
+    services = {f"{d['metadata']['name']}.{d['metadata']['namespace']}.svc.cluster.local": d for d in docs if d["kind"] == "Service"}
+    hashing = {d["spec"]["host"] for d in docs if d["kind"] == "DestinationRule"
+               and "consistentHash" in d["spec"].get("trafficPolicy", {}).get("loadBalancer", {})}
+    gateways = {(d["metadata"]["namespace"], d["metadata"]["name"]): d for d in docs if d["kind"] == "Gateway"}
+    out: dict[tuple[str, int], list[dict]] = {}
+    for doc in docs:
+        if doc["kind"] != "VirtualService" or not doc["spec"].get("gateways"):
+            continue
+        [name] = doc["spec"]["gateways"]
+        [server] = gateways[(doc["metadata"]["namespace"], name)]["spec"]["servers"]
+        for host in doc["spec"]["hosts"]:
+            assert host in server["hosts"] and (host, server["port"]["number"]) not in out, "one VirtualService per host"
+            routes = []
+            for route in doc["spec"]["http"]:
+                fqdn = route["route"][0]["destination"]["host"] if "route" in route else None
+                port = services[fqdn]["spec"]["ports"][0]["port"] if fqdn else 0
+                routes.append(_istio_meaning(route, port, fqdn in hashing))
+            out[(host, server["port"]["number"])] = routes
+    return out
+
+
+def _envoy_gateway_routes(tree: Path) -> dict[tuple[str, int], list[dict]]:
+    out = {}
+    for config in json.loads((tree / "envoy" / "routes.json").read_text())["resources"]:
+        if config["name"].startswith("http."):
+            port = int(config["name"].removeprefix("http."))
+            for host in config["virtual_hosts"]:
+                out[(host["name"].rsplit(":", 1)[0], port)] = [_envoy_meaning(r) for r in host["routes"]]
+    return out
+
+
+@pytest.mark.parametrize("tree", sorted(TREES))
+def test_every_gateway_host_routes_the_same_in_both_targets(tree):
+    """At the gateway, order is meaning: a host's routes are compared as a list."""
+    assert _istio_gateway_routes(TREES[tree]) == _envoy_gateway_routes(TREES[tree])
+
+
+def test_the_gateway_comparison_covers_a_host_shared_by_path():
+    shared = _envoy_gateway_routes(TREES["ingress-shared-host/prod"])[("shop.example.com", 80)]
+    destinations = [next(iter(r["destinations"]), None) for r in shared if "destinations" in r]
+    assert [r["match"]["path"] for r in shared] == [("prefix", "/api/search"), ("prefix", "/api"), ("prefix", "/api/old"),
+                                                    ("prefix", "/api"), ("exact", "/healthz"), ("prefix", "/")]
+    assert [d.split("|")[-1].split(".")[0] for d in destinations] == ["search", "api", "api", "storefront"]
+
+
 def test_the_comparison_covers_routes_with_and_without_retries():
     """The trees hold the cases that matter: a default retry, a policy's own, and hashing."""
     meanings = [r["retry"] for tree in TREES.values() for r in _envoy_routes(tree).values() if "retry" in r]

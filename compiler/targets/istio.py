@@ -10,9 +10,12 @@ https://istio.io/latest/docs/reference/config/networking/
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from compiler import model as m
 from compiler.diagnostics import Diagnostics
 from compiler.emit import Lowered, OutputFile, Piece
+from compiler.targets import gateway
 from compiler.values import format_duration
 
 NAME = "istio"
@@ -25,19 +28,24 @@ def lower(mesh: m.Mesh) -> Lowered:
 
 
 def lower_service(svc: m.Service, env: m.Environment) -> dict:
-    """One service's documents, in file order: `{"identities": [[apiVersion, kind, name, namespace]],
-    "documents": Piece}`. A pure function of the service and its environment, serialised once."""
+    """One service's documents, in file order, and what it asks of the gateway:
+    `{"identities": [[apiVersion, kind, name, namespace]], "documents": Piece, "ingress": null |
+    {"name", "namespace", "port", "hosts", "paths", "blocks": [[prefix | null, [http route]]]}}`.
+    A pure function of the service and its environment, serialised once; its ingress objects
+    depend on the host's other claimants, so `assemble` writes them."""
     docs = service_objects(svc, env)
-    return {"identities": [list(_identity(doc)) for doc in docs], "documents": Piece.yaml(docs)}
+    return {"identities": [list(_identity(doc)) for doc in docs], "documents": Piece.yaml(docs), "ingress": _ingress(svc)}
 
 
 def assemble(env: m.Environment, fragments: list[dict]) -> Lowered:
-    """The environment's files from each service's documents (in mesh order): patches, then kustomization.
+    """The environment's files from each service's documents (in mesh order): ingress objects,
+    patches, then kustomization.
 
     Generated names never collide: `check.claims` refuses the one way they could.
     """
     diags = Diagnostics()
     objects = {f"{f['identities'][0][3]}/{f['identities'][0][2]}": f for f in fragments}
+    _add_ingress_objects(env, objects)
     for patch in env.patches:
         if patch.target.kind not in m.ENVOY_PATCH_KINDS:  # those are the Envoy target's
             _apply_patch(patch, objects, diags)
@@ -53,8 +61,6 @@ def service_objects(svc: m.Service, env: m.Environment) -> list[dict]:
     if dr:
         docs.append(dr)
     docs.append(virtual_service(svc))  # every service has a port (the schema requires one)
-    if svc.ingress:
-        docs += [gateway(svc, env), ingress_virtual_service(svc)]
     return docs
 
 
@@ -328,33 +334,61 @@ def _retries(r: m.Retries | None) -> dict | None:
 # -- ingress -------------------------------------------------------------------------------
 
 
-def gateway_name(svc: m.Service) -> str:
-    return f"{svc.name}-gateway"
+def _ingress(svc: m.Service) -> dict | None:
+    """What the service's ingress adds to the gateway's hosts (see `gateway`); None without one.
+    A multi-port service is reached through the gateway on its first HTTP port."""
+    ing = svc.ingress
+    if ing is None:
+        return None
+    port, dest_port = svc.http_ports[0], len(svc.ports) > 1
+    blocks = [[prefix, http_routes(replace(svc, routes=gateway.routes_under(svc.routes, prefix)), port, False, dest_port)]
+              for prefix in ing.paths or (None,)]
+    return {"name": svc.name, "namespace": svc.namespace, "port": ing.port, "hosts": list(ing.hosts),
+            "paths": list(ing.paths), "blocks": blocks}
 
 
-def gateway(svc: m.Service, env: m.Environment) -> dict:
-    port = svc.ingress.port
-    server = {"port": {"number": port, "name": f"http-{port}", "protocol": "HTTP"}, "hosts": list(svc.ingress.hosts)}
+def _add_ingress_objects(env: m.Environment, objects: dict[str, dict]) -> None:
+    """Each ingress host's Gateway server and VirtualService, appended to its owner's file
+    (`gateway.plan`): the owner's Gateway `<name>-gateway` serves every host it owns; a
+    VirtualService bound to it routes the hosts that share one order of blocks, named
+    `<name>-ingress` where only the owner serves them, `<name>-ingress-<first host>` else."""
+    ingresses = {key: f["ingress"] for key, f in objects.items() if f.get("ingress")}
+    if not ingresses:
+        return
+    blocks = {(key, prefix): routes for key, ing in ingresses.items() for prefix, routes in ing["blocks"]}
+    owned: dict[str, dict[tuple, list[gateway.HostRoutes]]] = {}
+    for h in gateway.plan([gateway.Claim(k, tuple(i["hosts"]), i["port"], tuple(i["paths"])) for k, i in ingresses.items()]):
+        owned.setdefault(h.owner, {}).setdefault(h.blocks, []).append(h)
+    for key, groups in owned.items():
+        ing, fragment = ingresses[key], objects[key]
+        hosts = [h for group in groups.values() for h in group]
+        order = {host: i for i, host in enumerate(ing["hosts"])}
+        hosts.sort(key=lambda h: order[h.host])
+        docs = [_gateway(ing, [h.host for h in hosts], env)]
+        for group in sorted(groups.values(), key=lambda g: order[g[0].host]):
+            group.sort(key=lambda h: order[h.host])
+            name = f"{ing['name']}-ingress" if group[0].alone else f"{ing['name']}-ingress-{_host_slug(group[0].host)}"
+            routes = [route for service, prefix in group[0].blocks for route in blocks[(service, prefix)]]
+            docs.append({"apiVersion": NETWORKING, "kind": "VirtualService", "metadata": _meta(name, ing["namespace"]),
+                         "spec": {"hosts": [h.host for h in group], "gateways": [f"{ing['name']}-gateway"], "http": routes}})
+        objects[key] = {**fragment, "identities": fragment["identities"] + [list(_identity(d)) for d in docs],
+                        "documents": Piece.yaml(fragment["documents"].value + docs)}
+
+
+def _gateway(ing: dict, hosts: list[str], env: m.Environment) -> dict:
+    port = ing["port"]
+    server = {"port": {"number": port, "name": f"http-{port}", "protocol": "HTTP"}, "hosts": hosts}
     return {
         "apiVersion": NETWORKING,
         "kind": "Gateway",
-        "metadata": _meta(gateway_name(svc), svc.namespace),
+        "metadata": _meta(f"{ing['name']}-gateway", ing["namespace"]),
         "spec": {"selector": dict(env.gateway_selector), "servers": [server]},
     }
 
 
-def ingress_virtual_service(svc: m.Service) -> dict:
-    """The routes of the mesh VirtualService, bound to the gateway for the ingress hosts.
-
-    A multi-port service is reached through the gateway on its first HTTP port.
-    """
-    routes = http_routes(svc, svc.http_ports[0], False, dest_port=len(svc.ports) > 1)
-    return {
-        "apiVersion": NETWORKING,
-        "kind": "VirtualService",
-        "metadata": _meta(f"{svc.name}-ingress", svc.namespace),
-        "spec": {"hosts": list(svc.ingress.hosts), "gateways": [gateway_name(svc)], "http": routes},
-    }
+def _host_slug(host: str) -> str:
+    """`*.shop.example.com` → `wildcard-shop-example-com`: a host as part of an object name."""
+    return host.lower().replace("*", "wildcard").replace(".", "-")
 
 
 # -- patches and kustomization -------------------------------------------------------------

@@ -35,7 +35,8 @@ A fragment (every list in the service's order unless said otherwise):
      "http": [{"port": int, "name": str, "domains": [str], "virtual_host": Piece(VirtualHost)}],
                                         # domains sorted, short names included
      "tcp": [{"port": int, "tcp_proxy": TcpProxy}],
-     "ingress": null | {"port": int, "virtual_hosts": [[host, Piece(VirtualHost)]]},
+     "ingress": null | {"port": int, "hosts": [host], "paths": [prefix],
+                 "blocks": [[prefix | null, [Route]]]},   # plain data: gateway.plan orders them
      "mirrored": [cluster_name],        # other services' clusters its routes mirror to, sorted
      "problems": [problem],             # {"code", "message", "severity", "span"}
      "spans": {"service", "ingress_port": [path, line, col] | null}}
@@ -89,8 +90,6 @@ def lower_service(service: Service, env: Environment) -> dict:
     tcp = listeners.lower(service)
     mirrored = routes.mirrored_elsewhere(service)
     _check_service(env, service, cluster_list + [{"name": n} for n in mirrored], assignments, http, ingress, tcp)
-    if ingress is not None:
-        ingress = {**ingress, "virtual_hosts": [[host, Piece.json(vh, VIRTUAL_HOST_DEPTH)] for host, vh in ingress["virtual_hosts"]]}
     return {
         "service": service.key,
         "clusters": _run(cluster_list, "name"),
@@ -116,7 +115,7 @@ def _check_service(env: Environment, service: Service, cluster_list, assignments
     of other services it mirrors to, which `assemble` checks)."""
     hosts = [e["virtual_host"] for e in http]
     if ingress is not None:
-        hosts += [vh for _, vh in ingress["virtual_hosts"]]
+        hosts += [{"name": f"gateway {prefix or '(the rest)'}", "routes": routes} for prefix, routes in ingress["blocks"]]
     problems = consistency_errors({
         "clusters": cluster_list,
         "endpoints": assignments,

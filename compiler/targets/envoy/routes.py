@@ -11,6 +11,7 @@ https://www.envoyproxy.io/docs/envoy/latest/api-v3/config/route/v3/route_compone
 from __future__ import annotations
 
 from collections import Counter, defaultdict
+from dataclasses import replace
 from operator import itemgetter
 
 from compiler.diagnostics import Diagnostic, Severity
@@ -18,6 +19,7 @@ from compiler.emit import Piece
 from compiler.model import (ConsistentHash, Cors, Fault, HashOn, HeaderMatch, Headers, MatchKind, Redirect, Retries,
                             Route, RouteMatch, Service)
 from compiler.schema import GRPC_STATUSES
+from compiler.targets import gateway
 from compiler.targets.envoy.common import (CORS_POLICY, FAULT, PREVIOUS_HOSTS, cluster_name, default_destinations,
                                            duration, gateway_route_name, span)
 from compiler.xds.resources import ROUTES
@@ -36,9 +38,11 @@ def lower(service: Service) -> tuple[list[dict], dict | None]:
     """One service's virtual hosts: per HTTP port, and at the gateway.
 
     → (`[{"port", "virtual_host"}]` in the service's port order; None without
-    ingress, else `{"port", "virtual_hosts": [[host, virtual host], ...]}` in
-    the ingress's host order). `check` refuses an ingress on a service with no
-    HTTP port, and a host listed twice. Sidecar domains include the short names;
+    ingress, else `{"port", "hosts", "paths", "blocks": [[prefix | None, [route]]]}`:
+    the routes the gateway tries on each of its path prefixes, or on the rest
+    of its hosts, for `assemble` to order among the host's other claimants).
+    `check` refuses an ingress on a service with no HTTP port, and a host
+    listed twice. Sidecar domains include the short names;
     `assemble` drops those another service shares. Plain data: the target's
     `lower_service` makes pieces of the virtual hosts.
     """
@@ -53,9 +57,10 @@ def lower(service: Service) -> tuple[list[dict], dict | None]:
     if ingress is None:
         return http, None
     assert http, f"{service.key}: an ingress without an HTTP port passed check"
-    routes = http[0]["virtual_host"]["routes"]  # ingress traffic goes to the first HTTP port
-    return http, {"port": ingress.port,
-                  "virtual_hosts": [[host, _gateway_host(host, ingress.port, routes)] for host in ingress.hosts]}
+    first = service.http_ports[0].number  # ingress traffic goes to the first HTTP port
+    blocks = [[prefix, _routes(replace(service, routes=gateway.routes_under(service.routes, prefix)), first, hashing, "")]
+              for prefix in ingress.paths or (None,)]
+    return http, {"port": ingress.port, "hosts": list(ingress.hosts), "paths": list(ingress.paths), "blocks": blocks}
 
 
 def assemble(fragments: list[dict]) -> tuple[list[dict], list[Diagnostic]]:
@@ -111,18 +116,14 @@ def _service_domains(service: Service, port: int) -> list[str]:
 # --- gateway: one route configuration per ingress port -----------------------
 
 def _gateway_configs(fragments: list[dict]) -> list[dict]:
-    """`check.claims` refuses a host claimed twice in an environment, so each host here is one service's."""
-    by_port: dict[int, dict[str, Piece]] = defaultdict(dict)  # port → host → virtual host
-    for fragment in fragments:
-        ingress = fragment["ingress"]
-        if ingress is None:
-            continue
-        hosts = by_port[ingress["port"]]
-        for host, virtual_host in ingress["virtual_hosts"]:
-            assert host not in hosts, f"ingress host {host!r} claimed twice passed check"
-            hosts[host] = virtual_host
-    return [_config(gateway_route_name(port), [(_gateway_host_name(host, port), vh) for host, vh in by_port[port].items()])
-            for port in sorted(by_port)]
+    """A virtual host per ingress host: each claimant's blocks in the order `gateway.plan` gives."""
+    ingresses = {f["service"]: f["ingress"] for f in fragments if f["ingress"] is not None}
+    blocks = {(key, prefix): routes for key, ing in ingresses.items() for prefix, routes in ing["blocks"]}
+    by_port: dict[int, list[tuple[str, dict]]] = defaultdict(list)
+    for h in gateway.plan([gateway.Claim(key, tuple(ing["hosts"]), ing["port"], tuple(ing["paths"])) for key, ing in ingresses.items()]):
+        routes = [route for key, prefix in h.blocks for route in blocks[(key, prefix)]]
+        by_port[h.port].append((_gateway_host_name(h.host, h.port), _gateway_host(h.host, h.port, routes)))
+    return [_config(gateway_route_name(port), by_port[port]) for port in sorted(by_port)]
 
 
 def _gateway_host(host: str, port: int, routes: list[dict]) -> dict:
