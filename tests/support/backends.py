@@ -55,7 +55,11 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _answer(self) -> None:
         self._drain_body()
-        status = self.server.backend._record(self.path)
+        headers: dict[str, str] = {}
+        for name, value in self.headers.items():  # a header sent twice reads as one, comma-joined (RFC 9110)
+            name = name.lower()
+            headers[name] = f"{headers[name]},{value}" if name in headers else value
+        status = self.server.backend._record(self.path, headers)
         if self.server.backend.delay:
             time.sleep(self.server.backend.delay)
         name = self.server.backend.name
@@ -89,7 +93,8 @@ class Backend:
     """An HTTP/1.1 server answering every request with 200 and body `name`.
 
     `delay` sleeps before each answer; `fail_first` answers 503 to the first
-    N requests. Every response carries `x-backend: <name>`.
+    N requests. Every response carries `x-backend: <name>`. `paths` and `headers`
+    record each request's target and its (lower-cased) headers, in arrival order.
     """
 
     def __init__(self, name: str, host: str = "127.0.0.1", port: int = 0, *,
@@ -99,6 +104,7 @@ class Backend:
         self.fail_first = fail_first
         self.requests = 0
         self.paths: list[str] = []
+        self.headers: list[dict[str, str]] = []
         self._lock = threading.Lock()
         self._server = _Server((host, port), _Handler, bind_and_activate=False)
         self._server.backend = self
@@ -114,10 +120,11 @@ class Backend:
     def url(self) -> str:
         return f"http://{self.address}"
 
-    def _record(self, path: str) -> int:
+    def _record(self, path: str, headers: dict[str, str]) -> int:
         with self._lock:
             self.requests += 1
             self.paths.append(path)
+            self.headers.append(headers)
             return 503 if self.requests <= self.fail_first else 200
 
     def reset(self) -> None:
@@ -125,6 +132,7 @@ class Backend:
         with self._lock:
             self.requests = 0
             self.paths.clear()
+            self.headers.clear()
 
     def start(self) -> "Backend":
         self._server.server_bind()
