@@ -359,7 +359,9 @@ def test_a_huge_port_is_a_located_error(number, message, pristine, tmp_path):
     repo = tmp_path / "repo"
     shutil.copytree(pristine["good-repo"], repo)
     policy = repo / "policies/bookinfo/reviews.yaml"
-    policy.write_text(policy.read_text().replace("port: 9080,", f"port: {number},", 1))
+    text = policy.read_text()
+    line = text[:text.index("port: 9080,")].count("\n") + 1
+    policy.write_text(text.replace("port: 9080,", f"port: {number},", 1))
     code, _, stderr = _run(["validate", "--repo", str(repo)])
     assert code == 1
-    assert stderr.startswith(f"policies/bookinfo/reviews.yaml:11:26: error: {message}"), stderr
+    assert stderr.startswith(f"policies/bookinfo/reviews.yaml:{line}:26: error: {message}"), stderr

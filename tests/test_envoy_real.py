@@ -217,6 +217,21 @@ def test_ingress_host_reaches_its_service_through_the_gateway_listener(staging):
     assert status == 404  # only the ingress hosts are routed at the gateway
 
 
+def test_the_example_shares_its_ingress_host_by_path(staging):
+    """ratings serves its public API on productpage's host, under /api/v1/ratings."""
+    ingress = staging.mesh.service("bookinfo/ratings").ingress
+    gateway = staging.proxy.listener_address(f"{staging.mesh.environment.envoy.listener_address}_{ingress.port}")
+    ratings = staging.backends["bookinfo/ratings"].values()
+    for backend in ratings:
+        backend.reset()
+    status, body, _ = http_get(f"http://{gateway}{ingress.paths[0]}/0", headers={"host": ingress.hosts[0]})
+    # Its backends here answer slower than its 1s timeout: the 504 is ratings' route's own.
+    assert (status, body) == (504, "upstream request timeout")
+    assert sorted(p for b in ratings for p in b.paths) == [f"{ingress.paths[0]}/0"]
+    status, body, _ = http_get(f"http://{gateway}/api/v1/products", headers={"host": ingress.hosts[0]})
+    assert (status, body) == (200, "productpage-v1")
+
+
 # --- an environment's patches on Envoy resources reach Envoy ------------------------------
 
 

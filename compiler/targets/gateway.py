@@ -62,13 +62,14 @@ def plan(claims: list[Claim]) -> list[HostRoutes]:
     return hosts
 
 
-def routes_under(routes: tuple[m.Route, ...], prefix: str | None) -> tuple[m.Route, ...]:
-    """A service's routes as its block on `prefix` tries them (None: all of them, as they are)."""
+def routes_under(service: m.Service, prefix: str | None) -> tuple[m.Route, ...]:
+    """A service's routes as its block on `prefix` tries them (None: all of them, as they are).
+    On a prefix each is named `SERVICE.ROUTE`, so a host's shared list says whose route it is."""
     if prefix is None:
-        return routes
+        return service.routes
     kept = []
-    for route in routes:
+    for route in service.routes:
         match = route.match.under(prefix)
         if match is not None:
-            kept.append(replace(route, match=match) if match is not route.match else route)
+            kept.append(replace(route, match=match, name=f"{service.name}.{route.name}"))
     return tuple(kept)

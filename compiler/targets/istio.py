@@ -341,7 +341,7 @@ def _ingress(svc: m.Service) -> dict | None:
     if ing is None:
         return None
     port, dest_port = svc.http_ports[0], len(svc.ports) > 1
-    blocks = [[prefix, http_routes(replace(svc, routes=gateway.routes_under(svc.routes, prefix)), port, False, dest_port)]
+    blocks = [[prefix, http_routes(replace(svc, routes=gateway.routes_under(svc, prefix)), port, False, dest_port)]
               for prefix in ing.paths or (None,)]
     return {"name": svc.name, "namespace": svc.namespace, "port": ing.port, "hosts": list(ing.hosts),
             "paths": list(ing.paths), "blocks": blocks}

@@ -58,7 +58,7 @@ def lower(service: Service) -> tuple[list[dict], dict | None]:
         return http, None
     assert http, f"{service.key}: an ingress without an HTTP port passed check"
     first = service.http_ports[0].number  # ingress traffic goes to the first HTTP port
-    blocks = [[prefix, _routes(replace(service, routes=gateway.routes_under(service.routes, prefix)), first, hashing, "")]
+    blocks = [[prefix, _routes(replace(service, routes=gateway.routes_under(service, prefix)), first, hashing, "")]
               for prefix in ingress.paths or (None,)]
     return http, {"port": ingress.port, "hosts": list(ingress.hosts), "paths": list(ingress.paths), "blocks": blocks}
 
