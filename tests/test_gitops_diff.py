@@ -264,3 +264,53 @@ def test_markdown_fits_a_github_comment_and_says_what_it_left_out():
     doc = markdown(many)
     assert len(doc) < 65_000 and "… and 2850 more changes" in doc
     assert "new service &lt;b&gt;" in doc and "<b>" not in doc.replace("<b>prod</b>", "")
+
+
+REVIEWS_ROUTED = edit(REVIEWS, "  traffic:\n", """\
+  routes:
+    beta:
+      match: {headers: {x-beta: {exact: "1"}}}
+      traffic: {split: {v1: 90, v2: 10}}
+  traffic:
+""")
+
+
+def test_route_changes_are_named_by_route(repo):
+    commit_files(repo, {"policies/bookinfo/reviews.yaml": REVIEWS_ROUTED}, "a beta route")
+    write(repo, "environments/prod.yaml", environment("prod", PROD_OVERRIDES.replace(
+        "bookinfo/reviews: {traffic: {canary: {weight: 5}}}",
+        "bookinfo/reviews:\n      traffic: {canary: {weight: 5}}\n"
+        "      routes:\n        beta: {traffic: {split: {v1: 50, v2: 50}}}\n"
+        "        old: {match: {path: {prefix: /old}}, redirect: {path: /}}")))
+    report = diff_revisions(repo.workdir, "main")
+    lines = [str(line) for line in report.summary]
+    assert "prod · bookinfo/reviews: route beta split v1 90% → 50%, v2 10% → 50%" in lines, lines
+    assert "prod · bookinfo/reviews: route old added (path prefix /old: redirect 301 to path /)" in lines, lines
+    assert not [line for line in lines if not line.startswith("prod · ")]
+
+
+def test_a_fault_new_in_prod_is_a_warning_and_elsewhere_is_not(repo):
+    fault = "      fault: {abort: {status: 503, percent: 1}}\n"
+    for name, extra in (("staging", "  overrides:\n    bookinfo/ratings:\n" + fault),
+                        ("prod", PROD_OVERRIDES + "    bookinfo/ratings:\n" + fault)):
+        write(repo, f"environments/{name}.yaml", environment(name, extra))
+    report = diff_revisions(repo.workdir, "main")
+    faults = [str(w) for w in report.warnings if w.code == "fault-in-prod"]
+    assert faults == ["prod · bookinfo/ratings: the service now injects a fault in prod (abort 503 1%): "
+                      "real users get the delays and errors"], faults
+    assert [str(line) for line in report.summary] == ["prod, staging · bookinfo/ratings: fault none → abort 503 1%"]
+
+
+def test_a_shadowed_route_fails_the_head_at_the_route(repo):
+    write(repo, "policies/bookinfo/reviews.yaml", edit(REVIEWS_ROUTED, "  traffic:\n", """\
+    api:
+      match: {path: {prefix: /api}}
+    api-v2:
+      match: {path: {prefix: /api/v2}}
+  traffic:
+""", ))
+    report = diff_revisions(repo.workdir, "main")
+    assert report.failed and not report.base_errors
+    [error] = report.head_errors
+    assert error.code == "routes.shadowed" and error.span.path == "policies/bookinfo/reviews.yaml"
+    assert "no-effect" not in {w.code for w in report.warnings}

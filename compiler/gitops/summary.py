@@ -143,7 +143,7 @@ def _action(r: m.Route) -> str:
 def _describe_route(r: m.Route) -> str:
     what = describe_match(r.match)
     if r.redirect:
-        return f"{what}: redirect {_value(r.redirect)}"
+        return f"{what}: {describe_redirect(r.redirect)}"
     if r.direct_response:
         return f"{what}: answer {r.direct_response.status}"
     return f"{what}: {describe_traffic(r.traffic)}"
@@ -249,9 +249,35 @@ def _durations(label: str, old: int | None, new: int | None) -> list[str]:
     return [] if old == new else [f"{label} {_duration(old)} → {_duration(new)}"]
 
 
+def describe_fault(f: m.Fault) -> str:
+    """`delay 2s 10%, abort 503 5%`."""
+    parts = [f"delay {_duration(f.delay_ms)} {f.delay_percent:g}%"] if f.delay_ms is not None else []
+    if f.abort_status is not None or f.abort_grpc_status is not None:
+        parts.append(f"abort {f.abort_status or f.abort_grpc_status} {f.abort_percent:g}%")
+    return ", ".join(parts)
+
+
+def describe_redirect(r: m.Redirect) -> str:
+    """`redirect 301 to scheme https, host shop.example.com, path /`."""
+    parts = [f"{name} {value}" for name, value in (("scheme", r.scheme), ("host", r.host), ("port", r.port), ("path", r.path))
+             if value is not None]
+    return f"redirect {r.code} to {', '.join(parts)}"
+
+
+def describe_mirror(mirror: m.Mirror) -> str:
+    """`bookinfo/ratings v2 100%`: where the copies go, and how many."""
+    return " ".join(x for x in (mirror.service, mirror.version, f"{mirror.percent:g}%") if x)
+
+
+#: Values with a phrase of their own wherever they show.
+_PHRASES = {m.Fault: describe_fault, m.Redirect: describe_redirect, m.Mirror: describe_mirror}
+
+
 def _value(v) -> str:
     if v is None or v == ():
         return "none"
+    if type(v) in _PHRASES:
+        return _PHRASES[type(v)](v)
     if isinstance(v, str):
         return v
     if isinstance(v, tuple) and all(isinstance(x, tuple) and len(x) == 2 for x in v):
