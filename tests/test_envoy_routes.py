@@ -25,6 +25,7 @@ from support.backends import Backend, unique_loopback
 from support.envoy import Envoy
 
 ENV = "behaviour"
+DELAY_MS = 400
 BACKENDS = {"market/api": ("v1", "v2"), "shop/storefront": ("",), "shop/api": ("v1", "v2"), "catalog/search": ("",)}
 
 
@@ -57,8 +58,11 @@ def _environment(address: str, backends: dict[tuple[str, str], Backend]) -> dict
         "endpoints": endpoints,
         "overrides": {"market/api": {
             "mirror": {"percent": 100},  # every request the default route takes is copied to v2
+            "headers": {"response": {"remove": ["server", "x-backend"]}},  # the backend's own header, gone
             "routes": {"teapot": {"match": {"path": {"prefix": "/teapot"}},
-                                  "fault": {"abort": {"status": 418, "percent": 100}}}},
+                                  "fault": {"abort": {"status": 418, "percent": 100}}},
+                       "slow": {"match": {"path": {"prefix": "/slow"}},
+                                "fault": {"delay": {"fixed": f"{DELAY_MS}ms", "percent": 100}}}},
         }},
     }}
 
@@ -133,6 +137,20 @@ def test_a_direct_response_never_reaches_a_backend(mesh):
     assert not any(b.requests for b in mesh.backends.values())
 
 
+def _delays_injected(mesh) -> int:
+    return sum(v for k, v in mesh.proxy.stats("fault").items() if k.endswith(".fault.delays_injected"))
+
+
+def test_a_delay_fault_holds_each_request_before_it_is_routed(mesh):
+    """Measured from below only: Envoy cannot answer sooner than the delay (a bound above
+    would time the machine). The fault filter's own counter tells the delayed route apart."""
+    before = _delays_injected(mesh)
+    slow = mesh.send("/slow")
+    assert slow.text == "api-v1" and slow.elapsed.total_seconds() >= DELAY_MS / 1000
+    assert _delays_injected(mesh) == before + 1
+    assert mesh.send("/quick").text == "api-v1" and _delays_injected(mesh) == before + 1
+
+
 def test_an_abort_fault_answers_for_the_backend(mesh):
     assert mesh.send("/teapot").status_code == 418
     assert mesh.backend("market/api", "v1").requests == 0
@@ -147,7 +165,8 @@ def test_header_operations_reach_the_backend_and_the_client(mesh):
     [seen] = mesh.backend("market/api", "v1").headers
     assert seen["x-mesh"] == "meshc" and "x-debug" not in seen
     assert seen["x-via"].split(",") == ["client", "mesh"]  # `add` appends to what the client sent
-    assert response.headers["cache-control"] == "no-store"
+    assert response.headers["cache-control"] == "no-store" and "x-backend" not in response.headers
+    assert response.text == "api-v1"  # ... though it answered
 
 
 def test_cors_answers_a_preflight_for_an_allowed_origin_only(mesh):
