@@ -53,6 +53,10 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--tls-cert", type=Path, metavar="FILE",
                         help="serve gRPC and HTTP over TLS with this certificate (PEM)")
     parser.add_argument("--tls-key", type=Path, metavar="FILE", help="the certificate's key (PEM)")
+    parser.add_argument("--secrets", type=Path, metavar="DIR",
+                        help="serve the TLS secrets in DIR over SDS: DIR/default/ as `default` and `ROOTCA`, "
+                             "DIR/NAME/ as `kubernetes://NAME` (tls.crt, tls.key, ca.crt); mode 0700, "
+                             "polled every --poll-interval")
     parser.add_argument("--client-ca", type=Path, metavar="FILE",
                         help="require client certificates signed by this CA (mutual TLS)")
     parser.add_argument("--rest-xds-cluster", default="xds_cluster", metavar="NAME",
@@ -86,6 +90,12 @@ def _options(args: argparse.Namespace):
                        ("--client-ca", args.client_ca)):
         if path is not None and not path.is_file():
             raise UsageError(f"{flag} {path}: no such file")
+    if args.secrets is not None:
+        from compiler.xds.secrets import check_dir
+
+        problem = check_dir(args.secrets)
+        if problem:
+            raise UsageError(f"--secrets {problem}")
     if not (0 < args.max_message_bytes <= 256 * 1024 * 1024):
         raise UsageError("--max-message-bytes must be between 1 and 268435456")
     if args.watch == "poll" and args.poll_interval <= 0:
@@ -98,7 +108,7 @@ def _options(args: argparse.Namespace):
                    rest_xds_cluster=args.rest_xds_cluster,
                    rest_refresh_delay=args.rest_refresh_delay, debounce=args.debounce,
                    watch=args.watch, poll_interval=args.poll_interval or 1.0,
-                   max_message_bytes=args.max_message_bytes)
+                   max_message_bytes=args.max_message_bytes, secrets=args.secrets)
 
 
 async def _serve(options) -> None:

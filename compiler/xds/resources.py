@@ -10,13 +10,15 @@ from collections.abc import Mapping, Sequence
 
 from compiler.emit import json_bytes, json_text
 
-__all__ = ["CLUSTER", "ENDPOINTS", "HCM", "LISTENER", "ROUTES", "TCP_PROXY", "TYPE_URLS", "content_version",
+__all__ = ["CLUSTER", "ENDPOINTS", "HCM", "LISTENER", "ROUTES", "SECRET", "TCP_PROXY", "TYPE_URLS", "content_version",
            "discovery_response"]
 
 CLUSTER = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
 ENDPOINTS = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
 LISTENER = "type.googleapis.com/envoy.config.listener.v3.Listener"
 ROUTES = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
+#: Served by `meshc serve --secrets` from disk, never written to a file.
+SECRET = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
 
 #: Short kind (the file stem `envoy/<kind>.json`) → type URL.
 TYPE_URLS: Mapping[str, str] = {"clusters": CLUSTER, "endpoints": ENDPOINTS, "listeners": LISTENER, "routes": ROUTES}

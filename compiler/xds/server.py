@@ -8,6 +8,12 @@ Reload rule: an environment's new files are published only when all four
 parse strictly and pass `consistency_errors`; otherwise the last good
 snapshot keeps serving and the problems go to the log, /metrics and
 /debug/snapshots.
+
+Secrets (`--secrets DIR`, see `secrets`) are one set beside every
+environment: each published snapshot carries the current set, and DIR is
+polled (every `poll_interval`) so a rotated certificate is pushed like any
+other change. A secret a snapshot names that DIR lacks is logged when it
+starts to be missing and shown by `meshc_xds_secret_missing`.
 """
 
 from __future__ import annotations
@@ -19,12 +25,12 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import grpc
 
-from compiler.xds import ads
+from compiler.xds import ads, secrets
 from compiler.xds.cache import Cache
 from compiler.xds.metrics import Metrics
 from compiler.xds.proxies import Proxies
@@ -55,6 +61,7 @@ class Options:
     watch: str = "auto"                  # auto | inotify | poll
     poll_interval: float = 1.0
     max_message_bytes: int = 4 * 1024 * 1024
+    secrets: Path | None = None          # --secrets DIR: TLS secrets served over SDS
 
 
 @dataclass(frozen=True)
@@ -91,6 +98,10 @@ class Server:
         self._reloading = False
         self._reload_again = False
         self._rest_source = rest_config_source(options.rest_xds_cluster, options.rest_refresh_delay)
+        self._secrets, _ = secrets.load(None)
+        self._secrets_seen = b""
+        self._secrets_task: asyncio.Task | None = None
+        self._missing: dict[str, frozenset[str]] = {}   # env → secrets its snapshot names that DIR lacks
         _describe(self.hub.metrics)
         self._gauges()
 
@@ -110,6 +121,12 @@ class Server:
                                 debounce=opts.debounce, mode=opts.watch,
                                 poll_interval=opts.poll_interval)
         self._watcher.start()
+        if opts.secrets is not None:
+            problem = secrets.check_dir(opts.secrets)
+            if problem:
+                raise PermissionError(f"--secrets {problem}")
+            await self.reload_secrets()
+            self._secrets_task = asyncio.get_running_loop().create_task(self._poll_secrets())
         await self.reload()
         self._grpc = grpc.aio.server(options=[
             ("grpc.max_receive_message_length", opts.max_message_bytes),
@@ -132,6 +149,8 @@ class Server:
                  "TLS" if opts.tls_cert else "plaintext", self._watcher.using)
 
     async def stop(self) -> None:
+        if self._secrets_task is not None:
+            self._secrets_task.cancel()
         if self._watcher is not None:
             self._watcher.stop()
         if self._http is not None:
@@ -156,6 +175,46 @@ class Server:
             context.load_verify_locations(opts.client_ca)
             context.verify_mode = ssl.CERT_REQUIRED
         return context
+
+    # --- secrets -------------------------------------------------------------
+    async def _poll_secrets(self) -> None:
+        while True:
+            await asyncio.sleep(self.options.poll_interval)
+            try:
+                await self.reload_secrets()
+            except Exception:       # a bug, not a bad file: keep serving what we have
+                log.exception("reading --secrets failed; still serving the last secrets")
+
+    async def reload_secrets(self) -> None:
+        """Read DIR when its files changed; publish every environment with the new set."""
+        root = self.options.secrets
+        seen = await asyncio.to_thread(secrets.fingerprint, root)
+        if seen == self._secrets_seen:
+            return
+        loaded, problems = await asyncio.to_thread(secrets.load, root, self._secrets)
+        self._secrets_seen = seen
+        for problem in problems:
+            log.warning("--secrets %s: %s", root, problem)
+        if loaded.version == self._secrets.version:
+            return
+        self._secrets = loaded
+        log.info("secrets: serving %d (%s) from %s", len(loaded.resources), ", ".join(loaded.resources) or "none", root)
+        self.hub.metrics.inc("meshc_xds_secrets_published_total")
+        for state in self.hub.cache.envs():
+            if state.snapshot is not None:
+                self._publish(state.snapshot, state.load_seconds, state.extras)
+
+    def _publish(self, snapshot, load_seconds: float, extras: dict) -> None:
+        """Publish an environment's snapshot with the current secrets; say which of those it names are missing."""
+        snapshot = replace(snapshot, kinds={**snapshot.kinds, secrets.KIND: self._secrets})
+        self.hub.cache.publish(snapshot, load_seconds, **extras)
+        wanted = secrets.referenced(r.json for kind in ("clusters", "listeners")
+                                    for r in snapshot.kinds[kind].resources.values())
+        missing = frozenset(wanted - set(self._secrets.resources))
+        if missing - self._missing.get(snapshot.env, frozenset()):
+            log.warning("environment %r names secrets the --secrets directory lacks: %s; what uses them "
+                        "waits for them", snapshot.env, ", ".join(sorted(missing)))
+        self._missing[snapshot.env] = missing
 
     # --- reload --------------------------------------------------------------
     def _schedule_reload(self) -> None:
@@ -233,7 +292,7 @@ class Server:
             log.error("environment %r: new files refused (%s):\n  %s", loaded.env, keeping,
                       "\n  ".join(loaded.errors))
             return
-        cache.publish(loaded.snapshot, loaded.seconds, rest=loaded.rest)
+        self._publish(loaded.snapshot, loaded.seconds, {"rest": loaded.rest})
         self.hub.metrics.inc("meshc_xds_snapshots_published_total", env=loaded.env)
         log.info("environment %r: published %s (loaded in %.1f ms)", loaded.env,
                  " ".join(f"{k}={v[:12]}" for k, v in loaded.snapshot.versions().items()),
@@ -273,6 +332,11 @@ class Server:
         def per_env(name: str, value: Callable) -> Callable:
             return lambda: [(name, {"env": s.env}, value(s)) for s in hub.cache.envs()]
 
+        def missing_secrets():
+            return [("meshc_xds_secret_missing", {"env": env, "secret": name}, 1)
+                    for env, names in sorted(self._missing.items()) for name in sorted(names)]
+
+        hub.metrics.gauge("meshc_xds_secret_missing", missing_secrets)
         hub.metrics.gauge("meshc_xds_connected_proxies", connected)
         hub.metrics.gauge("meshc_xds_snapshot_info", versions)
         hub.metrics.gauge("meshc_xds_snapshot_valid", per_env(
@@ -316,6 +380,8 @@ def _describe(metrics: Metrics) -> None:
         ("meshc_xds_nacks_total", "counter", "NACKs received (rejected versions are not resent)."),
         ("meshc_xds_rest_requests_total", "counter", "REST discovery requests, by HTTP status."),
         ("meshc_xds_push_to_ack_seconds", "histogram", "From a snapshot's publication to a proxy's ACK of the push."),
+        ("meshc_xds_secret_missing", "gauge", "1 for each SDS secret an environment's snapshot names that --secrets lacks."),
+        ("meshc_xds_secrets_published_total", "counter", "Sets of secrets published (a changed --secrets directory)."),
     ]:
         metrics.describe(name, kind, text)
 

@@ -26,23 +26,26 @@ from envoy.service.discovery.v3 import discovery_pb2
 
 from compiler.xds import protos
 from compiler.xds.consistency import consistency_errors
-from compiler.xds.resources import TYPE_URLS, content_version
+from compiler.xds.resources import SECRET, TYPE_URLS, content_version
 
 __all__ = [
     "KINDS", "NAMED_BODIES_LIMIT", "PUSH_ORDER", "TYPE_URLS", "WILDCARD_KINDS", "NamedBodies",
     "Resource", "Snapshot",
-    "SnapshotError", "TypeSnapshot", "consistency_errors", "content_version", "environment_dirs",
+    "SERVED_ORDER", "SnapshotError", "TypeSnapshot", "consistency_errors", "content_version", "environment_dirs",
     "files_digest",
-    "kind_of", "load_snapshot", "read_files",
+    "kind_of", "load_snapshot", "read_files", "resource", "type_snapshot",
 ]
 
-_KIND_BY_URL = {url: kind for kind, url in TYPE_URLS.items()}
+#: The kinds served: the four files', and the secrets `meshc serve --secrets` reads from disk.
+_KIND_BY_URL = {url: kind for kind, url in {**TYPE_URLS, "secrets": SECRET}.items()}
 
 #: Make-before-break: a cluster exists before its endpoints, a listener before
 #: its routes, and clusters before the routes and listeners that name them.
 #: https://www.envoyproxy.io/docs/envoy/latest/api-docs/xds_protocol#eventual-consistency-considerations
 PUSH_ORDER: tuple[str, ...] = ("clusters", "endpoints", "listeners", "routes")
 KINDS = PUSH_ORDER
+#: What a push sends, in order: a secret before the clusters and listeners that use it.
+SERVED_ORDER: tuple[str, ...] = ("secrets",) + PUSH_ORDER
 #: CDS and LDS are wildcard subscriptions; RDS and EDS name their resources.
 WILDCARD_KINDS = frozenset({"clusters", "listeners"})
 
@@ -136,7 +139,8 @@ class TypeSnapshot:
 
 @dataclass(frozen=True, slots=True)
 class Snapshot:
-    """An environment's four kinds, complete and consistent. `digest` hashes the file bytes."""
+    """An environment's four kinds, complete and consistent, and (once the server adds them)
+    the secrets it serves beside them. `digest` hashes the four files' bytes."""
 
     env: str
     digest: str
@@ -248,23 +252,28 @@ def _load_kind(kind: str, data: bytes) -> TypeSnapshot:
         elif name in resources:
             problems.append(f"{where}: two resources named {name!r}")
         else:
-            resources[name] = _resource(name, msg)
+            resources[name] = resource(name, msg)
     if problems:
         raise _FileProblems(problems)
+    return type_snapshot(kind, type_url, response.version_info, resources)
+
+
+def type_snapshot(kind: str, type_url: str, version: str, resources: Mapping[str, Resource]) -> TypeSnapshot:
+    """One kind's resources (sorted by name here) with its response header and full body."""
     ordered = {name: resources[name] for name in sorted(resources)}
-    header = discovery_pb2.DiscoveryResponse(version_info=response.version_info,
-                                             type_url=type_url).SerializeToString()
-    return TypeSnapshot(kind=kind, type_url=type_url, version=response.version_info,
-                        resources=ordered, header=header,
+    header = discovery_pb2.DiscoveryResponse(version_info=version, type_url=type_url).SerializeToString()
+    return TypeSnapshot(kind=kind, type_url=type_url, version=version, resources=ordered, header=header,
                         full_body=header + b"".join(r.sotw_field for r in ordered.values()))
 
 
-def _resource(name: str, msg) -> Resource:
+def resource(name: str, msg, shown: dict | None = None) -> Resource:
+    """One resource's wire forms; its `json` is the message's, or `shown` for one that must
+    not be shown whole (a secret's private key)."""
     packed = protos.pack(msg)
     version = hashlib.sha256(packed.value).hexdigest()
     sotw = discovery_pb2.DiscoveryResponse(resources=[packed]).SerializeToString()
     delta = discovery_pb2.DeltaDiscoveryResponse(resources=[discovery_pb2.Resource(
         name=name, version=version, resource=packed)]).SerializeToString()
-    as_json = json_format.MessageToDict(msg, preserving_proto_field_name=True)
+    as_json = shown if shown is not None else json_format.MessageToDict(msg, preserving_proto_field_name=True)
     as_json = {"@type": packed.type_url, **as_json}
     return Resource(name=name, version=version, json=as_json, sotw_field=sotw, delta_field=delta)

@@ -13,9 +13,13 @@ istiod's `ShouldRespond`):
   (`error_detail`) is recorded and gets no answer, so the rejected version is
   not resent: the proxy hears again only when the snapshot changes;
 - a new subscription (no nonce) is always answered, once a snapshot exists;
-- pushes go clusters → endpoints → listeners → routes, only kinds whose
-  version changed (endpoints also after any clusters push: a modified EDS
-  cluster warms only once it hears its assignment again);
+- pushes go secrets → clusters → endpoints → listeners → routes, only kinds
+  whose version changed (endpoints also after any clusters push: a modified
+  EDS cluster warms only once it hears its assignment again);
+- a secret asked for that the server lacks is logged, once per stream, and not
+  answered (SotW: no response while none of the names asked exists; Delta: not
+  reported removed): Envoy would refuse an empty answer, and its fetch timeout
+  lets it go on without the secret;
 - Delta: only changed resources plus `removed_resources` (and, after a
   clusters push, the assignments of the EDS clusters it modified); subscription
   changes apply even on a stale nonce, and turning on the wildcard is answered;
@@ -35,7 +39,7 @@ from envoy.service.discovery.v3 import discovery_pb2
 from compiler.xds.cache import Cache, EnvState
 from compiler.xds.metrics import Metrics
 from compiler.xds.proxies import Nack, Proxies, ProxyStatus
-from compiler.xds.snapshot import PUSH_ORDER, TYPE_URLS, WILDCARD_KINDS, kind_of
+from compiler.xds.snapshot import SERVED_ORDER, TYPE_URLS, WILDCARD_KINDS, TypeSnapshot, kind_of
 
 __all__ = ["DeltaStream", "Hub", "SotwStream", "StreamError"]
 
@@ -85,6 +89,7 @@ class _Stream:
         self._peer = peer
         self._watches: dict[str, _Watch] = {}
         self._ignored: set[str] = set()
+        self._missing_logged: set[str] = set()
 
     # --- lifecycle -------------------------------------------------------
     def _bind(self, node) -> None:
@@ -130,6 +135,21 @@ class _Stream:
 
     def _state(self) -> EnvState:
         return self.hub.cache.get(self.status.env)
+
+    def _typed(self, kind: str) -> TypeSnapshot | None:
+        """The current snapshot's resources of `kind`; None before one loads, or for the
+        secrets of a snapshot published without them."""
+        snapshot = self._state().snapshot
+        return snapshot.kinds.get(kind) if snapshot is not None else None
+
+    def _note_missing(self, kind: str, names: Iterable[str], typed: TypeSnapshot) -> None:
+        if kind != "secrets":
+            return
+        for name in sorted(set(names) - set(typed.resources) - self._missing_logged):
+            self._missing_logged.add(name)
+            log.warning("proxy %r asks for secret %r, which is not in the --secrets directory: what uses "
+                        "it waits for it (Envoy's SDS fetch timeout, 15 s, then goes on without it)",
+                        self.status.node_id, name)
 
     def _next_nonce(self) -> str:
         self._nonce += 1
@@ -191,24 +211,26 @@ class SotwStream(_Stream):
 
     def on_snapshot(self) -> list[bytes]:
         out: list[bytes] = []
-        snapshot = self._state().snapshot
         clusters_pushed = False
-        for kind in PUSH_ORDER:
-            watch = self._watches.get(kind)
-            if watch is None or not (watch.wildcard or watch.names):
+        for kind in SERVED_ORDER:
+            watch, typed = self._watches.get(kind), self._typed(kind)
+            if watch is None or typed is None or not (watch.wildcard or watch.names):
                 continue
-            changed = watch.version != snapshot.kinds[kind].version
+            changed = watch.version != typed.version
             if changed or (kind == "endpoints" and clusters_pushed):
                 out += self._respond(kind, push=True)
                 clusters_pushed = clusters_pushed or kind == "clusters"
         return out
 
     def _respond(self, kind: str, push: bool) -> list[bytes]:
-        snapshot = self._state().snapshot
-        if snapshot is None:
+        typed = self._typed(kind)
+        if typed is None:
             return []           # answered by on_snapshot once one loads
         watch = self._watches[kind]
-        typed = snapshot.kinds[kind]
+        if kind == "secrets" and not watch.wildcard:
+            self._note_missing(kind, watch.names, typed)
+            if not watch.names & typed.resources.keys():
+                return []       # none of them: Envoy would refuse an answer without its secret
         nonce = self._next_nonce()
         body = typed.sotw_body(None if watch.wildcard else watch.names) + discovery_pb2.DiscoveryResponse(
             nonce=nonce).SerializeToString()
@@ -259,16 +281,14 @@ class DeltaStream(_Stream):
         return new
 
     def on_snapshot(self) -> list[bytes]:
-        """Push each kind's changes in PUSH_ORDER; after a clusters push, also the
+        """Push each kind's changes in SERVED_ORDER; after a clusters push, also the
         assignments of the EDS clusters it modified (as SotW re-sends endpoints),
         because a modified cluster warms until it hears its assignment again."""
         out: list[bytes] = []
         modified: frozenset[str] = frozenset()
-        if self._state().snapshot is None:
-            return out
-        for kind in PUSH_ORDER:
+        for kind in SERVED_ORDER:
             watch = self._watches.get(kind)
-            if watch is None:
+            if watch is None or self._typed(kind) is None:
                 continue
             if kind == "clusters":
                 modified = frozenset(n for n in self._changed(kind) if n in watch.known)
@@ -279,24 +299,29 @@ class DeltaStream(_Stream):
         """Names (sorted) the client wants and lacks at the current version, plus those
         of `resend` it wants and the snapshot holds."""
         watch = self._watches[kind]
-        resources = self._state().snapshot.kinds[kind].resources
+        resources = self._typed(kind).resources
         resend = set(resend)
         return [n for n in sorted(_wanted(watch, resources)) if n in resources
                 and (n in resend or watch.known.get(n) != resources[n].version)]
 
     def _respond(self, kind: str, push: bool, always: bool = False,
                  asked: Iterable[str] = (), resend: Iterable[str] = ()) -> list[bytes]:
-        snapshot = self._state().snapshot
-        if snapshot is None:
+        typed = self._typed(kind)
+        if typed is None:
             return []
         watch = self._watches[kind]
-        typed = snapshot.kinds[kind]
         changed = [typed.resources[n] for n in self._changed(kind, resend)]
         removed = {n for n in watch.known if n not in typed.resources
                    and (watch.wildcard or n in watch.names)}
-        # A name asked for that does not exist is reported as removed, so the
-        # client stops waiting for it (xds_protocol: "resource does not exist").
-        removed |= {n for n in asked if n != "*" and n not in typed.resources}
+        if kind == "secrets":
+            # Envoy refuses a secret's removal as an update: one gone from the directory
+            # stays what the proxy had; one never there is logged and left unanswered.
+            removed = set()
+            self._note_missing(kind, asked, typed)
+        else:
+            # A name asked for that does not exist is reported as removed, so the
+            # client stops waiting for it (xds_protocol: "resource does not exist").
+            removed |= {n for n in asked if n != "*" and n not in typed.resources}
         if not (changed or removed or always):
             return []
         nonce = self._next_nonce()

@@ -1,0 +1,243 @@
+"""`meshc serve --secrets DIR`: a real Envoy speaks mutual TLS with the certificates served.
+
+A root CA and certificates are made in the test (`support.pki`). The
+workload certificate (`DIR/default/`, SPIFFE ID `.../sa/web`) is served over
+SDS on the same ADS stream as the snapshot, SotW and Delta. Behind Envoy a
+real HTTPS backend demands a client certificate signed by the root; it
+records the SNI and the client's SPIFFE ID of every connection and closes
+each after one response, so every request is a new TLS handshake.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import ssl
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+import requests
+import yaml
+
+from compiler.cli import main
+from compiler.load import Source
+from compiler.pipeline import compile_source
+from compiler.xds import sample, secrets
+from compiler.xds.server import Options, ServerThread
+from support.backends import unique_loopback
+from support.envoy import Envoy
+from support.pki import CA, peer_uris, server_context, write_secret
+
+WEB = "spiffe://cluster.local/ns/shop/sa/web"
+API = "spiffe://cluster.local/ns/shop/sa/api"
+ENV, MISSING_ENV = "mtls", "missing"
+
+
+class TlsBackend:
+    """An HTTPS server that demands a client certificate; `seen` is (SNI, client URIs) per connection."""
+
+    def __init__(self, context: ssl.SSLContext) -> None:
+        self.seen: list[tuple[str | None, list[str]]] = []
+        backend = self
+
+        def on_sni(sock, name, _context):
+            sock.sni = name
+
+        context.sni_callback = on_sni
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_GET(self):
+                backend.seen.append((getattr(self.connection, "sni", None),
+                                     peer_uris(self.connection.getpeercert(binary_form=True))))
+                body = b"api"
+                self.send_response(200)
+                self.send_header("content-length", str(len(body)))
+                self.send_header("connection", "close")
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        class Server(ThreadingHTTPServer):
+            daemon_threads = True
+
+            def get_request(self):
+                sock, address = self.socket.accept()
+                return context.wrap_socket(sock, server_side=True), address
+
+            def handle_error(self, request, client_address):
+                pass  # a handshake Envoy gives up on is part of the test, not noise
+
+        self.server = Server(("127.0.0.1", 0), Handler)
+        self.address = f"127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _policy(name: str, tls: dict) -> bytes:
+    return yaml.safe_dump({"apiVersion": "meshc.dev/v1", "kind": "TrafficPolicy",
+                           "metadata": {"name": name, "namespace": "shop"},
+                           "spec": {"selector": {"app": name}, "ports": [{"name": "http", "port": 8080, "protocol": "HTTP"}],
+                                    "tls": tls}}).encode()
+
+
+def _environment(name: str, address: str, endpoints: dict) -> bytes:
+    return yaml.safe_dump({"apiVersion": "meshc.dev/v1", "kind": "Environment", "metadata": {"name": name},
+                           "spec": {"envoy": {"listenerAddress": address}, "endpoints": endpoints}}).encode()
+
+
+def _render(tmp, address: str, backend: str):
+    """Two environments: `mtls` (api verifies the backend's SPIFFE ID; other expects another one),
+    and `missing` (a MUTUAL credential the secrets directory does not hold)."""
+    files = {
+        "policies/shop/api.yaml": _policy("api", {"mode": "ISTIO_MUTUAL", "subjectAltNames": [API]}),
+        "policies/shop/other.yaml": _policy("other", {"mode": "ISTIO_MUTUAL",
+                                                      "subjectAltNames": ["spiffe://cluster.local/ns/shop/sa/nobody"]}),
+        f"environments/{ENV}.yaml": _environment(ENV, address, {"shop/api": [backend], "shop/other": [backend]}),
+        f"environments/{MISSING_ENV}.yaml": _environment(MISSING_ENV, address, {}),
+    }
+    mutual = {"mode": "MUTUAL", "credentialName": "payments"}
+    result = compile_source(Source(files), envs=[ENV])
+    assert result.ok, [d.render() for d in result.diagnostics]
+    missing = compile_source(Source({**files, "policies/shop/api.yaml": _policy("api", mutual)}), envs=[MISSING_ENV])
+    assert missing.ok, [d.render() for d in missing.diagnostics]
+    rendered = tmp / "rendered"
+    for env, outputs in ((ENV, result.outputs[ENV]), (MISSING_ENV, missing.outputs[MISSING_ENV])):
+        for path, data in outputs.items():
+            (rendered / env / path).parent.mkdir(parents=True, exist_ok=True)
+            (rendered / env / path).write_bytes(data)
+    return rendered
+
+
+class Mesh:
+    def __init__(self, ca, directory, backend, server, proxy, address, log):
+        self.ca, self.directory, self.backend, self.server, self.proxy = ca, directory, backend, server, proxy
+        self.listener = proxy.listener_address(f"{address}_8080")
+        self.log = log  # the server's log records, from its start
+
+
+    def get(self, host: str, session=None) -> requests.Response:
+        return (session or requests).get(f"http://{self.listener}/", headers={"host": host}, timeout=10)
+
+
+class _Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+@pytest.fixture(scope="module", params=["sotw", "delta"])
+def mesh(request, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("mtls")
+    ca = CA()
+    backend = TlsBackend(server_context(*ca.issue("api", uris=(API,)), ca.pem, tmp / "backend"))
+    directory = tmp / "secrets"
+    directory.mkdir(mode=0o700)
+    write_secret(directory / "default", *ca.issue("web", uris=(WEB,)), ca.pem)
+    address = unique_loopback()
+    records, logger = _Records(), logging.getLogger("meshc.xds")
+    logger.addHandler(records)
+    logger.setLevel(logging.INFO)
+    try:
+        rendered = _render(tmp, address, backend.address)
+        options = Options(rendered=rendered, grpc_port=0, http_port=0, secrets=directory, poll_interval=0.2)
+        with ServerThread(options) as server:
+            bootstrap = sample.ads_bootstrap("web", ENV, ("127.0.0.1", server.server.grpc_port),
+                                             delta=request.param == "delta")
+            with Envoy(bootstrap, tmp / "envoy") as proxy:
+                proxy.wait_until(lambda: f"{address}_8080" in str(proxy.listeners()), timeout=10,
+                                 message="the listener is up (no secret wait)")
+                yield Mesh(ca, directory, backend, server, proxy, address, records.lines)
+    finally:
+        logger.removeHandler(records)
+        backend.stop()
+
+
+def test_envoy_presents_the_served_workload_certificate(mesh):
+    response = mesh.get("api.shop")
+    assert (response.status_code, response.text) == (200, "api")
+    sni, uris = mesh.backend.seen[-1]
+    assert uris == [WEB]
+    assert sni == "outbound_.8080_._.api.shop.svc.cluster.local"  # istiod's SNI
+
+
+def test_envoy_verifies_the_backend_against_the_served_root_and_its_spiffe_id(mesh):
+    before = len(mesh.backend.seen)
+    assert mesh.get("other.shop").status_code == 503  # the backend is .../sa/api, not .../sa/nobody
+    assert len(mesh.backend.seen) == before  # no request reached it
+    assert mesh.proxy.stat("cluster.outbound|8080||other.shop.svc.cluster.local.ssl.fail_verify_san") >= 1
+
+
+def test_a_rotated_certificate_is_served_within_seconds_and_no_connection_drops(mesh):
+    rotated = f"{WEB}-rotated-{os.getpid()}-{time.monotonic_ns()}"
+    session = requests.Session()  # one client connection to Envoy all along
+    assert mesh.get("api.shop", session).status_code == 200
+    write_secret(mesh.directory / "default", *mesh.ca.issue("web", uris=(rotated,)))
+    deadline = time.monotonic() + 10
+    statuses = []
+    while time.monotonic() < deadline:
+        statuses.append(mesh.get("api.shop", session).status_code)
+        if mesh.backend.seen[-1][1] == [rotated]:
+            break
+        time.sleep(0.1)
+    assert mesh.backend.seen[-1][1] == [rotated], "the rotated certificate was never presented"
+    assert set(statuses) == {200}
+    write_secret(mesh.directory / "default", *mesh.ca.issue("web", uris=(WEB,)))  # as the other tests expect
+    mesh.proxy.wait_until(lambda: mesh.get("api.shop").ok and mesh.backend.seen[-1][1] == [WEB], timeout=10,
+                          message="the workload certificate is back")
+
+
+def test_a_missing_secret_is_a_metric_and_a_log_line(mesh):
+    assert any(f"environment '{MISSING_ENV}' names secrets the --secrets directory lacks: kubernetes://payments" in line
+               for line in mesh.log), mesh.log
+    metrics = requests.get(f"{mesh.server.http_url}/metrics", timeout=5).text
+    assert f'meshc_xds_secret_missing{{env="{MISSING_ENV}",secret="kubernetes://payments"}} 1' in metrics
+    assert f'env="{ENV}"' not in "".join(line for line in metrics.splitlines() if line.startswith("meshc_xds_secret_missing"))
+
+
+def test_private_keys_never_leave_the_server(mesh):
+    for page in ("/metrics", "/debug/snapshots", "/debug/proxies"):
+        assert "PRIVATE KEY" not in requests.get(f"{mesh.server.http_url}{page}", timeout=5).text, page
+    assert not [line for line in mesh.log if "PRIVATE KEY" in line]
+
+
+# --- the directory itself ------------------------------------------------------------------
+
+
+def test_a_directory_others_can_read_is_refused(tmp_path, capsys):
+    (tmp_path / "rendered").mkdir()
+    directory = tmp_path / "secrets"
+    directory.mkdir(mode=0o755)
+    directory.chmod(0o755)
+    assert main(["serve", "--rendered", str(tmp_path / "rendered"), "--secrets", str(directory)]) == 2
+    assert f"--secrets {directory}: mode 0755 lets others in" in capsys.readouterr().err
+    directory.chmod(0o700)
+    write_secret(directory / "default", *CA().issue("web"))
+    (directory / "default" / "tls.key").chmod(0o644)
+    assert "lets others read a private key" in secrets.check_dir(directory)
+
+
+def test_a_half_written_certificate_keeps_the_last_good_one(tmp_path):
+    ca = CA()
+    cert, key = ca.issue("web", uris=(WEB,))
+    write_secret(tmp_path / "default", cert, key, ca.pem)
+    good, problems = secrets.load(tmp_path)
+    assert sorted(good.resources) == ["ROOTCA", "default"] and problems == []
+    (tmp_path / "default" / "tls.crt").write_bytes(cert[: len(cert) // 2])  # a writer caught mid-file
+    half, problems = secrets.load(tmp_path, good)
+    assert half.resources["default"] == good.resources["default"] and half.version == good.version
+    assert problems == ["default: tls.crt is not whole PEM (CERTIFICATE); serving what it held before"]
+    write_secret(tmp_path / "shop-example-com", cert, key)
+    names = sorted(secrets.load(tmp_path, good)[0].resources)
+    assert names == ["ROOTCA", "default", "kubernetes://shop-example-com"]
