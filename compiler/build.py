@@ -308,7 +308,9 @@ def _tls(tls: dict | None) -> m.Tls | None:
 def _ingress(ing: dict | None) -> m.Ingress | None:
     if ing is None:
         return None
-    return m.Ingress(tuple(ing["hosts"]), ing.get("port", 80), tuple(ing.get("paths") or ()))
+    tls = ing.get("tls")
+    return m.Ingress(tuple(ing["hosts"]), ing.get("port", 443 if tls else 80), tuple(ing.get("paths") or ()),
+                     m.IngressTls(tls["mode"], tls["credentialName"]) if tls else None, bool(ing.get("httpsRedirect")))
 
 
 def endpoints(raw) -> m.Endpoints:

@@ -17,8 +17,9 @@ from compiler.values import human_duration
 
 def service(svc: m.Service, diags: Diagnostics) -> None:
     """Every per-service check."""
-    for check in (_ports, _versions_referenced, _weights, _regexes, _tcp_only, _retry_budget, _ingress_hosts_once, _ingress_paths,
-                  _port_policies_replace, _route_names, _route_actions, _shadowed_routes, _mirrors, _headers, _cors):
+    for check in (_ports, _versions_referenced, _weights, _regexes, _tcp_only, _retry_budget, _port_policies_replace,
+                  _ingress_hosts_once, _ingress_paths, _ingress_tls,
+                  _route_names, _route_actions, _shadowed_routes, _mirrors, _headers, _cors):
         check(svc, diags)
 
 
@@ -404,6 +405,19 @@ def _ingress_hosts_once(svc: m.Service, diags: Diagnostics) -> None:
             first.setdefault(value, i)
 
 
+def _ingress_tls(svc: m.Service, diags: Diagnostics) -> None:
+    """A redirect to https needs the https; it takes port 80, so the TLS port is another."""
+    ing = svc.ingress
+    if ing is None or not ing.https_redirect:
+        return
+    if ing.tls is None:
+        diags.error("ingress.redirect-without-tls", "`httpsRedirect` sends clients to https, which this ingress does "
+                    "not serve: set `tls` (mode and credentialName)", svc.spans.key_at(("ingress", "httpsRedirect")))
+    elif ing.port == 80:
+        diags.error("ingress.redirect-port", "with `httpsRedirect`, port 80 answers every request with a redirect: "
+                    "serve TLS on another port (443)", svc.spans.at(("ingress", "port")) or svc.spans.key_at(("ingress",)))
+
+
 def _ingress_paths(svc: m.Service, diags: Diagnostics) -> None:
     """On its ingress paths the gateway takes a route only within them: a regex path has no
     such form (RE2 has no look-ahead to add `and it starts with /api`)."""
@@ -427,8 +441,9 @@ class Claims:
     so the checks between services never need the model.
 
     `ports` is every (number, is TCP, span) of the service; `ingress` each (host, path
-    prefix or None for what no other service takes, ingress port, span, span of the port)
-    it serves at the gateway, the span the path's where there is one; `generated` the `namespace/name` of each object named after it for another
+    prefix or None for what no other service takes, ingress port, how it is served (`on port
+    443 with TLS SIMPLE (cert)`), span, span of the port) it serves at the gateway, the span
+    the path's where there is one; `generated` the `namespace/name` of each object named after it for another
     purpose (the ingress VirtualService `<name>-ingress`), with the span that asked for it.
 
     Two fields are references rather than claims, checked against the other units for the
@@ -439,7 +454,7 @@ class Claims:
 
     key: str
     ports: tuple[tuple[int, bool, Span | None], ...] = ()
-    ingress: tuple[tuple[str, str | None, int, Span | None, Span | None], ...] = ()
+    ingress: tuple[tuple[str, str | None, int, str, Span | None, Span | None], ...] = ()
     generated: tuple[tuple[str, Span | None], ...] = ()
     versions: tuple[str, ...] = ()
     mirrors: tuple[tuple[str, str | None, int, Span | None, Span | None], ...] = ()
@@ -452,8 +467,10 @@ class Claims:
         ingress, generated = (), ()
         if svc.ingress is not None:
             ing, port_span = svc.ingress, at(("ingress", "port")) or svc.spans.key_at(("ingress",))
+            how = f"on port {ing.port}" + (f" with {ing.tls}" if ing.tls else "") + (
+                ", port 80 redirecting to https" if ing.https_redirect else "")
             paths = [(p, at(("ingress", "paths", j))) for j, p in enumerate(ing.paths)]
-            ingress = tuple((h, prefix, ing.port, span if prefix else at(("ingress", "hosts", i)), port_span)
+            ingress = tuple((h, prefix, ing.port, how, span if prefix else at(("ingress", "hosts", i)), port_span)
                             for i, h in enumerate(ing.hosts) for prefix, span in paths or [(None, None)])
             generated = ((f"{svc.key}-ingress", svc.spans.key_at(("ingress",))),)
         # A mirror to another service copies to the same port of it as the request came in on.
@@ -463,7 +480,7 @@ class Claims:
         return cls(svc.key, ports, ingress, generated, tuple(v.name for v in svc.versions), mirrors)
 
     def to_json(self) -> list:
-        return [self.key, [[n, tcp, _row(s)] for n, tcp, s in self.ports], [[h, p, n, _row(s), _row(ps)] for h, p, n, s, ps in self.ingress],
+        return [self.key, [[n, tcp, _row(s)] for n, tcp, s in self.ports], [[h, p, n, how, _row(s), _row(ps)] for h, p, n, how, s, ps in self.ingress],
                 [[g, _row(s)] for g, s in self.generated], list(self.versions),
                 [[k, v, n, _row(s), _row(vs)] for k, v, n, s, vs in self.mirrors]]
 
@@ -471,7 +488,7 @@ class Claims:
     def from_json(cls, value: list) -> "Claims":
         key, ports, ingress, generated, versions, mirrors = value
         return cls(key, tuple((n, tcp, _span(s)) for n, tcp, s in ports),
-                   tuple((h, p, n, _span(s), _span(ps)) for h, p, n, s, ps in ingress),
+                   tuple((h, p, n, how, _span(s), _span(ps)) for h, p, n, how, s, ps in ingress),
                    tuple((g, _span(s)) for g, s in generated), tuple(versions),
                    tuple((k, v, n, _span(s), _span(vs)) for k, v, n, s, vs in mirrors))
 
@@ -538,21 +555,30 @@ def _clashes(units: list[Claims]):
 
 def _ingress_clashes(units: list[Claims]):
     """One host and path prefix (or the rest of a host) is one service's; the services that
-    share a host serve it on one port: the gateway has one server per host and port."""
+    share a host serve it alike (port, TLS, redirect): the gateway has one server for it; and
+    one port is TLS for every host on it or for none (Istio's rule for a gateway's servers)."""
     owner: dict[tuple[str, str | None], tuple[str, Span | None]] = {}
-    port_of: dict[str, tuple[str, int, Span | None]] = {}
+    served: dict[str, tuple[str, str, Span | None]] = {}
+    tls_on: dict[int, tuple[str, bool, Span | None]] = {}
     for u in units:
-        for host, prefix, port, span, port_span in u.ingress:
+        for host, prefix, port, how, span, how_span in u.ingress:
             what = f"ingress host {host!r}" + (f" path {prefix!r}" if prefix else "")
             first = owner.setdefault((host, prefix), (u.key, span))
             if first[0] != u.key:
                 yield ("ingress.host-conflict", f"{what} is claimed by both {first[0]} and {u.key} in {{where}}", span,
                        (Note(f"{first[0]} claims it here", first[1]),))
-            first_port = port_of.setdefault(host, (u.key, port, port_span))
-            if first_port[0] != u.key and first_port[1] != port:
-                yield ("ingress.port-conflict", f"ingress host {host!r} is served on port {port} by {u.key} and on port "
-                       f"{first_port[1]} by {first_port[0]} in {{where}}: services that share a host share its port", port_span,
-                       (Note(f"{first_port[0]} serves it on port {first_port[1]} here", first_port[2]),))
+            first_how = served.setdefault(host, (u.key, how, how_span))
+            if first_how[0] != u.key and first_how[1] != how:
+                yield ("ingress.serving-conflict", f"ingress host {host!r} is served {how} by {u.key} and {first_how[1]} "
+                       f"by {first_how[0]} in {{where}}: services that share a host serve it alike", how_span,
+                       (Note(f"{first_how[0]} serves it {first_how[1]} here", first_how[2]),))
+            tls = "TLS" in how
+            first_tls = tls_on.setdefault(port, (u.key, tls, how_span))
+            if first_tls[0] != u.key and first_tls[1] != tls:
+                yield ("ingress.port-tls", f"ingress port {port} is {'TLS' if tls else 'plain HTTP'} for {u.key} but "
+                       f"{'TLS' if first_tls[1] else 'plain HTTP'} for {first_tls[0]} in {{where}}: a gateway port "
+                       "terminates TLS for every host on it or for none", how_span,
+                       (Note(f"{first_tls[0]}'s ingress", first_tls[2]),))
 
 
 def _mirror_targets(units: list[Claims]):

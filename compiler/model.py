@@ -339,6 +339,17 @@ class Ingress:
     hosts: tuple[str, ...]
     port: int
     paths: tuple[str, ...] = ()  # path prefixes taken on the hosts; none: what no other service takes
+    tls: "IngressTls | None" = None  # the gateway terminates TLS on `port`
+    https_redirect: bool = False  # port 80 answers 301 to https for the hosts
+
+
+@dataclass(frozen=True)
+class IngressTls:
+    mode: str  # SIMPLE | MUTUAL (the client presents a certificate too)
+    credential_name: str  # the gateway's certificate: SDS `kubernetes://<name>`, its CA `<name>-cacert`
+
+    def __str__(self) -> str:
+        return f"TLS {self.mode} ({self.credential_name})"
 
 
 @dataclass(frozen=True)

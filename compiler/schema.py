@@ -389,6 +389,12 @@ SPEC = {
             },
             "port": _port,
             "paths": {"type": "list", "minlength": 1, "schema": _path},
+            "tls": {"type": "dict", "schema": {
+                "mode": {"type": "string", "required": True, "allowed": ("SIMPLE", "MUTUAL")},
+                "credentialName": {"type": "string", "required": True, "regex": DNS1123_SUBDOMAIN,
+                                   "meta": {"what": "a Kubernetes Secret name"}},
+            }},
+            "httpsRedirect": {"type": "boolean"},
         },
     },
 }

@@ -91,12 +91,15 @@ RULES = [
     ("bad-fault-abort-status", "schema.value"),
     ("bad-redirect-no-target", "schema.value"),
     ("bad-tcp-routes", "tcp.http-setting"),
+    ("bad-ingress-tls-credential", "schema.missing-field"),
 ]
 # More than one code: each of a case's errors is a different way to miss a target.
 MANY_CODES = {
     "bad-mirror-target": {"mirror.unknown-service", "mirror.unknown-version", "mirror.port"},
     "bad-ingress-shared-host": {"ingress.path-regex", "ingress.path-conflict"},
-    "bad-ingress-path-conflict": {"ingress.host-conflict", "ingress.port-conflict"},
+    "bad-ingress-path-conflict": {"ingress.host-conflict", "ingress.serving-conflict"},
+    "bad-ingress-tls": {"ingress.redirect-without-tls", "ingress.redirect-port"},
+    "bad-ingress-tls-conflict": {"ingress.serving-conflict", "ingress.port-tls"},
 }
 DIAGNOSTIC_LINE = re.compile(r"^(environments|policies)/[^:]+\.ya?ml:\d+:\d+: (error|warning|note): \S.*$")
 

@@ -10,8 +10,10 @@ each after one response, so every request is a new TLS handshake.
 
 from __future__ import annotations
 
+import http.client
 import logging
 import os
+import socket
 import ssl
 import threading
 import time
@@ -26,13 +28,14 @@ from compiler.load import Source
 from compiler.pipeline import compile_source
 from compiler.xds import sample, secrets
 from compiler.xds.server import Options, ServerThread
-from support.backends import unique_loopback
+from support.backends import Backend, unique_loopback
 from support.envoy import Envoy
 from support.pki import CA, peer_uris, server_context, write_secret
 
 WEB = "spiffe://cluster.local/ns/shop/sa/web"
 API = "spiffe://cluster.local/ns/shop/sa/api"
 ENV, MISSING_ENV = "mtls", "missing"
+SHOP, HTTPS_PORT = "shop.example.com", 8443
 
 
 class TlsBackend:
@@ -82,11 +85,11 @@ class TlsBackend:
         self.server.server_close()
 
 
-def _policy(name: str, tls: dict) -> bytes:
+def _policy(name: str, tls: dict | None = None, **spec) -> bytes:
     return yaml.safe_dump({"apiVersion": "meshc.dev/v1", "kind": "TrafficPolicy",
                            "metadata": {"name": name, "namespace": "shop"},
                            "spec": {"selector": {"app": name}, "ports": [{"name": "http", "port": 8080, "protocol": "HTTP"}],
-                                    "tls": tls}}).encode()
+                                    **({"tls": tls} if tls else {}), **spec}}).encode()
 
 
 def _environment(name: str, address: str, endpoints: dict) -> bytes:
@@ -94,14 +97,19 @@ def _environment(name: str, address: str, endpoints: dict) -> bytes:
                            "spec": {"envoy": {"listenerAddress": address}, "endpoints": endpoints}}).encode()
 
 
-def _render(tmp, address: str, backend: str):
-    """Two environments: `mtls` (api verifies the backend's SPIFFE ID; other expects another one),
-    and `missing` (a MUTUAL credential the secrets directory does not hold)."""
+def _render(tmp, address: str, backend: str, web: str):
+    """Two environments: `mtls` (api verifies the backend's SPIFFE ID; other expects another one;
+    web is reached at the gateway over HTTPS, with a redirect from port 80), and `missing` (a
+    MUTUAL credential the secrets directory does not hold)."""
     files = {
+        "policies/shop/web.yaml": _policy("web", ingress={
+            "hosts": [SHOP], "port": HTTPS_PORT, "httpsRedirect": True,
+            "tls": {"mode": "SIMPLE", "credentialName": "shop-example-com"}}),
         "policies/shop/api.yaml": _policy("api", {"mode": "ISTIO_MUTUAL", "subjectAltNames": [API]}),
         "policies/shop/other.yaml": _policy("other", {"mode": "ISTIO_MUTUAL",
                                                       "subjectAltNames": ["spiffe://cluster.local/ns/shop/sa/nobody"]}),
-        f"environments/{ENV}.yaml": _environment(ENV, address, {"shop/api": [backend], "shop/other": [backend]}),
+        f"environments/{ENV}.yaml": _environment(ENV, address, {"shop/api": [backend], "shop/other": [backend],
+                                                               "shop/web": [web]}),
         f"environments/{MISSING_ENV}.yaml": _environment(MISSING_ENV, address, {}),
     }
     mutual = {"mode": "MUTUAL", "credentialName": "payments"}
@@ -121,6 +129,7 @@ class Mesh:
     def __init__(self, ca, directory, backend, server, proxy, address, log):
         self.ca, self.directory, self.backend, self.server, self.proxy = ca, directory, backend, server, proxy
         self.listener = proxy.listener_address(f"{address}_8080")
+        self.address = address
         self.log = log  # the server's log records, from its start
 
 
@@ -142,15 +151,17 @@ def mesh(request, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("mtls")
     ca = CA()
     backend = TlsBackend(server_context(*ca.issue("api", uris=(API,)), ca.pem, tmp / "backend"))
+    web = Backend("web").start()
     directory = tmp / "secrets"
     directory.mkdir(mode=0o700)
     write_secret(directory / "default", *ca.issue("web", uris=(WEB,)), ca.pem)
+    write_secret(directory / "shop-example-com", *ca.issue(SHOP, dns=(SHOP,)))
     address = unique_loopback()
     records, logger = _Records(), logging.getLogger("meshc.xds")
     logger.addHandler(records)
     logger.setLevel(logging.INFO)
     try:
-        rendered = _render(tmp, address, backend.address)
+        rendered = _render(tmp, address, backend.address, web.address)
         options = Options(rendered=rendered, grpc_port=0, http_port=0, secrets=directory, poll_interval=0.2)
         with ServerThread(options) as server:
             bootstrap = sample.ads_bootstrap("web", ENV, ("127.0.0.1", server.server.grpc_port),
@@ -162,6 +173,7 @@ def mesh(request, tmp_path_factory):
     finally:
         logger.removeHandler(records)
         backend.stop()
+        web.stop()
 
 
 def test_envoy_presents_the_served_workload_certificate(mesh):
@@ -210,6 +222,37 @@ def test_private_keys_never_leave_the_server(mesh):
     for page in ("/metrics", "/debug/snapshots", "/debug/proxies"):
         assert "PRIVATE KEY" not in requests.get(f"{mesh.server.http_url}{page}", timeout=5).text, page
     assert not [line for line in mesh.log if "PRIVATE KEY" in line]
+
+
+# --- HTTPS at the gateway ------------------------------------------------------------------
+
+
+def _https_get(address: str, server_name: str, ca: bytes, path: str = "/") -> tuple[int, str, dict]:
+    """GET over TLS to `address`, sending SNI `server_name` and verifying the certificate for it."""
+    host, port = address.rsplit(":", 1)
+    context = ssl.create_default_context(cadata=ca.decode())
+    connection = http.client.HTTPSConnection(host, int(port), context=context, timeout=5)
+    connection.sock = context.wrap_socket(socket.create_connection((host, int(port)), timeout=5),
+                                          server_hostname=server_name)
+    try:
+        connection.request("GET", path, headers={"host": server_name})
+        response = connection.getresponse()
+        return response.status, response.read().decode(), {k.lower(): v for k, v in response.getheaders()}
+    finally:
+        connection.close()
+
+
+def test_the_gateway_terminates_https_with_the_served_certificate(mesh):
+    gateway = mesh.proxy.listener_address(f"{mesh.address}_{HTTPS_PORT}")
+    assert _https_get(gateway, SHOP, mesh.ca.pem)[:2] == (200, "web")
+    with pytest.raises(ssl.SSLCertVerificationError):  # the certificate is for its host, checked by name
+        _https_get(gateway, SHOP, CA("another root").pem)
+
+
+def test_port_80_answers_with_a_redirect_to_https(mesh):
+    redirect = mesh.proxy.listener_address(f"{mesh.address}_80")
+    response = requests.get(f"http://{redirect}/cart?item=1", headers={"host": SHOP}, allow_redirects=False, timeout=5)
+    assert response.status_code == 301 and response.headers["location"] == f"https://{SHOP}/cart?item=1"
 
 
 # --- the directory itself ------------------------------------------------------------------

@@ -240,7 +240,8 @@ def _envoy_meaning(route: dict) -> dict:
                "cors": _envoy_cors(per_filter.get("envoy.filters.http.cors"))}
     if "redirect" in route:
         r = route["redirect"]
-        return {**meaning, "redirect": _location(r.get("scheme_redirect"), r.get("host_redirect"), r.get("port_redirect"),
+        scheme = "https" if r.get("https_redirect") else r.get("scheme_redirect")
+        return {**meaning, "redirect": _location(scheme, r.get("host_redirect"), r.get("port_redirect"),
                                                  r.get("path_redirect"), _ENVOY_CODES[r.get("response_code", "MOVED_PERMANENTLY")])}
     if "direct_response" in route:
         d = route["direct_response"]
@@ -325,16 +326,26 @@ def _istio_gateway_routes(tree: Path) -> dict[tuple[str, int], list[dict]]:
         if doc["kind"] != "VirtualService" or not doc["spec"].get("gateways"):
             continue
         [name] = doc["spec"]["gateways"]
-        [server] = gateways[(doc["metadata"]["namespace"], name)]["spec"]["servers"]
-        for host in doc["spec"]["hosts"]:
-            assert host in server["hosts"] and (host, server["port"]["number"]) not in out, "one VirtualService per host"
-            routes = []
-            for route in doc["spec"]["http"]:
-                fqdn = route["route"][0]["destination"]["host"] if "route" in route else None
-                port = services[fqdn]["spec"]["ports"][0]["port"] if fqdn else 0
-                routes.append(_istio_meaning(route, port, fqdn in hashing))
-            out[(host, server["port"]["number"])] = routes
+        for server in gateways[(doc["metadata"]["namespace"], name)]["spec"]["servers"]:
+            number = server["port"]["number"]
+            for host in doc["spec"]["hosts"]:
+                assert host in server["hosts"] and (host, number) not in out, "one VirtualService per host"
+                if server.get("tls", {}).get("httpsRedirect"):
+                    out[(host, number)] = [ISTIO_HTTPS_REDIRECT]  # istiod answers the whole server so
+                    continue
+                routes = []
+                for route in doc["spec"]["http"]:
+                    fqdn = route["route"][0]["destination"]["host"] if "route" in route else None
+                    port = services[fqdn]["spec"]["ports"][0]["port"] if fqdn else 0
+                    routes.append(_istio_meaning(route, port, fqdn in hashing))
+                out[(host, number)] = routes
     return out
+
+
+#: A `tls.httpsRedirect` server: every request answered 301 to the same URL over https.
+ISTIO_HTTPS_REDIRECT = {"match": {"path": ("prefix", "/"), "headers": set(), "query": set()},
+                        "headers": {"request": (set(), []), "response": (set(), [])}, "cors": None,
+                        "redirect": ("https", None, None, None, 301)}
 
 
 def _envoy_gateway_routes(tree: Path) -> dict[tuple[str, int], list[dict]]:
@@ -351,6 +362,12 @@ def _envoy_gateway_routes(tree: Path) -> dict[tuple[str, int], list[dict]]:
 def test_every_gateway_host_routes_the_same_in_both_targets(tree):
     """At the gateway, order is meaning: a host's routes are compared as a list."""
     assert _istio_gateway_routes(TREES[tree]) == _envoy_gateway_routes(TREES[tree])
+
+
+def test_the_gateway_comparison_covers_https_and_its_redirect():
+    gateway = _envoy_gateway_routes(TREES["ingress-https/prod"])
+    assert gateway[("shop.example.com", 80)] == [ISTIO_HTTPS_REDIRECT]
+    assert [r["match"]["path"] for r in gateway[("shop.example.com", 443)]] == [("prefix", "/api"), ("prefix", "/")]
 
 
 def test_the_gateway_comparison_covers_a_host_shared_by_path():

@@ -343,8 +343,9 @@ def _ingress(svc: m.Service) -> dict | None:
     port, dest_port = svc.http_ports[0], len(svc.ports) > 1
     blocks = [[prefix, http_routes(replace(svc, routes=gateway.routes_under(svc, prefix)), port, False, dest_port)]
               for prefix in ing.paths or (None,)]
+    tls = {"mode": ing.tls.mode, "credentialName": ing.tls.credential_name} if ing.tls else None
     return {"name": svc.name, "namespace": svc.namespace, "port": ing.port, "hosts": list(ing.hosts),
-            "paths": list(ing.paths), "blocks": blocks}
+            "paths": list(ing.paths), "blocks": blocks, "tls": tls, "httpsRedirect": ing.https_redirect}
 
 
 def _add_ingress_objects(env: m.Environment, objects: dict[str, dict]) -> None:
@@ -376,13 +377,21 @@ def _add_ingress_objects(env: m.Environment, objects: dict[str, dict]) -> None:
 
 
 def _gateway(ing: dict, hosts: list[str], env: m.Environment) -> dict:
+    """The owner's Gateway: an HTTP server, or an HTTPS one (with its port-80 redirect server) under `tls`."""
     port = ing["port"]
-    server = {"port": {"number": port, "name": f"http-{port}", "protocol": "HTTP"}, "hosts": hosts}
+    if ing["tls"] is None:
+        servers = [{"port": {"number": port, "name": f"http-{port}", "protocol": "HTTP"}, "hosts": hosts}]
+    else:
+        servers = [{"port": {"number": port, "name": f"https-{port}", "protocol": "HTTPS"}, "hosts": hosts,
+                    "tls": dict(ing["tls"])}]
+        if ing["httpsRedirect"]:
+            servers.append({"port": {"number": 80, "name": "http-80", "protocol": "HTTP"}, "hosts": hosts,
+                            "tls": {"httpsRedirect": True}})
     return {
         "apiVersion": NETWORKING,
         "kind": "Gateway",
         "metadata": _meta(f"{ing['name']}-gateway", ing["namespace"]),
-        "spec": {"selector": dict(env.gateway_selector), "servers": [server]},
+        "spec": {"selector": dict(env.gateway_selector), "servers": servers},
     }
 
 

@@ -22,6 +22,8 @@ HTTP_FILTERS = ({"name": "envoy.filters.http.fault", "typed_config": {"@type": F
                 {"name": "envoy.filters.http.cors", "typed_config": {"@type": CORS}},
                 {"name": "envoy.filters.http.router", "typed_config": {"@type": ROUTER}})
 UPSTREAM_TLS = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext"
+DOWNSTREAM_TLS = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext"
+TLS_INSPECTOR = "type.googleapis.com/envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector"
 HTTP_OPTIONS = "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 PREVIOUS_HOSTS = "type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate"
 
@@ -36,6 +38,10 @@ def cluster_name(port: int, fqdn: str, version: str = "") -> str:
 
 def listener_name(address: str, port: int) -> str:
     return f"{address}_{port}"
+
+
+#: Where an ingress with `httpsRedirect` answers plain HTTP with a redirect to https.
+REDIRECT_PORT = 80
 
 
 def gateway_route_name(port: int) -> str:

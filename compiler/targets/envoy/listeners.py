@@ -2,8 +2,11 @@
 
 HTTP ports get an HTTP connection manager that fetches route configuration
 `PORT` over RDS; ingress ports get a gateway HTTP connection manager on
-`http.PORT`; a TCP port gets a TCP proxy to its service's clusters. All bind
-the environment's `envoy.listenerAddress`.
+`http.PORT`, behind a TLS filter chain per certificate where the ingress
+terminates TLS (chosen by SNI, as istiod's gateway does), and port 80 answers
+with a redirect to https for an ingress with `httpsRedirect`; a TCP port gets
+a TCP proxy to its service's clusters. All bind the environment's
+`envoy.listenerAddress`.
 https://www.envoyproxy.io/docs/envoy/latest/api-v3/extensions/filters/network/http_connection_manager/v3/http_connection_manager.proto
 """
 
@@ -13,7 +16,8 @@ from collections import defaultdict
 
 from compiler.diagnostics import Diagnostic, Severity
 from compiler.model import HashOn, Service
-from compiler.targets.envoy.common import ADS, HTTP_FILTERS, default_destinations, gateway_route_name, listener_name, span
+from compiler.targets.envoy.common import (ADS, DOWNSTREAM_TLS, HTTP_FILTERS, REDIRECT_PORT, TLS_INSPECTOR,
+                                          default_destinations, gateway_route_name, listener_name, span)
 from compiler.xds.resources import HCM, LISTENER, TCP_PROXY
 
 
@@ -38,7 +42,7 @@ def assemble(address: str, fragments: list[dict]) -> tuple[list[dict], list[Diag
         if port in http or port in tcp:
             problems += [_ingress_conflict(f, port) for f in ingress[port]]
         else:
-            listeners.append(_http_listener(address, port, gateway_route_name(port), gateway=True))
+            listeners.append(_gateway_listener(address, port, ingress[port]))
     return listeners, problems
 
 
@@ -53,7 +57,45 @@ def _ports(fragments: list[dict]) -> tuple[dict, dict, dict]:
         gateway = fragment["ingress"]
         if gateway is not None:
             ingress[gateway["port"]].append(fragment)
+            if gateway["https_redirect"]:
+                ingress[REDIRECT_PORT].append({**fragment, "ingress": {**gateway, "port": REDIRECT_PORT, "tls": None}})
     return http, tcp, ingress
+
+
+def _gateway_listener(address: str, port: int, fragments: list[dict]) -> dict:
+    """The gateway's listener on `port`: plain, or one TLS filter chain per certificate, each
+    taking its hosts by SNI (`check.claims` makes a port TLS for all its hosts or for none)."""
+    listener = _http_listener(address, port, gateway_route_name(port), gateway=True)
+    by_tls: dict[tuple[str, str], list[str]] = {}
+    for fragment in fragments:
+        tls = fragment["ingress"]["tls"]
+        if tls is not None:
+            hosts = by_tls.setdefault((tls["mode"], tls["credential"]), [])
+            hosts += [h for h in fragment["ingress"]["hosts"] if h not in hosts]
+    if not by_tls:
+        return listener
+    [plain] = listener["filter_chains"]
+    chains = []
+    for (mode, credential), hosts in sorted(by_tls.items()):
+        names = sorted(h for h in hosts if h != "*")  # `*` takes every name: no server_names at all
+        match = {"filter_chain_match": {"server_names": names}} if names and "*" not in hosts else {}
+        chains.append({**match, **plain, "transport_socket": _downstream_tls(mode, credential)})
+    return {**listener, "filter_chains": chains, "listener_filters": [
+        {"name": "envoy.filters.listener.tls_inspector", "typed_config": {"@type": TLS_INSPECTOR}}]}
+
+
+def _downstream_tls(mode: str, credential: str) -> dict:
+    """istiod's gateway TLS: the certificate `kubernetes://NAME` by SDS; MUTUAL also asks for the
+    client's and verifies it against `kubernetes://NAME-cacert`."""
+    common: dict = {"alpn_protocols": ["h2", "http/1.1"],
+                    "tls_certificate_sds_secret_configs": [{"name": f"kubernetes://{credential}", "sds_config": ADS}]}
+    context: dict = {"@type": DOWNSTREAM_TLS, "common_tls_context": common}
+    if mode == "MUTUAL":
+        common["combined_validation_context"] = {
+            "default_validation_context": {},
+            "validation_context_sds_secret_config": {"name": f"kubernetes://{credential}-cacert", "sds_config": ADS}}
+        context["require_client_certificate"] = True
+    return {"name": "envoy.transport_sockets.tls", "typed_config": context}
 
 
 def _http_listener(address: str, port: int, route_config: str, *, gateway: bool) -> dict:

@@ -20,7 +20,7 @@ from compiler.model import (ConsistentHash, Cors, Fault, HashOn, HeaderMatch, He
                             Route, RouteMatch, Service)
 from compiler.schema import GRPC_STATUSES
 from compiler.targets import gateway
-from compiler.targets.envoy.common import (CORS_POLICY, FAULT, PREVIOUS_HOSTS, cluster_name, default_destinations,
+from compiler.targets.envoy.common import (CORS_POLICY, FAULT, PREVIOUS_HOSTS, REDIRECT_PORT, cluster_name, default_destinations,
                                            duration, gateway_route_name, span)
 from compiler.xds.resources import ROUTES
 
@@ -38,9 +38,10 @@ def lower(service: Service) -> tuple[list[dict], dict | None]:
     """One service's virtual hosts: per HTTP port, and at the gateway.
 
     → (`[{"port", "virtual_host"}]` in the service's port order; None without
-    ingress, else `{"port", "hosts", "paths", "blocks": [[prefix | None, [route]]]}`:
-    the routes the gateway tries on each of its path prefixes, or on the rest
-    of its hosts, for `assemble` to order among the host's other claimants).
+    ingress, else `{"port", "hosts", "paths", "blocks": [[prefix | None, [route]]],
+    "tls": null | {"mode", "credential"}, "https_redirect"}`: the routes the gateway
+    tries on each of its path prefixes, or on the rest of its hosts, for `assemble`
+    to order among the host's other claimants).
     `check` refuses an ingress on a service with no HTTP port, and a host
     listed twice. Sidecar domains include the short names;
     `assemble` drops those another service shares. Plain data: the target's
@@ -60,7 +61,9 @@ def lower(service: Service) -> tuple[list[dict], dict | None]:
     first = service.http_ports[0].number  # ingress traffic goes to the first HTTP port
     blocks = [[prefix, _routes(replace(service, routes=gateway.routes_under(service, prefix)), first, hashing, "")]
               for prefix in ingress.paths or (None,)]
-    return http, {"port": ingress.port, "hosts": list(ingress.hosts), "paths": list(ingress.paths), "blocks": blocks}
+    tls = {"mode": ingress.tls.mode, "credential": ingress.tls.credential_name} if ingress.tls else None
+    return http, {"port": ingress.port, "hosts": list(ingress.hosts), "paths": list(ingress.paths), "blocks": blocks,
+                  "tls": tls, "https_redirect": ingress.https_redirect}
 
 
 def assemble(fragments: list[dict]) -> tuple[list[dict], list[Diagnostic]]:
@@ -123,6 +126,9 @@ def _gateway_configs(fragments: list[dict]) -> list[dict]:
     for h in gateway.plan([gateway.Claim(key, tuple(ing["hosts"]), ing["port"], tuple(ing["paths"])) for key, ing in ingresses.items()]):
         routes = [route for key, prefix in h.blocks for route in blocks[(key, prefix)]]
         by_port[h.port].append((_gateway_host_name(h.host, h.port), _gateway_host(h.host, h.port, routes)))
+        if ingresses[h.owner]["https_redirect"]:  # Istio's `tls.httpsRedirect` server: 301 to https, on port 80
+            redirect = [{"name": "https-redirect", "match": {"prefix": "/"}, "redirect": {"https_redirect": True}}]
+            by_port[REDIRECT_PORT].append((_gateway_host_name(h.host, REDIRECT_PORT), _gateway_host(h.host, REDIRECT_PORT, redirect)))
     return [_config(gateway_route_name(port), by_port[port]) for port in sorted(by_port)]
 
 
