@@ -16,14 +16,15 @@ from compiler.values import duration_ms, split_address
 
 def service(meta: dict, spec: dict, spans: SpanMap, env: m.Environment, endpoints: m.Endpoints, diags: Diagnostics) -> m.Service:
     name, namespace = meta["name"], meta["namespace"]
-    fqdn = f"{name}.{namespace}.svc.{env.cluster_domain}"
+    external = spec.get("external")
+    fqdn = external["hosts"][0] if external else f"{name}.{namespace}.svc.{env.cluster_domain}"
     own = _HttpPolicy.of(spec, f"{namespace}/{name}", fqdn, env)
     traffic = _traffic(spec.get("traffic"), spans, diags)
     return m.Service(
         name=name,
         namespace=namespace,
         fqdn=fqdn,
-        selector=tuple(sorted(spec["selector"].items())),
+        selector=tuple(sorted((spec.get("selector") or {}).items())),
         ports=tuple(_port(p) for p in spec["ports"]),
         versions=tuple(m.Version(v, tuple(sorted(d["labels"].items())), _policy(d.get("policy")))
                        for v, d in sorted(spec.get("versions", {}).items())),
@@ -41,6 +42,7 @@ def service(meta: dict, spec: dict, spans: SpanMap, env: m.Environment, endpoint
         fault=own.fault,
         mirror=own.mirror,
         routes=_routes(spec, traffic, own, f"{namespace}/{name}", fqdn, env, spans, diags),
+        external=m.External(fqdn, external.get("resolution", "DNS")) if external else None,
         spans=spans,
     )
 

@@ -18,7 +18,7 @@ from compiler.values import human_duration
 def service(svc: m.Service, diags: Diagnostics) -> None:
     """Every per-service check."""
     for check in (_ports, _versions_referenced, _weights, _regexes, _tcp_only, _retry_budget, _port_policies_replace,
-                  _ingress_hosts_once, _ingress_paths, _ingress_tls,
+                  _ingress_hosts_once, _ingress_paths, _ingress_tls, _external,
                   _route_names, _route_actions, _shadowed_routes, _mirrors, _headers, _cors):
         check(svc, diags)
 
@@ -403,6 +403,46 @@ def _ingress_hosts_once(svc: m.Service, diags: Diagnostics) -> None:
                 diags.error(f"ingress.{field[:-1]}-conflict", f"{what} {value!r} is listed twice", svc.spans.at(("ingress", field, i)),
                             Note("first listed here", svc.spans.at(("ingress", field, first[value]))))
             first.setdefault(value, i)
+
+
+#: What a policy of a service outside the mesh may not set (a ServiceEntry has no pods to
+#: select, no versions, and meshc gives it no VirtualService): spec field → what it is.
+NOT_EXTERNAL = {"versions": "a version", "traffic": "a traffic shape", "routes": "a named route", "ingress": "an ingress",
+                 "timeout": "a request timeout", "retries": "retries", "fault": "a fault", "mirror": "a mirror",
+                 "headers": "header rewriting", "cors": "a CORS policy"}
+
+
+def _external(svc: m.Service, diags: Diagnostics) -> None:
+    """`selector` (a mesh service) or `external` (outside it), not both; what an external one takes."""
+    at = svc.spans
+    if svc.external is None:
+        if not svc.selector:
+            removed = at.removed_at(("selector",))  # an overlay's `selector: null`
+            diags.error("external.selector", "a service needs `selector` (its pods in the mesh) or `external` "
+                        "(a host outside it)" + (": this null removes the selector" if removed else ""),
+                        removed or at.key_at(("ports",)))
+        return
+    if svc.selector:
+        diags.error("external.selector", "`selector` and `external` exclude each other: a service is in the mesh "
+                    "or outside it", at.key_at(("external",)), Note("selector set here", at.key_at(("selector",))))
+    for field, what in NOT_EXTERNAL.items():
+        if at.key_at((field,)) is not None and _set(svc, field):
+            diags.error("external.field", f"{what} applies to a service in the mesh; an external service gets a "
+                        "ServiceEntry and a DestinationRule (ports, tls, loadBalancer, connectionPool, "
+                        "outlierDetection)", at.key_at((field,)))
+    static = svc.external.resolution == "STATIC"
+    if static != bool(svc.endpoints.all()):
+        diags.error("external.endpoints", "resolution STATIC takes its addresses from the environment's `endpoints`, "
+                    "which list none for it" if static else "resolution DNS resolves the host itself: the "
+                    "environment's `endpoints` for it would be ignored; use resolution STATIC",
+                    at.at(("external", "resolution")) or at.key_at(("external",)))
+
+
+def _set(svc: m.Service, field: str) -> bool:
+    value = {"versions": svc.versions, "traffic": svc.traffic != m.Traffic(), "routes": named_routes(svc),
+             "ingress": svc.ingress, "timeout": svc.timeout_ms, "retries": svc.retries, "fault": svc.fault,
+             "mirror": svc.mirror, "headers": svc.headers, "cors": svc.cors}[field]
+    return value not in (None, (), [], False)
 
 
 def _ingress_tls(svc: m.Service, diags: Diagnostics) -> None:

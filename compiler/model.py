@@ -21,6 +21,7 @@ class Protocol(StrEnum):
     HTTP2 = "HTTP2"
     GRPC = "GRPC"
     TCP = "TCP"
+    TLS = "TLS"  # TCP carrying TLS (proxied as TCP; an external service's TLS is originated by `tls`)
 
 
 class SimpleLb(StrEnum):
@@ -73,7 +74,7 @@ class Port:
 
     @property
     def is_http(self) -> bool:
-        return self.protocol is not Protocol.TCP
+        return self.protocol not in (Protocol.TCP, Protocol.TLS)
 
 
 @dataclass(frozen=True)
@@ -353,6 +354,15 @@ class IngressTls:
 
 
 @dataclass(frozen=True)
+class External:
+    """A service outside the mesh (a ServiceEntry, MESH_EXTERNAL): its host, and how its
+    addresses are found: DNS (the host itself) or STATIC (the environment's endpoints)."""
+
+    host: str
+    resolution: str  # DNS | STATIC
+
+
+@dataclass(frozen=True)
 class Address:
     """An endpoint: an IP address or a DNS name, and a port."""
 
@@ -404,6 +414,7 @@ class Service:
     fault: Fault | None = None
     mirror: Mirror | None = None
     routes: tuple[Route, ...] = ()  # every HTTP route in order: named ones, then the default ones
+    external: External | None = None  # outside the mesh: `fqdn` is its host, `selector` empty
     spans: SpanMap = field(default_factory=SpanMap, compare=False, repr=False)
 
     @property

@@ -42,7 +42,7 @@ RETRY_ON = (
 SIMPLE_LB = ("ROUND_ROBIN", "LEAST_REQUEST", "RANDOM", "PASSTHROUGH")
 WARMUP_LB = ("ROUND_ROBIN", "LEAST_REQUEST")  # the balancers Envoy's slow start works with
 H2_UPGRADE_POLICIES = ("DEFAULT", "DO_NOT_UPGRADE", "UPGRADE")
-PROTOCOLS = ("HTTP", "HTTP2", "GRPC", "TCP")
+PROTOCOLS = ("HTTP", "HTTP2", "GRPC", "TCP", "TLS")
 TLS_MODES = ("DISABLE", "SIMPLE", "MUTUAL", "ISTIO_MUTUAL")
 HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH")
 REDIRECT_CODES = (301, 302, 303, 307, 308)  # the codes Envoy's RedirectAction can answer
@@ -302,7 +302,12 @@ _ROUTE = {
 }
 
 SPEC = {
-    "selector": {**_labels, "required": True, "minlength": 1},
+    "selector": {**_labels, "minlength": 1},  # or `external`: `check` wants exactly one
+    "external": {"type": "dict", "schema": {
+        "hosts": {"type": "list", "required": True, "minlength": 1, "maxlength": 1,
+                  "schema": {"type": "string", "regex": DNS1123_SUBDOMAIN, "meta": {"what": "a host name such as api.payments.example"}}},
+        "resolution": {"type": "string", "allowed": ("DNS", "STATIC")},
+    }},
     "ports": {
         "type": "list",
         "required": True,

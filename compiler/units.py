@@ -148,6 +148,9 @@ class EnvLayers:
     def __init__(self, spec: dict, spans: SpanMap):
         self.defaults = Layer(spec["defaults"], spans.under(("defaults",))) if "defaults" in spec else None
         self.tcp_defaults = _without_http_only(self.defaults) if self.defaults else None  # `defaults` for TCP-only services
+        # ... and for services outside the mesh, which take none of what `check._NOT_EXTERNAL` lists
+        self.external_defaults = (Layer(_drop_paths(self.defaults.data, [(f,) for f in check.NOT_EXTERNAL]), self.defaults.spans)
+                                  if self.defaults else None)
         self._spec, self._spans = spec, spans
         self._asked = 0
         self._sections: dict[str, dict] = {}
@@ -174,7 +177,8 @@ def service(ctx: EnvContext, policy: Policy, diags: Diagnostics) -> m.Service | 
     env, layers = ctx.env, ctx.layers
     override = layers.override(policy.key)
     ports = override.data.get("ports") if override and override.data.get("ports") else policy.layer.data["ports"]
-    defaults = layers.defaults if _has_http_port(ports) else layers.tcp_defaults
+    external = (override.data if override and "external" in override.data else policy.layer.data).get("external")
+    defaults = layers.external_defaults if external else layers.defaults if _has_http_port(ports) else layers.tcp_defaults
     eff = effective(defaults, policy.layer, override)
     # The policy's spec is valid on its own; only the keys an overlay touched can have gone wrong.
     touched = set(defaults.data if defaults else ()) | set(override.data if override else ())
@@ -190,7 +194,7 @@ def service(ctx: EnvContext, policy: Policy, diags: Diagnostics) -> m.Service | 
 
 
 def _has_http_port(ports: list[dict]) -> bool:
-    return any(p.get("protocol", m.Protocol.HTTP) != m.Protocol.TCP for p in ports)
+    return any(p.get("protocol", m.Protocol.HTTP) not in (m.Protocol.TCP, m.Protocol.TLS) for p in ports)
 
 
 def _without_http_only(defaults: Layer) -> Layer:

@@ -33,7 +33,7 @@ RULES = [
     ("bad-yaml-python-tag", "yaml.tag"),
     ("bad-unknown-field", "schema.unknown-field"),
     ("bad-wrong-type", "schema.type"),
-    ("bad-missing-field", "schema.missing-field"),
+    ("bad-missing-field", "external.selector"),  # no selector, and no external host instead
     ("bad-name-path", "schema.format"),
     ("bad-duration-format", "schema.value"),
     ("bad-duration-too-short", "schema.value"),
@@ -48,7 +48,7 @@ RULES = [
     ("bad-tcp-port-shared", "ports.tcp-shared"),
     ("bad-override-unknown-key", "overrides.unknown-service"),
     ("bad-override-value", "schema.value"),
-    ("bad-override-null-required", "schema.missing-field"),
+    ("bad-override-null-required", "external.selector"),
     ("bad-patch-target", "patch.no-target"),
     ("bad-envoy-patch-target", "patch.no-target"),
     ("bad-envoy-patch-op", "patch.op-failed"),
@@ -100,6 +100,7 @@ MANY_CODES = {
     "bad-ingress-path-conflict": {"ingress.host-conflict", "ingress.serving-conflict"},
     "bad-ingress-tls": {"ingress.redirect-without-tls", "ingress.redirect-port"},
     "bad-ingress-tls-conflict": {"ingress.serving-conflict", "ingress.port-tls"},
+    "bad-external": {"external.selector", "external.field", "external.endpoints"},
 }
 DIAGNOSTIC_LINE = re.compile(r"^(environments|policies)/[^:]+\.ya?ml:\d+:\d+: (error|warning|note): \S.*$")
 

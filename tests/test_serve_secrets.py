@@ -35,7 +35,7 @@ from support.pki import CA, peer_uris, server_context, write_secret
 WEB = "spiffe://cluster.local/ns/shop/sa/web"
 API = "spiffe://cluster.local/ns/shop/sa/api"
 ENV, MISSING_ENV = "mtls", "missing"
-SHOP, HTTPS_PORT = "shop.example.com", 8443
+SHOP, HTTPS_PORT, BANK_PORT = "shop.example.com", 8443, 9443
 
 
 class TlsBackend:
@@ -54,8 +54,8 @@ class TlsBackend:
             protocol_version = "HTTP/1.1"
 
             def do_GET(self):
-                backend.seen.append((getattr(self.connection, "sni", None),
-                                     peer_uris(self.connection.getpeercert(binary_form=True))))
+                peer = self.connection.getpeercert(binary_form=True)
+                backend.seen.append((getattr(self.connection, "sni", None), peer_uris(peer) if peer else []))
                 body = b"api"
                 self.send_response(200)
                 self.send_header("content-length", str(len(body)))
@@ -97,11 +97,23 @@ def _environment(name: str, address: str, endpoints: dict) -> bytes:
                            "spec": {"envoy": {"listenerAddress": address}, "endpoints": endpoints}}).encode()
 
 
-def _render(tmp, address: str, backend: str, web: str):
+def _external(name: str, host: str, resolution: str, port: dict, tls: dict | None = None) -> bytes:
+    return yaml.safe_dump({"apiVersion": "meshc.dev/v1", "kind": "TrafficPolicy",
+                           "metadata": {"name": name, "namespace": "shop"},
+                           "spec": {"external": {"hosts": [host], "resolution": resolution}, "ports": [port],
+                                    **({"tls": tls} if tls else {})}}).encode()
+
+
+def _render(tmp, address: str, backend: str, web: str, bank: str):
     """Two environments: `mtls` (api verifies the backend's SPIFFE ID; other expects another one;
-    web is reached at the gateway over HTTPS, with a redirect from port 80), and `missing` (a
-    MUTUAL credential the secrets directory does not hold)."""
+    web is reached at the gateway over HTTPS, with a redirect from port 80; two services outside
+    the mesh: weather by DNS, bank at a static address with TLS originated to it), and `missing`
+    (a MUTUAL credential the secrets directory does not hold)."""
     files = {
+        "policies/shop/weather.yaml": _external("weather", "localhost", "DNS",
+                                                {"name": "http", "port": int(web.rsplit(":", 1)[1]), "protocol": "HTTP"}),
+        "policies/shop/bank.yaml": _external("bank", "bank.example", "STATIC", {"name": "tls", "port": BANK_PORT, "protocol": "TLS"},
+                                             {"mode": "SIMPLE", "credentialName": "bank", "sni": "bank.example"}),
         "policies/shop/web.yaml": _policy("web", ingress={
             "hosts": [SHOP], "port": HTTPS_PORT, "httpsRedirect": True,
             "tls": {"mode": "SIMPLE", "credentialName": "shop-example-com"}}),
@@ -109,8 +121,8 @@ def _render(tmp, address: str, backend: str, web: str):
         "policies/shop/other.yaml": _policy("other", {"mode": "ISTIO_MUTUAL",
                                                       "subjectAltNames": ["spiffe://cluster.local/ns/shop/sa/nobody"]}),
         f"environments/{ENV}.yaml": _environment(ENV, address, {"shop/api": [backend], "shop/other": [backend],
-                                                               "shop/web": [web]}),
-        f"environments/{MISSING_ENV}.yaml": _environment(MISSING_ENV, address, {}),
+                                                               "shop/web": [web], "shop/bank": [bank]}),
+        f"environments/{MISSING_ENV}.yaml": _environment(MISSING_ENV, address, {"shop/bank": [bank]}),
     }
     mutual = {"mode": "MUTUAL", "credentialName": "payments"}
     result = compile_source(Source(files), envs=[ENV])
@@ -152,16 +164,18 @@ def mesh(request, tmp_path_factory):
     ca = CA()
     backend = TlsBackend(server_context(*ca.issue("api", uris=(API,)), ca.pem, tmp / "backend"))
     web = Backend("web").start()
+    bank = TlsBackend(server_context(*ca.issue("bank", dns=("bank.example",)), ca.pem, tmp / "bank", require_client=False))
     directory = tmp / "secrets"
     directory.mkdir(mode=0o700)
     write_secret(directory / "default", *ca.issue("web", uris=(WEB,)), ca.pem)
     write_secret(directory / "shop-example-com", *ca.issue(SHOP, dns=(SHOP,)))
+    write_secret(directory / "bank", ca=ca.pem)  # only the CA to verify bank.example with
     address = unique_loopback()
     records, logger = _Records(), logging.getLogger("meshc.xds")
     logger.addHandler(records)
     logger.setLevel(logging.INFO)
     try:
-        rendered = _render(tmp, address, backend.address, web.address)
+        rendered = _render(tmp, address, backend.address, web.address, bank.address)
         options = Options(rendered=rendered, grpc_port=0, http_port=0, secrets=directory, poll_interval=0.2)
         with ServerThread(options) as server:
             bootstrap = sample.ads_bootstrap("web", ENV, ("127.0.0.1", server.server.grpc_port),
@@ -169,11 +183,14 @@ def mesh(request, tmp_path_factory):
             with Envoy(bootstrap, tmp / "envoy") as proxy:
                 proxy.wait_until(lambda: f"{address}_8080" in str(proxy.listeners()), timeout=10,
                                  message="the listener is up (no secret wait)")
-                yield Mesh(ca, directory, backend, server, proxy, address, records.lines)
+                mesh = Mesh(ca, directory, backend, server, proxy, address, records.lines)
+                mesh.web, mesh.bank = web, bank
+                yield mesh
     finally:
         logger.removeHandler(records)
         backend.stop()
         web.stop()
+        bank.stop()
 
 
 def test_envoy_presents_the_served_workload_certificate(mesh):
@@ -253,6 +270,24 @@ def test_port_80_answers_with_a_redirect_to_https(mesh):
     redirect = mesh.proxy.listener_address(f"{mesh.address}_80")
     response = requests.get(f"http://{redirect}/cart?item=1", headers={"host": SHOP}, allow_redirects=False, timeout=5)
     assert response.status_code == 301 and response.headers["location"] == f"https://{SHOP}/cart?item=1"
+
+
+# --- services outside the mesh -------------------------------------------------------------
+
+
+def test_an_external_host_resolved_by_dns_is_routed_by_its_name(mesh):
+    port = mesh.web.port
+    listener = mesh.proxy.listener_address(f"{mesh.address}_{port}")
+    response = requests.get(f"http://{listener}/forecast", headers={"host": f"localhost:{port}"}, timeout=5)
+    assert (response.status_code, response.text) == (200, "web")  # localhost, resolved by Envoy, is the web backend
+
+
+def test_tls_is_originated_to_an_external_service_with_its_sni_and_verified(mesh):
+    listener = mesh.proxy.listener_address(f"{mesh.address}_{BANK_PORT}")
+    response = requests.get(f"http://{listener}/balance", headers={"host": "bank.example"}, timeout=5)
+    assert (response.status_code, response.text) == (200, "api")  # plain to Envoy, TLS from Envoy on
+    assert mesh.bank.seen[-1] == ("bank.example", [])  # its SNI; no client certificate under SIMPLE
+    assert mesh.proxy.stat(f"cluster.outbound|{BANK_PORT}||bank.example.ssl.handshake") >= 1
 
 
 # --- the directory itself ------------------------------------------------------------------

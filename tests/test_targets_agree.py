@@ -103,6 +103,9 @@ def _istio_routes(tree: Path) -> dict[tuple[str, int, str], dict]:
         docs = [d for d in yaml.safe_load_all(path.read_text()) if d]
         by_kind = {(d["kind"], d["metadata"]["name"]): d for d in docs}
         for doc in docs:
+            if doc["kind"] == "ServiceEntry":
+                out.update(_istio_external_routes(doc, by_kind))
+                continue
             if doc["kind"] != "VirtualService" or doc["spec"].get("gateways"):
                 continue  # gateway-bound routes are the ingress's
             fqdn = doc["spec"]["hosts"][0]
@@ -116,6 +119,16 @@ def _istio_routes(tree: Path) -> dict[tuple[str, int, str], dict]:
                 for port in matched or ports:
                     out[(fqdn, port, route["name"])] = _istio_meaning(route, port, hashing)
     return out
+
+
+def _istio_external_routes(entry: dict, by_kind: dict) -> dict[tuple[str, int, str], dict]:
+    """A ServiceEntry with no VirtualService: istiod routes each HTTP port of its host to it as is."""
+    rule = by_kind.get(("DestinationRule", entry["metadata"]["name"]), {"spec": {}})
+    hashing = "consistentHash" in rule["spec"].get("trafficPolicy", {}).get("loadBalancer", {})
+    [host] = entry["spec"]["hosts"]
+    return {(host, p["number"], "default"): _istio_meaning({"name": "default", "route": [{"destination": {"host": host}}]},
+                                                           p["number"], hashing)
+            for p in entry["spec"]["ports"] if p["protocol"] in ("HTTP", "HTTP2", "GRPC")}
 
 
 def _istio_meaning(route: dict, port: int, hashing: bool) -> dict:

@@ -55,7 +55,10 @@ def assemble(env: m.Environment, fragments: list[dict]) -> Lowered:
 
 
 def service_objects(svc: m.Service, env: m.Environment) -> list[dict]:
-    """Every object of one service, in file order."""
+    """Every object of one service, in file order: a service outside the mesh is a
+    ServiceEntry and its DestinationRule."""
+    if svc.external is not None:
+        return [service_entry(svc)] + [dr for dr in [destination_rule(svc)] if dr]
     docs = [kube_service(svc)]
     dr = destination_rule(svc)
     if dr:
@@ -83,6 +86,24 @@ def kube_service(svc: m.Service) -> dict:
         "metadata": _meta(svc.name, svc.namespace),
         "spec": {"selector": dict(svc.selector), "ports": ports},
     }
+
+
+# -- ServiceEntry --------------------------------------------------------------------------
+
+
+def service_entry(svc: m.Service) -> dict:
+    """A host outside the mesh (MESH_EXTERNAL): resolved by DNS, or at the environment's
+    endpoints (STATIC), each serving every port at the endpoint's own port."""
+    spec: dict = {
+        "hosts": [svc.external.host],
+        "location": "MESH_EXTERNAL",
+        "ports": [{"number": p.number, "name": p.name, "protocol": p.protocol.value} for p in svc.ports],
+        "resolution": svc.external.resolution,
+    }
+    if svc.external.resolution == "STATIC":
+        spec["endpoints"] = [{"address": a.host, "ports": {p.name: a.port for p in svc.ports}}
+                             for a in dict.fromkeys(svc.endpoints.all())]
+    return {"apiVersion": NETWORKING, "kind": "ServiceEntry", "metadata": _meta(svc.name, svc.namespace), "spec": spec}
 
 
 # -- DestinationRule -----------------------------------------------------------------------

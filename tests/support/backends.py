@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import os
 import socket
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -87,6 +88,13 @@ class _Server(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
     backend: "Backend"
+
+    def handle_error(self, request, client_address) -> None:
+        """A client gone mid-answer (Envoy cancelling a mirror, a test's timeout) is not an error here.
+        socketserver would print its traceback to sys.stderr from this thread, into whatever a
+        test running meanwhile captures there (the golden tests capture the CLI's stderr)."""
+        if not isinstance(sys.exc_info()[1], (BrokenPipeError, ConnectionResetError)):
+            super().handle_error(request, client_address)
 
 
 class Backend:

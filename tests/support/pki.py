@@ -77,8 +77,9 @@ def peer_uris(der: bytes) -> list[str]:
     return san.get_values_for_type(x509.UniformResourceIdentifier)
 
 
-def server_context(cert: bytes, key: bytes, ca: bytes, folder: Path) -> ssl.SSLContext:
-    """A TLS server context that demands a client certificate signed by `ca`."""
+def server_context(cert: bytes, key: bytes, ca: bytes, folder: Path, require_client: bool = True) -> ssl.SSLContext:
+    """A TLS server context that demands a client certificate signed by `ca` (or, with
+    `require_client=False`, asks for none)."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "server.crt").write_bytes(cert)
     (folder / "server.key").write_bytes(key)
@@ -86,5 +87,5 @@ def server_context(cert: bytes, key: bytes, ca: bytes, folder: Path) -> ssl.SSLC
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(folder / "server.crt", folder / "server.key")
     context.load_verify_locations(folder / "ca.crt")
-    context.verify_mode = ssl.CERT_REQUIRED
+    context.verify_mode = ssl.CERT_REQUIRED if require_client else ssl.CERT_NONE
     return context

@@ -33,6 +33,10 @@ def upstreams(service: Service) -> tuple[Upstream, ...]:
     address listed twice would get twice the traffic. Which addresses are
     DNS names is worked out once per service (parsing an IP is not free).
     """
+    if service.external is not None and service.external.resolution == "DNS":
+        # The host itself, on each port: what istiod makes of a DNS ServiceEntry without endpoints.
+        return tuple(Upstream(port, "", cluster_name(port.number, service.fqdn), (Address(service.fqdn, port.number),), True)
+                     for port in service.ports)
     whole = _unique(service.endpoints.all())
     dns_names = {a for a in whole if not a.is_ip}
     by_version = dict(service.endpoints.by_version)

@@ -111,6 +111,8 @@ def _sidecar_hosts(entries: list[tuple[dict, dict]], port: int) -> tuple[list[tu
 
 
 def _service_domains(service: Service, port: int) -> list[str]:
+    if service.external is not None:  # outside the mesh it has its own host and no short names
+        return [service.fqdn, f"{service.fqdn}:{port}"]
     names = [service.fqdn, service.name, f"{service.name}.{service.namespace}",
              f"{service.name}.{service.namespace}.svc"]
     return names + [f"{name}:{port}" for name in names]
