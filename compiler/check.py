@@ -18,7 +18,7 @@ from compiler.values import human_duration
 def service(svc: m.Service, diags: Diagnostics) -> None:
     """Every per-service check."""
     for check in (_ports, _versions_referenced, _weights, _regexes, _tcp_only, _retry_budget, _port_policies_replace,
-                  _ingress_hosts_once, _ingress_paths, _ingress_tls, _external,
+                  _ingress_hosts_once, _ingress_paths, _ingress_tls, _external, _credential_at_sidecars,
                   _route_names, _route_actions, _shadowed_routes, _mirrors, _headers, _cors):
         check(svc, diags)
 
@@ -443,6 +443,21 @@ def _set(svc: m.Service, field: str) -> bool:
              "ingress": svc.ingress, "timeout": svc.timeout_ms, "retries": svc.retries, "fault": svc.fault,
              "mirror": svc.mirror, "headers": svc.headers, "cors": svc.cors}[field]
     return value not in (None, (), [], False)
+
+
+def _credential_at_sidecars(svc: m.Service, diags: Diagnostics) -> None:
+    """Istio takes a DestinationRule's `credentialName` at gateways only, unless the rule has a
+    `workloadSelector` (which names the calling pods, and a policy has no say in who calls):
+    its sidecars originate TLS without it. The Envoy snapshot does use it. Said, not ignored."""
+    settings = [(("tls",), svc.tls)] + [(("versions", v.name, "policy", "tls"), v.policy.tls) for v in svc.versions if v.policy]
+    settings += [(("ports", i, "policy", "tls"), p.policy.tls) for i, p in enumerate(svc.ports) if p.policy]
+    for path, tls in settings:
+        if tls is not None and tls.credential_name and tls.mode in (m.TlsMode.SIMPLE, m.TlsMode.MUTUAL):
+            diags.warning("istio.credential-at-sidecars", f"Istio takes `credentialName` {tls.credential_name!r} at "
+                          "sidecars only from a DestinationRule with a workloadSelector, which a policy cannot give: "
+                          f"under Istio, in-mesh callers originate this {tls.mode.value} TLS without that Secret "
+                          "(its gateways do use it); the Envoy snapshot uses it, as SDS kubernetes://"
+                          + tls.credential_name, svc.spans.at(path + ("credentialName",)))
 
 
 def _ingress_tls(svc: m.Service, diags: Diagnostics) -> None:

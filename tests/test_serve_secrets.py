@@ -39,11 +39,14 @@ SHOP, HTTPS_PORT, BANK_PORT = "shop.example.com", 8443, 9443
 
 
 class TlsBackend:
-    """An HTTPS server that demands a client certificate; `seen` is (SNI, client URIs) per connection."""
+    """An HTTPS server (asking for a client certificate where `context` says); `seen` is (SNI,
+    client URIs) per connection, `alpn` the protocol each negotiated."""
 
     def __init__(self, context: ssl.SSLContext) -> None:
         self.seen: list[tuple[str | None, list[str]]] = []
+        self.alpn: list[str | None] = []
         backend = self
+        context.set_alpn_protocols(["istio-peer-exchange", "istio", "http/1.1"])
 
         def on_sni(sock, name, _context):
             sock.sni = name
@@ -56,6 +59,7 @@ class TlsBackend:
             def do_GET(self):
                 peer = self.connection.getpeercert(binary_form=True)
                 backend.seen.append((getattr(self.connection, "sni", None), peer_uris(peer) if peer else []))
+                backend.alpn.append(self.connection.selected_alpn_protocol())
                 body = b"api"
                 self.send_response(200)
                 self.send_header("content-length", str(len(body)))
@@ -199,6 +203,7 @@ def test_envoy_presents_the_served_workload_certificate(mesh):
     sni, uris = mesh.backend.seen[-1]
     assert uris == [WEB]
     assert sni == "outbound_.8080_._.api.shop.svc.cluster.local"  # istiod's SNI
+    assert mesh.backend.alpn[-1] == "istio-peer-exchange"  # Envoy offers istiod's mesh ALPN
 
 
 def test_envoy_verifies_the_backend_against_the_served_root_and_its_spiffe_id(mesh):
@@ -287,6 +292,7 @@ def test_tls_is_originated_to_an_external_service_with_its_sni_and_verified(mesh
     response = requests.get(f"http://{listener}/balance", headers={"host": "bank.example"}, timeout=5)
     assert (response.status_code, response.text) == (200, "api")  # plain to Envoy, TLS from Envoy on
     assert mesh.bank.seen[-1] == ("bank.example", [])  # its SNI; no client certificate under SIMPLE
+    assert mesh.bank.alpn[-1] is None  # SIMPLE over HTTP/1 offers no mesh ALPN
     assert mesh.proxy.stat(f"cluster.outbound|{BANK_PORT}||bank.example.ssl.handshake") >= 1
 
 
