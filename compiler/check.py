@@ -461,8 +461,12 @@ def _credential_at_sidecars(svc: m.Service, diags: Diagnostics) -> None:
 
 
 def _ingress_tls(svc: m.Service, diags: Diagnostics) -> None:
-    """A redirect to https needs the https; it takes port 80, so the TLS port is another."""
+    """Port 443 is HTTPS's; a redirect to https needs the https, and takes port 80, so the TLS port is another."""
     ing = svc.ingress
+    if ing is not None and ing.port == 443 and ing.tls is None:
+        diags.error("ingress.https-without-tls", "ingress port 443 is the HTTPS port, but this ingress has no `tls`: "
+                    "clients would send TLS to a plain HTTP server; set `tls` (mode and credentialName), or serve "
+                    "plain HTTP on another port", svc.spans.at(("ingress", "port")))
     if ing is None or not ing.https_redirect:
         return
     if ing.tls is None:
