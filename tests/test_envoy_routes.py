@@ -142,11 +142,12 @@ def _delays_injected(mesh) -> int:
 
 
 def test_a_delay_fault_holds_each_request_before_it_is_routed(mesh):
-    """Measured from below only: Envoy cannot answer sooner than the delay (a bound above
-    would time the machine). The fault filter's own counter tells the delayed route apart."""
+    """Measured from below only: Envoy cannot answer much sooner than the delay (a bound above
+    would time the machine). Its timers run on the event loop's cached clock, which a run saw
+    fire 0.2 ms early, hence the 5 %. The fault filter's own counter tells the delayed route apart."""
     before = _delays_injected(mesh)
     slow = mesh.send("/slow")
-    assert slow.text == "api-v1" and slow.elapsed.total_seconds() >= DELAY_MS / 1000
+    assert slow.text == "api-v1" and slow.elapsed.total_seconds() >= 0.95 * DELAY_MS / 1000
     assert _delays_injected(mesh) == before + 1
     assert mesh.send("/quick").text == "api-v1" and _delays_injected(mesh) == before + 1
 

@@ -110,8 +110,7 @@ def test_eds_cluster_needs_assignment_strict_dns_does_not(res):
 @pytest.mark.parametrize("mutate, expected", [
     (lambda r: r["clusters"][0].update(bogus_field=1), "no field named \"bogus_field\""),
     (lambda r: r["clusters"][0].update(lb_policy="FASTEST"), "Invalid enum value FASTEST"),
-    (lambda r: r["clusters"][0].update(lb_policy=99), "unknown enum value at "
-                                                      "resources[0].lb_policy = 99"),
+    (lambda r: r["clusters"][0].update(lb_policy=99), "resources[0]: unknown enum value at lb_policy = 99"),
     (lambda r: hcm(r).update(codec_type=42), "codec_type = 42"),
     (lambda r: hcm(r).update(not_a_field=True), "no field named \"not_a_field\""),
     (lambda r: hcm(r).update({"@type": "type.googleapis.com/no.such.Type"}),
@@ -336,3 +335,34 @@ def test_compiled_environments_load(compiled):
     for env in environments:
         snapshot = load_snapshot(env, read_files(rendered / env / "envoy"))
         assert all(snapshot.kinds[k].resources for k in ("clusters", "listeners", "routes")), env
+
+
+# --- a reload parses only what changed --------------------------------------------------------
+
+
+def test_a_reload_reuses_unchanged_files_and_resources(tmp_path, res):
+    sample.write_snapshot(tmp_path, ENV, res)
+    first = load_snapshot(ENV, read_files(tmp_path / ENV / "envoy"))
+    res["routes"][0]["virtual_hosts"][0]["routes"][0]["name"] = "renamed"  # one route configuration changes
+    sample.write_snapshot(tmp_path, ENV, res)
+    files = read_files(tmp_path / ENV / "envoy")
+    second = load_snapshot(ENV, files, previous=first)
+    assert second == load_snapshot(ENV, files)  # the same snapshot as a load from nothing
+    for kind in ("clusters", "endpoints", "listeners"):
+        assert second.kinds[kind] is first.kinds[kind]  # bytes unchanged: the kind itself again
+    changed = res["routes"][0]["name"]
+    for name, resource in second.kinds["routes"].resources.items():
+        assert (resource is first.kinds["routes"].resources[name]) == (name != changed), name
+
+
+def test_a_file_laid_out_otherwise_is_checked_by_its_content(tmp_path, res):
+    """A compact file (not meshc's layout) is checked by `content_version`, not refused."""
+    sample.write_snapshot(tmp_path, ENV, res)
+    path = tmp_path / ENV / "envoy" / "clusters.json"
+    path.write_text(json.dumps(json.loads(path.read_text()), separators=(",", ":")))
+    load_snapshot(ENV, read_files(tmp_path / ENV / "envoy"))
+    doc = json.loads(path.read_text())
+    doc["resources"][0]["connect_timeout"] = "9s"  # the version no longer matches
+    path.write_text(json.dumps(doc))
+    with pytest.raises(SnapshotError, match="is not the SHA-256 of the rest of the file"):
+        load_snapshot(ENV, read_files(tmp_path / ENV / "envoy"))

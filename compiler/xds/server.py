@@ -82,6 +82,7 @@ class _Seen:
     served: str             # the published snapshot's ("" before the first)
     rejected: str           # the last refused load's ("" when none since)
     errors: bool            # the last load was refused
+    snapshot: object = None  # the published snapshot, whose unchanged parts a load reuses
 
 
 class Server:
@@ -231,7 +232,7 @@ class Server:
             while True:
                 self._reload_again = False
                 seen = {s.env: _Seen(s.snapshot.digest if s.snapshot else "", s.rejected_digest,
-                                     bool(s.errors))
+                                     bool(s.errors), s.snapshot)
                         for s in self.hub.cache.envs()}
                 results = await asyncio.to_thread(self._load_changed, seen)
                 for loaded in results:
@@ -268,7 +269,7 @@ class Server:
             if known is not None and digest == known.rejected:
                 continue
             try:
-                snapshot = load_snapshot(env, files)
+                snapshot = load_snapshot(env, files, known.snapshot if known is not None else None)
                 rest = RestView.build(snapshot, self._rest_source)
             except SnapshotError as exc:
                 out.append(_Loaded(env, digest, errors=exc.problems))

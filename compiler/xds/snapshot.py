@@ -18,7 +18,7 @@ import hashlib
 import json
 import os
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from google.protobuf import json_format
@@ -82,6 +82,8 @@ class Resource:
     json: dict
     sotw_field: bytes
     delta_field: bytes
+    source: bytes = b""  # SHA-256 of the resource's canonical JSON in its file: the same is this resource again
+    parts: tuple[tuple[bytes, bytes], ...] = ()  # a route configuration's virtual hosts: (source hash, wire bytes)
 
 
 class NamedBodies:
@@ -123,6 +125,7 @@ class TypeSnapshot:
     header: bytes                       # DiscoveryResponse{version_info, type_url}
     full_body: bytes                    # header + every resource's sotw_field, in name order
     named: NamedBodies = field(default_factory=NamedBodies, compare=False, repr=False)
+    file_digest: bytes = b""            # SHA-256 of the file it was loaded from
 
     def sotw_body(self, names: frozenset[str] | None) -> bytes:
         """`header` plus the resources named (all of them for None), without a nonce.
@@ -189,13 +192,20 @@ def files_digest(files: Mapping[str, bytes]) -> str:
     return sha.hexdigest()
 
 
-def load_snapshot(env: str, files: Mapping[str, bytes]) -> Snapshot:
-    """Parse and check the four files' bytes; SnapshotError lists every problem."""
+def load_snapshot(env: str, files: Mapping[str, bytes], previous: Snapshot | None = None) -> Snapshot:
+    """Parse and check the four files' bytes; SnapshotError lists every problem.
+
+    With `previous` (the environment's served snapshot), a file whose bytes are unchanged
+    is its kind again, and inside a changed file a resource whose canonical JSON is
+    unchanged is its resource again: only what changed is parsed strictly and serialised.
+    The consistency check still runs over the whole snapshot.
+    """
     problems: list[str] = []
     kinds: dict[str, TypeSnapshot] = {}
     for kind in PUSH_ORDER:
+        before = previous.kinds.get(kind) if previous is not None else None
         try:
-            kinds[kind] = _load_kind(kind, files[kind])
+            kinds[kind] = _load_kind(kind, files[kind], before)
         except _FileProblems as exc:
             problems.extend(exc.problems)
     if not problems:
@@ -214,8 +224,11 @@ class _FileProblems(Exception):
         self.problems = tuple(problems)
 
 
-def _load_kind(kind: str, data: bytes) -> TypeSnapshot:
+def _load_kind(kind: str, data: bytes, before: TypeSnapshot | None = None) -> TypeSnapshot:
     where = f"{kind}.json"
+    digest = hashlib.sha256(data).digest()
+    if before is not None and before.file_digest == digest:
+        return before
 
     def fail(message: str) -> _FileProblems:
         return _FileProblems([f"{where}: {message}"])
@@ -227,35 +240,99 @@ def _load_kind(kind: str, data: bytes) -> TypeSnapshot:
     if not isinstance(document, dict):
         raise fail("not a JSON object")
     type_url = TYPE_URLS[kind]
-    try:
-        response = protos.parse_strict(document, discovery_pb2.DiscoveryResponse)
-    except protos.ParseError as exc:
-        raise fail(str(exc)) from None
-    if response.type_url != type_url:
-        raise fail(f"type_url is {response.type_url!r}, expected {type_url!r}")
-    if not response.version_info:
+    unknown = sorted(set(document) - {"version_info", "type_url", "resources"})
+    if unknown:
+        raise fail(f"unknown field {unknown[0]!r} in the DiscoveryResponse")
+    if document.get("type_url") != type_url:
+        raise fail(f"type_url is {document.get('type_url')!r}, expected {type_url!r}")
+    version = document.get("version_info")
+    if not isinstance(version, str) or not version:
         raise fail("version_info is empty")
-    if response.version_info != content_version(type_url, document.get("resources", [])):
-        raise fail(f"version_info {response.version_info[:12]}… is not the SHA-256 of the rest of "
+    items = document.get("resources", [])
+    if not isinstance(items, list):
+        raise fail("resources is not a list")
+    if version != _written_version(data) and version != content_version(type_url, items):
+        raise fail(f"version_info {version[:12]}… is not the SHA-256 of the rest of "
                    f"the file: edited by hand, or not written by meshc compile")
+    known = {r.source: r for r in before.resources.values()} if before is not None else {}
+    parts = {h: data for r in before.resources.values() for h, data in r.parts} if before is not None else {}
     problems, resources = [], {}
     cls = protos.message_class(type_url)
-    for index, packed in enumerate(response.resources):
-        if packed.type_url != type_url:
-            problems.append(f"{where}: resources[{index}] has @type {packed.type_url!r}")
-            continue
-        msg = cls()
-        packed.Unpack(msg)
-        name = msg.cluster_name if kind == "endpoints" else msg.name
+    for index, item in enumerate(items):
+        source = _source(item)
+        reused = known.get(source)
+        if reused is not None:
+            name = reused.name
+        else:
+            try:
+                name, reused = _parse_resource(kind, type_url, cls, item, source, parts)
+            except protos.ParseError as exc:
+                problems.append(f"{where}: resources[{index}]: {exc}")
+                continue
         if not name:
             problems.append(f"{where}: resources[{index}] has no name")
         elif name in resources:
             problems.append(f"{where}: two resources named {name!r}")
         else:
-            resources[name] = resource(name, msg)
+            resources[name] = reused
     if problems:
         raise _FileProblems(problems)
-    return type_snapshot(kind, type_url, response.version_info, resources)
+    return replace(type_snapshot(kind, type_url, version, resources), file_digest=digest)
+
+
+def _source(item) -> bytes:
+    return hashlib.sha256(json.dumps(item, sort_keys=True, separators=(",", ":")).encode()).digest()
+
+
+def _parse_resource(kind: str, type_url: str, cls, item, source: bytes,
+                    parts: Mapping[bytes, bytes]) -> tuple[str, Resource]:
+    """One resource of a file, parsed strictly: (name, Resource). A route configuration is
+    parsed virtual host by virtual host, taking the wire bytes of each one `parts` already
+    holds (the one route configuration of a port holds every service's: a change to one
+    service's routes parses that service's virtual host only). Its `json` is the file's own."""
+    if not isinstance(item, dict):
+        raise protos.ParseError("not a JSON object")
+    if item.get("@type") != type_url:
+        raise protos.ParseError(f"has @type {item.get('@type')!r}")
+    hosts = item.get("virtual_hosts") if kind == "routes" else None
+    if not isinstance(hosts, list):
+        msg = protos.parse_strict({k: v for k, v in item.items() if k != "@type"}, cls)
+        own: tuple = ()
+    else:
+        msg = protos.parse_strict({k: v for k, v in item.items() if k not in ("@type", "virtual_hosts")}, cls)
+        own = tuple(_virtual_host(host, parts) for host in hosts)
+        for _, data in own:
+            msg.virtual_hosts.add().MergeFromString(data)
+    name = msg.cluster_name if kind == "endpoints" else msg.name
+    return name, replace(resource(name, msg, item), source=source, parts=own)
+
+
+_VIRTUAL_HOST = "type.googleapis.com/envoy.config.route.v3.VirtualHost"
+
+
+def _virtual_host(host, parts: Mapping[bytes, bytes]) -> tuple[bytes, bytes]:
+    key = _source(host)
+    data = parts.get(key)
+    if data is None:
+        if not isinstance(host, dict):
+            raise protos.ParseError("a virtual host is not a JSON object")
+        data = protos.parse_strict(host, protos.message_class(_VIRTUAL_HOST)).SerializeToString(deterministic=True)
+    return key, data
+
+
+_VERSION_TAIL = b',\n  "version_info": "'
+
+
+def _written_version(data: bytes) -> str:
+    """The version a file written by `resources.discovery_response` has: the SHA-256 of its
+    own text before `version_info`, closed as that text was hashed. Read off the bytes, no
+    re-serialising; "" for a file laid out otherwise (then `content_version` decides)."""
+    cut = data.rfind(_VERSION_TAIL)
+    if cut < 0:
+        return ""
+    digest = hashlib.sha256(data[:cut])
+    digest.update(b"\n}\n")
+    return digest.hexdigest()
 
 
 def type_snapshot(kind: str, type_url: str, version: str, resources: Mapping[str, Resource]) -> TypeSnapshot:
@@ -267,8 +344,8 @@ def type_snapshot(kind: str, type_url: str, version: str, resources: Mapping[str
 
 
 def resource(name: str, msg, shown: dict | None = None) -> Resource:
-    """One resource's wire forms; its `json` is the message's, or `shown` for one that must
-    not be shown whole (a secret's private key)."""
+    """One resource's wire forms; its `json` is `shown` (the file's own proto3 JSON, already
+    parsed; a secret's without its private key), else the message's."""
     packed = protos.pack(msg)
     version = hashlib.sha256(packed.value).hexdigest()
     sotw = discovery_pb2.DiscoveryResponse(resources=[packed]).SerializeToString()
