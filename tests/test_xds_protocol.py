@@ -412,3 +412,29 @@ def test_delta_clusters_push_resends_assignments_of_modified_clusters(channel, s
     assert r.type_url == EDS and delta_names(r) == [V2]
     assert c.quiet()
     c.close()
+
+
+def test_delta_push_between_a_publication_and_its_wake_up_sends_a_new_subscription_whole(tmp_path):
+    """A Delta push uses the publication's changes only for a client current just before
+    it; a name subscribed in between (before the wake-up) is still sent, though unchanged."""
+    from compiler.xds.cache import Cache
+    from compiler.xds.metrics import Metrics
+    from compiler.xds.proxies import Proxies
+    from compiler.xds.snapshot import load_snapshot, read_files
+    from compiler.xds.stream import DeltaStream, Hub
+
+    sample.write_snapshot(tmp_path, ENV, resources())
+    hub = Hub(Cache(), Proxies(), Metrics())
+    hub.cache.publish(load_snapshot(ENV, read_files(tmp_path / ENV / "envoy")), 0.0)
+    stream = DeltaStream(hub, "ads", lambda: None)
+    stream.on_request(discovery_pb2.DeltaDiscoveryRequest(node={"id": "n", "cluster": ENV}, type_url=CDS))
+    all_clusters = sorted(hub.cache.get(ENV).snapshot.kinds["clusters"].resources)
+    first = all_clusters[0]
+    stream.on_request(discovery_pb2.DeltaDiscoveryRequest(type_url=CDS, resource_names_unsubscribe=["*"],
+                                                          response_nonce="1"))
+    sample.write_snapshot(tmp_path, ENV, resources(extra_backends=("v3",)))  # a cluster added; `first` unchanged
+    hub.cache.publish(load_snapshot(ENV, read_files(tmp_path / ENV / "envoy")), 0.0)
+    assert hub.cache.get(ENV).changes["clusters"][1] == {V3}
+    [answer] = stream.on_request(discovery_pb2.DeltaDiscoveryRequest(type_url=CDS, resource_names_subscribe=[first]))
+    response = discovery_pb2.DeltaDiscoveryResponse.FromString(answer)
+    assert [r.name for r in response.resources] == [first]

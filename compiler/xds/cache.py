@@ -37,6 +37,9 @@ class EnvState:
     errors: tuple[str, ...] = ()
     rejected_digest: str = ""
     failures: int = 0
+    #: kind → (the version before this publication, the names it added, changed or removed):
+    #: what a proxy current at that version lacks, computed once, not per proxy.
+    changes: dict[str, tuple[str, frozenset[str]]] = field(default_factory=dict)
 
 
 class Cache:
@@ -62,7 +65,7 @@ class Cache:
         self._envs[snapshot.env] = replace(
             old, snapshot=snapshot, extras=extras, published_at=time.monotonic(),
             loaded_at_unix=time.time(), load_seconds=load_seconds, errors=(),
-            rejected_digest="")
+            rejected_digest="", changes=_changes(old.snapshot, snapshot))
         for wake in list(self._watchers.get(snapshot.env, ())):
             wake()
 
@@ -83,3 +86,17 @@ class Cache:
         """Call `wake()` after each publish for `env`; returns the function that stops it."""
         self._watchers.setdefault(env, set()).add(wake)
         return lambda: self._watchers.get(env, set()).discard(wake)
+
+
+def _changes(old: Snapshot | None, new: Snapshot) -> dict[str, tuple[str, frozenset[str]]]:
+    if old is None:
+        return {}
+    out = {}
+    for kind, typed in new.kinds.items():
+        before = old.kinds.get(kind)
+        if before is None or before.version == typed.version:
+            continue
+        a, b = before.resources, typed.resources
+        names = {n for n in a.keys() | b.keys() if n not in a or n not in b or a[n].version != b[n].version}
+        out[kind] = (before.version, frozenset(names))
+    return out

@@ -291,17 +291,27 @@ class DeltaStream(_Stream):
             if watch is None or self._typed(kind) is None:
                 continue
             if kind == "clusters":
-                modified = frozenset(n for n in self._changed(kind) if n in watch.known)
+                modified = frozenset(n for n in self._changed(kind, (), self._candidates(kind)) if n in watch.known)
             out += self._respond(kind, push=True, resend=modified if kind == "endpoints" else ())
         return out
 
-    def _changed(self, kind: str, resend: Iterable[str] = ()) -> list[str]:
+    def _candidates(self, kind: str) -> frozenset[str] | None:
+        """The names that can differ for this client: the publication's changes when the
+        client was current just before it (computed once for every proxy), else None (all)."""
+        watch = self._watches[kind]
+        if watch.version == self._typed(kind).version:
+            return frozenset()  # current already: only what is asked or resent
+        change = self._state().changes.get(kind)
+        return change[1] if change is not None and watch.version == change[0] else None
+
+    def _changed(self, kind: str, resend: Iterable[str] = (), pool: frozenset[str] | None = None) -> list[str]:
         """Names (sorted) the client wants and lacks at the current version, plus those
-        of `resend` it wants and the snapshot holds."""
+        of `resend` it wants and the snapshot holds; among `pool` only, when given."""
         watch = self._watches[kind]
         resources = self._typed(kind).resources
         resend = set(resend)
-        return [n for n in sorted(_wanted(watch, resources)) if n in resources
+        pool = _wanted(watch, resources) if pool is None else {n for n in pool | resend if watch.wildcard or n in watch.names}
+        return [n for n in sorted(pool) if n in resources
                 and (n in resend or watch.known.get(n) != resources[n].version)]
 
     def _respond(self, kind: str, push: bool, always: bool = False,
@@ -310,8 +320,11 @@ class DeltaStream(_Stream):
         if typed is None:
             return []
         watch = self._watches[kind]
-        changed = [typed.resources[n] for n in self._changed(kind, resend)]
-        removed = {n for n in watch.known if n not in typed.resources
+        # A push looks at the publication's changes only; an answer to a request, at everything
+        # the client subscribes to (its subscription may just have changed).
+        pool = self._candidates(kind) if push else None
+        changed = [typed.resources[n] for n in self._changed(kind, resend, pool)]
+        removed = {n for n in (watch.known if pool is None else pool & watch.known.keys()) if n not in typed.resources
                    and (watch.wildcard or n in watch.names)}
         if kind == "secrets":
             # Envoy refuses a secret's removal as an update: one gone from the directory

@@ -1,0 +1,99 @@
+"""The server's CPU for one Delta push to many proxies: what `DeltaStream.on_snapshot` costs.
+
+Run:  .venv/bin/python bench/fanout.py [--services 1000] [--proxies 1000]
+
+Compiles bench/compile.py's repository (`dev` only), loads its snapshot into a
+`Cache`, and opens `--proxies` Delta streams in this process (no gRPC: the
+protocol state alone) that subscribe as Envoy does (wildcard CDS and LDS, then
+every EDS and RDS name the first responses carry). One policy's canary weight
+then changes; the new snapshot is published and every stream's `on_snapshot` is
+called, twice, each time on fresh streams: with the publication's changes
+hidden, so each stream scans every name it subscribes to (what it did before),
+then with them (what the server does). Both must send the same bytes. Wall
+time of the whole fan-out, and per proxy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
+
+import compile as compile_bench  # noqa: E402
+
+from compiler.xds import stream as stream_module  # noqa: E402
+from compiler.xds.cache import Cache  # noqa: E402
+from compiler.xds.metrics import Metrics  # noqa: E402
+from compiler.xds.proxies import Proxies  # noqa: E402
+from compiler.xds.snapshot import TYPE_URLS, load_snapshot, read_files  # noqa: E402
+from envoy.service.discovery.v3 import discovery_pb2  # noqa: E402
+
+ENV = "dev"
+
+
+def _compile(repo: Path) -> None:
+    subprocess.run([sys.executable, "-m", "compiler", "compile", "--repo", str(repo), "--no-cache", "--env", ENV],
+                   check=True, capture_output=True, cwd=ROOT)
+
+
+def _streams(hub, n: int) -> list:
+    snapshot = hub.cache.get(ENV).snapshot
+    eds, rds = sorted(snapshot.kinds["endpoints"].resources), sorted(snapshot.kinds["routes"].resources)
+    out = []
+    for i in range(n):
+        s = stream_module.DeltaStream(hub, "ads", lambda: None)
+        s.on_request(discovery_pb2.DeltaDiscoveryRequest(node={"id": f"p{i}", "cluster": ENV}, type_url=TYPE_URLS["clusters"]))
+        s.on_request(discovery_pb2.DeltaDiscoveryRequest(type_url=TYPE_URLS["listeners"]))
+        s.on_request(discovery_pb2.DeltaDiscoveryRequest(type_url=TYPE_URLS["endpoints"], resource_names_subscribe=eds))
+        s.on_request(discovery_pb2.DeltaDiscoveryRequest(type_url=TYPE_URLS["routes"], resource_names_subscribe=rds))
+        out.append(s)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--services", type=int, default=1000)
+    ap.add_argument("--proxies", type=int, default=1000)
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory(prefix="meshc-fanout-") as tmp:
+        repo = Path(tmp) / "repo"
+        compile_bench.generate(repo, args.services)
+        _compile(repo)
+        first = load_snapshot(ENV, read_files(repo / "rendered" / ENV / "envoy"))
+        policy = repo / "policies" / compile_bench.TOUCHED[0] / f"{compile_bench.TOUCHED[1]}.yaml"
+        policy.write_text(re.sub(r"weight: \d+", "weight: 100", policy.read_text()))
+        _compile(repo)
+        second = load_snapshot(ENV, read_files(repo / "rendered" / ENV / "envoy"), first)
+        figures = {}
+        for label, hide in (("every subscribed name", True), ("publication's changes", False)):
+            hub = stream_module.Hub(Cache(), Proxies(), Metrics())
+            hub.cache.publish(first, 0.0)
+            streams = _streams(hub, args.proxies)
+            hub.cache.publish(second, 0.0)
+            if hide:
+                real = stream_module.DeltaStream._candidates
+                stream_module.DeltaStream._candidates = lambda self, kind: None
+            started = time.perf_counter()
+            sent = [b"".join(s.on_snapshot()) for s in streams]
+            elapsed = time.perf_counter() - started
+            if hide:
+                stream_module.DeltaStream._candidates = real
+            figures[label] = (elapsed, sent)
+        (a, sent_a), (b, sent_b) = figures.values()
+        assert sent_a == sent_b, "both ways send each proxy the same bytes (their nonces count alike)"
+        names = sum(len(t.resources) for t in first.kinds.values())
+        print(f"{args.services} services ({names} resources in {ENV}), {args.proxies} Delta proxies subscribed to all; "
+              f"one policy's canary weight changed ({len(sent_a[0])} bytes to each proxy)")
+        for label, (elapsed, _) in figures.items():
+            print(f"  fan-out scanning {label:24} {elapsed:7.3f} s  ({elapsed / args.proxies * 1e3:.2f} ms per proxy)")
+
+
+if __name__ == "__main__":
+    main()
