@@ -343,12 +343,33 @@ def growth(sizes: list[int], sides: list[Side], results: dict[int, dict[str, Fig
                   f" {f.best('touched') / b.best('touched'):6.2f} [{f.median('touched') / b.median('touched'):4.2f}]")
 
 
-def profile(root: Path, side: Side, cwd: Path) -> None:
-    """One more touched re-compile of `side`'s compiler at this size, under cProfile, in-process."""
+def touch(root: Path) -> tuple[Path, str]:
+    """Change the touched policy's canary weight to one no generated or measured run has:
+    (its path, its text before), for whoever puts it back."""
     touched = root / "policies" / TOUCHED[0] / f"{TOUCHED[1]}.yaml"
     text = touched.read_text()
+    touched.write_text(re.sub(r"weight: \d+", "weight: 100", text))
+    return touched, text
+
+
+def compiled(root: Path, n: int, *envs: str) -> Path:
+    """The generated repository of `n` services at `root`, compiled by `meshc compile` into
+    root/rendered (only `envs` when given): the server benchmarks' input."""
+    generate(root, n)
+    recompile(root, *envs)
+    return root
+
+
+def recompile(root: Path, *envs: str) -> None:
+    args = [arg for env in envs for arg in ("--env", env)]
+    subprocess.run([sys.executable, "-m", "compiler", "compile", "--repo", str(root), "--no-cache", *args],
+                   check=True, capture_output=True, cwd=CHECKOUT)
+
+
+def profile(root: Path, side: Side, cwd: Path) -> None:
+    """One more touched re-compile of `side`'s compiler at this size, under cProfile, in-process."""
     meshc(side, root, cwd)  # rendered/ and the cache as the original policy leaves them
-    touched.write_text(re.sub(r"weight: \d+", "weight: 100", text))  # a weight no generated or measured run has
+    touched, text = touch(root)
     try:
         print(f"\n-- profile: the touched re-compile of {side.label}, {root.name} --", flush=True)
         subprocess.run([sys.executable, str(HERE / "profile_compile.py"), "--repo", str(root)],

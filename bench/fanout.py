@@ -16,8 +16,6 @@ time of the whole fan-out, and per proxy.
 from __future__ import annotations
 
 import argparse
-import re
-import subprocess
 import sys
 import tempfile
 import time
@@ -36,11 +34,6 @@ from compiler.xds.snapshot import TYPE_URLS, load_snapshot, read_files  # noqa: 
 from envoy.service.discovery.v3 import discovery_pb2  # noqa: E402
 
 ENV = "dev"
-
-
-def _compile(repo: Path) -> None:
-    subprocess.run([sys.executable, "-m", "compiler", "compile", "--repo", str(repo), "--no-cache", "--env", ENV],
-                   check=True, capture_output=True, cwd=ROOT)
 
 
 def _streams(hub, n: int) -> list:
@@ -63,13 +56,10 @@ def main() -> None:
     ap.add_argument("--proxies", type=int, default=1000)
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="meshc-fanout-") as tmp:
-        repo = Path(tmp) / "repo"
-        compile_bench.generate(repo, args.services)
-        _compile(repo)
+        repo = compile_bench.compiled(Path(tmp) / "repo", args.services, ENV)
         first = load_snapshot(ENV, read_files(repo / "rendered" / ENV / "envoy"))
-        policy = repo / "policies" / compile_bench.TOUCHED[0] / f"{compile_bench.TOUCHED[1]}.yaml"
-        policy.write_text(re.sub(r"weight: \d+", "weight: 100", policy.read_text()))
-        _compile(repo)
+        compile_bench.touch(repo)
+        compile_bench.recompile(repo, ENV)
         second = load_snapshot(ENV, read_files(repo / "rendered" / ENV / "envoy"), first)
         figures = {}
         for label, hide in (("every subscribed name", True), ("publication's changes", False)):

@@ -13,9 +13,7 @@ snapshot (the reload figure; in the server this runs on its loader thread). Best
 from __future__ import annotations
 
 import argparse
-import re
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -27,11 +25,6 @@ sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 import compile as compile_bench  # noqa: E402  bench/compile.py: the repository generator
 
 from compiler.xds.snapshot import KINDS, load_snapshot, read_files  # noqa: E402
-
-
-def _compile(repo: Path) -> None:
-    subprocess.run([sys.executable, "-m", "compiler", "compile", "--repo", str(repo), "--no-cache"],
-                   check=True, capture_output=True)
 
 
 def _timed(fn, repeat: int) -> tuple[float, float, object]:
@@ -49,16 +42,12 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=5)
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="meshc-reload-") as tmp:
-        repo = Path(tmp) / "repo"
-        compile_bench.generate(repo, args.services)
-        _compile(repo)
+        repo = compile_bench.compiled(Path(tmp) / "repo", args.services)
         envs = sorted(p.name for p in (repo / "rendered").iterdir() if not p.name.startswith("."))
         files = {env: read_files(repo / "rendered" / env / "envoy") for env in envs}
         cold = {env: _timed(lambda env=env: load_snapshot(env, files[env]), args.repeat) for env in envs}
-        policy = repo / "policies" / compile_bench.TOUCHED[0] / f"{compile_bench.TOUCHED[1]}.yaml"
-        text = policy.read_text()
-        policy.write_text(re.sub(r"weight: \d+", "weight: 100", text))  # a weight the generator never writes
-        _compile(repo)
+        policy, _ = compile_bench.touch(repo)
+        compile_bench.recompile(repo)
         print(f"{args.services} services × {len(envs)} environments; one policy's canary weight changed "
               f"({policy.relative_to(repo)}); best of {args.repeat} [median]")
         print(f"{'environment':12} {'resources':>9} {'cold load':>18} {'reload':>18} {'changed files':>14}")
