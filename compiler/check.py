@@ -425,8 +425,9 @@ def _external(svc: m.Service, diags: Diagnostics) -> None:
     if svc.selector:
         diags.error("external.selector", "`selector` and `external` exclude each other: a service is in the mesh "
                     "or outside it", at.key_at(("external",)), Note("selector set here", at.key_at(("selector",))))
+    given = _mesh_fields(svc)
     for field, what in NOT_EXTERNAL.items():
-        if at.key_at((field,)) is not None and _set(svc, field):
+        if given[field] and at.key_at((field,)) is not None:
             diags.error("external.field", f"{what} applies to a service in the mesh; an external service gets a "
                         "ServiceEntry and a DestinationRule (ports, tls, loadBalancer, connectionPool, "
                         "outlierDetection)", at.key_at((field,)))
@@ -438,11 +439,12 @@ def _external(svc: m.Service, diags: Diagnostics) -> None:
                     at.at(("external", "resolution")) or at.key_at(("external",)))
 
 
-def _set(svc: m.Service, field: str) -> bool:
-    value = {"versions": svc.versions, "traffic": svc.traffic != m.Traffic(), "routes": named_routes(svc),
-             "ingress": svc.ingress, "timeout": svc.timeout_ms, "retries": svc.retries, "fault": svc.fault,
-             "mirror": svc.mirror, "headers": svc.headers, "cors": svc.cors}[field]
-    return value not in (None, (), [], False)
+def _mesh_fields(svc: m.Service) -> dict[str, bool]:
+    """Which of NOT_EXTERNAL's fields the service sets."""
+    values = {"versions": svc.versions, "traffic": svc.traffic != m.Traffic(), "routes": named_routes(svc),
+              "ingress": svc.ingress, "timeout": svc.timeout_ms, "retries": svc.retries, "fault": svc.fault,
+              "mirror": svc.mirror, "headers": svc.headers, "cors": svc.cors}
+    return {field: value not in (None, (), [], False) for field, value in values.items()}
 
 
 def _credential_at_sidecars(svc: m.Service, diags: Diagnostics) -> None:

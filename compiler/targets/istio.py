@@ -30,7 +30,8 @@ def lower(mesh: m.Mesh) -> Lowered:
 def lower_service(svc: m.Service, env: m.Environment) -> dict:
     """One service's documents, in file order, and what it asks of the gateway:
     `{"identities": [[apiVersion, kind, name, namespace]], "documents": Piece, "ingress": null |
-    {"name", "namespace", "port", "hosts", "paths", "blocks": [[prefix | null, [http route]]]}}`.
+    {"name", "namespace", "port", "hosts", "paths", "blocks": [[prefix | null, [http route]]],
+    "tls": null | {"mode", "credentialName"}, "httpsRedirect"}}`.
     A pure function of the service and its environment, serialised once; its ingress objects
     depend on the host's other claimants, so `assemble` writes them."""
     docs = service_objects(svc, env)

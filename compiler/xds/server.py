@@ -103,6 +103,7 @@ class Server:
         self._secrets_seen = b""
         self._secrets_task: asyncio.Task | None = None
         self._missing: dict[str, frozenset[str]] = {}   # env → secrets its snapshot names that DIR lacks
+        self._named: dict[bytes, frozenset[str]] = {}   # a resource's source hash → the secrets it names
         _describe(self.hub.metrics)
         self._gauges()
 
@@ -209,13 +210,26 @@ class Server:
         """Publish an environment's snapshot with the current secrets; say which of those it names are missing."""
         snapshot = replace(snapshot, kinds={**snapshot.kinds, secrets.KIND: self._secrets})
         self.hub.cache.publish(snapshot, load_seconds, **extras)
-        wanted = secrets.referenced(r.json for kind in ("clusters", "listeners")
-                                    for r in snapshot.kinds[kind].resources.values())
-        missing = frozenset(wanted - set(self._secrets.resources))
+        missing = frozenset(self._secrets_named(snapshot) - set(self._secrets.resources))
         if missing - self._missing.get(snapshot.env, frozenset()):
             log.warning("environment %r names secrets the --secrets directory lacks: %s; what uses them "
                         "waits for them", snapshot.env, ", ".join(sorted(missing)))
         self._missing[snapshot.env] = missing
+
+    def _secrets_named(self, snapshot) -> set[str]:
+        """The secrets the snapshot's clusters and listeners name; each resource read once while it lasts."""
+        named, out = {}, set()
+        for state in [s for s in self.hub.cache.envs() if s.snapshot is not None]:
+            for kind in ("clusters", "listeners"):
+                for r in state.snapshot.kinds[kind].resources.values():
+                    found = self._named.get(r.source)
+                    if found is None:
+                        found = frozenset(secrets.referenced([r.json]))
+                    named[r.source] = found
+                    if state.env == snapshot.env:
+                        out |= found
+        self._named = named  # what no served snapshot holds any more is forgotten
+        return out
 
     # --- reload --------------------------------------------------------------
     def _schedule_reload(self) -> None:
