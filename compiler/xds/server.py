@@ -248,22 +248,23 @@ class Server:
                 seen = {s.env: _Seen(s.snapshot.digest if s.snapshot else "", s.rejected_digest,
                                      bool(s.errors), s.snapshot)
                         for s in self.hub.cache.envs()}
-                results = await asyncio.to_thread(self._load_changed, seen)
-                for loaded in results:
-                    self._apply(loaded)
+                # Each environment is published as soon as it is loaded, not after the others.
+                loop = asyncio.get_running_loop()
+                await asyncio.to_thread(self._load_changed, seen,
+                                        lambda loaded: loop.call_soon_threadsafe(self._apply, loaded))
                 if not self._reload_again:
                     return
         finally:
             self._reloading = False
 
-    def _load_changed(self, seen: dict[str, _Seen]) -> list[_Loaded]:
-        """Worker thread: read every environment, parse those whose bytes changed.
+    def _load_changed(self, seen: dict[str, _Seen], deliver: Callable[[_Loaded], None]) -> None:
+        """Worker thread: read every environment, parse those whose bytes changed, and hand each
+        result to `deliver` (which puts it on the event loop) as soon as it is there.
 
         Files whose digest is the served snapshot's are not parsed again; if the
         environment's last load was refused they come back as `restored` (the bad
         files were reverted), so the error state clears without a publication.
         """
-        out = []
         for envoy_dir in environment_dirs(self.options.rendered):
             env = envoy_dir.parent.name
             started = time.perf_counter()
@@ -272,13 +273,13 @@ class Server:
             except OSError as exc:
                 if not envoy_dir.is_dir():
                     continue    # swapped away mid-read; the rename back triggers a reload
-                out.append(_Loaded(env, f"unreadable:{exc}", errors=(f"cannot read: {exc}",)))
+                deliver(_Loaded(env, f"unreadable:{exc}", errors=(f"cannot read: {exc}",)))
                 continue
             digest = files_digest(files)
             known = seen.get(env)
             if known is not None and digest == known.served:
                 if known.errors:
-                    out.append(_Loaded(env, digest, restored=True))
+                    deliver(_Loaded(env, digest, restored=True))
                 continue
             if known is not None and digest == known.rejected:
                 continue
@@ -286,10 +287,9 @@ class Server:
                 snapshot = load_snapshot(env, files, known.snapshot if known is not None else None)
                 rest = RestView.build(snapshot, self._rest_source)
             except SnapshotError as exc:
-                out.append(_Loaded(env, digest, errors=exc.problems))
+                deliver(_Loaded(env, digest, errors=exc.problems))
                 continue
-            out.append(_Loaded(env, digest, snapshot, rest, time.perf_counter() - started))
-        return out
+            deliver(_Loaded(env, digest, snapshot, rest, time.perf_counter() - started))
 
     def _apply(self, loaded: _Loaded) -> None:
         cache = self.hub.cache
