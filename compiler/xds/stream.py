@@ -57,11 +57,25 @@ class StreamError(Exception):
 
 @dataclass(frozen=True)
 class Hub:
-    """What every stream shares: the snapshots, the proxy registry, the metrics."""
+    """What every stream shares: the snapshots, the proxy registry, the metrics, and one
+    copy of each distinct set of subscribed names (a thousand proxies of one service ask for
+    the same few thousand names: one set and its strings, not a thousand)."""
 
     cache: Cache
     proxies: Proxies
     metrics: Metrics
+    _names: dict = field(default_factory=dict, repr=False)
+
+    SHARED_SETS = 4096  # distinct subscriptions remembered; past it the oldest is forgotten (still correct)
+
+    def share(self, names: frozenset[str]) -> frozenset[str]:
+        """The one copy of `names` every stream that subscribes to them holds."""
+        shared = self._names.get(names)
+        if shared is None:
+            if len(self._names) >= self.SHARED_SETS:
+                del self._names[next(iter(self._names))]
+            shared = self._names[names] = names
+        return shared
 
 
 @dataclass
@@ -193,6 +207,7 @@ class SotwStream(_Stream):
         if kind is None:
             return []
         wildcard, names = _sotw_names(kind, req.resource_names)
+        names = self.hub.share(names)
         watch = self._watches.get(kind)
         if watch is None or not req.response_nonce:
             self._watches[kind] = _Watch(wildcard, names)
@@ -251,7 +266,7 @@ class DeltaStream(_Stream):
         subscribe = set(req.resource_names_subscribe)
         if watch is None:
             wildcard = "*" in subscribe or (kind in WILDCARD_KINDS and not subscribe)
-            watch = self._watches[kind] = _Watch(wildcard, frozenset(subscribe - {"*"}),
+            watch = self._watches[kind] = _Watch(wildcard, self.hub.share(frozenset(subscribe - {"*"})),
                                                  known=dict(req.initial_resource_versions))
             return self._respond(kind, push=False, always=True, asked=subscribe)
         wildcard_before = watch.wildcard
@@ -275,7 +290,8 @@ class DeltaStream(_Stream):
         if "*" in subscribe:
             watch.wildcard = True
         new = (subscribe - {"*"}) - watch.names
-        watch.names = (watch.names | new) - unsubscribe
+        if new or unsubscribe & watch.names:
+            watch.names = self.hub.share((watch.names | new) - unsubscribe)
         for name in unsubscribe | new:
             watch.known.pop(name, None)     # a re-subscribed name is sent afresh
         return new
@@ -358,4 +374,5 @@ def _wanted(watch: _Watch, resources: Mapping[str, object]) -> set[str]:
 def _sotw_names(kind: str, names: Iterable[str]) -> tuple[bool, frozenset[str]]:
     """(wildcard, names): wildcard for `*`, or for an empty list on CDS/LDS (the legacy form)."""
     names = frozenset(names)
-    return "*" in names or (kind in WILDCARD_KINDS and not names), names - {"*"}
+    wildcard = "*" in names or (kind in WILDCARD_KINDS and not names)
+    return wildcard, names - {"*"} if "*" in names else names
