@@ -438,3 +438,24 @@ def test_delta_push_between_a_publication_and_its_wake_up_sends_a_new_subscripti
     [answer] = stream.on_request(discovery_pb2.DeltaDiscoveryRequest(type_url=CDS, resource_names_subscribe=[first]))
     response = discovery_pb2.DeltaDiscoveryResponse.FromString(answer)
     assert [r.name for r in response.resources] == [first]
+
+
+def test_streams_asking_for_the_same_names_share_one_copy(tmp_path):
+    from compiler.xds.cache import Cache
+    from compiler.xds.metrics import Metrics
+    from compiler.xds.proxies import Proxies
+    from compiler.xds.snapshot import load_snapshot, read_files
+    from compiler.xds.stream import DeltaStream, Hub, SotwStream
+
+    sample.write_snapshot(tmp_path, ENV, resources())
+    hub = Hub(Cache(), Proxies(), Metrics())
+    hub.cache.publish(load_snapshot(ENV, read_files(tmp_path / ENV / "envoy")), 0.0)
+    sotw = [SotwStream(hub, "ads", lambda: None) for _ in range(2)]
+    for i, s in enumerate(sotw):
+        s.on_request(discovery_pb2.DiscoveryRequest(node={"id": f"s{i}", "cluster": ENV}, type_url=EDS,
+                                                    resource_names=[V2, V1]))
+    delta = DeltaStream(hub, "ads", lambda: None)
+    delta.on_request(discovery_pb2.DeltaDiscoveryRequest(node={"id": "d", "cluster": ENV}, type_url=EDS,
+                                                         resource_names_subscribe=[V1, V2]))
+    a, b, c = (s._watches["endpoints"].names for s in (*sotw, delta))
+    assert a == {V1, V2} and a is b is c
