@@ -391,6 +391,7 @@ def _describe(metrics: Metrics) -> None:
         ("meshc_xds_snapshots_published_total", "counter", "Snapshots published."),
         ("meshc_xds_snapshot_rejected_total", "counter", "Loads refused (parse or consistency errors)."),
         ("meshc_xds_responses_total", "counter", "Responses sent on gRPC streams, by reason (request or push)."),
+        ("meshc_xds_resources_sent_total", "counter", "Resources those responses carried, by type."),
         ("meshc_xds_acks_total", "counter", "ACKs received."),
         ("meshc_xds_nacks_total", "counter", "NACKs received (rejected versions are not resent)."),
         ("meshc_xds_rest_requests_total", "counter", "REST discovery requests, by HTTP status."),

@@ -12,7 +12,10 @@ istiod's `ShouldRespond`):
   ignored; an ACK gets no answer unless the subscribed names changed; a NACK
   (`error_detail`) is recorded and gets no answer, so the rejected version is
   not resent: the proxy hears again only when the snapshot changes;
-- a new subscription (no nonce) is always answered, once a snapshot exists;
+- a new subscription (no nonce) is answered once a snapshot exists, unless
+  (SotW) its `version_info` is the snapshot's already: a proxy that reconnects,
+  to this replica or another (versions are content hashes, the same on every
+  replica), is not sent again what it holds (Delta: `initial_resource_versions`);
 - pushes go secrets → clusters → endpoints → listeners → routes, only kinds
   whose version changed (endpoints also after any clusters push: a modified
   EDS cluster warms only once it hears its assignment again);
@@ -188,13 +191,15 @@ class _Stream:
         log.warning("proxy %r rejected %s version %s: %s (not resending it)",
                     self.status.node_id, kind, nack.version[:12], error.message)
 
-    def _sent(self, kind: str, watch: _Watch, nonce: str, version: str, push: bool) -> None:
+    def _sent(self, kind: str, watch: _Watch, nonce: str, version: str, push: bool, resources: int) -> None:
         watch.nonce, watch.version = nonce, version
         self.status.sent[kind] = version
         if push:
             watch.pushed_for = self._state().published_at
         self.hub.metrics.inc("meshc_xds_responses_total", **self._labels(kind),
                              reason="push" if push else "request")
+        if resources:
+            self.hub.metrics.inc("meshc_xds_resources_sent_total", resources, **self._labels(kind))
 
 
 class SotwStream(_Stream):
@@ -210,7 +215,12 @@ class SotwStream(_Stream):
         names = self.hub.share(names)
         watch = self._watches.get(kind)
         if watch is None or not req.response_nonce:
-            self._watches[kind] = _Watch(wildcard, names)
+            watch = self._watches[kind] = _Watch(wildcard, names)
+            typed = self._typed(kind)
+            if typed is not None and req.version_info and req.version_info == typed.version:
+                watch.version = typed.version  # it holds this version already: nothing to send until it changes
+                self.status.acked[kind] = typed.version
+                return []
             return self._respond(kind, push=False)
         if req.response_nonce != watch.nonce:
             return []           # stale: about a response superseded since
@@ -249,7 +259,8 @@ class SotwStream(_Stream):
         nonce = self._next_nonce()
         body = typed.sotw_body(None if watch.wildcard else watch.names) + discovery_pb2.DiscoveryResponse(
             nonce=nonce).SerializeToString()
-        self._sent(kind, watch, nonce, typed.version, push)
+        count = len(typed.resources) if watch.wildcard else len(watch.names & typed.resources.keys())
+        self._sent(kind, watch, nonce, typed.version, push, count)
         return [body]
 
 
@@ -362,7 +373,7 @@ class DeltaStream(_Stream):
             watch.known[resource.name] = resource.version
         for name in removed:
             watch.known.pop(name, None)
-        self._sent(kind, watch, nonce, typed.version, push)
+        self._sent(kind, watch, nonce, typed.version, push, len(changed))
         return [body]
 
 
