@@ -43,6 +43,7 @@ def service(meta: dict, spec: dict, spans: SpanMap, env: m.Environment, endpoint
         mirror=own.mirror,
         routes=_routes(spec, traffic, own, f"{namespace}/{name}", fqdn, env, spans, diags),
         external=m.External(fqdn, external.get("resolution", "DNS")) if external else None,
+        egress=tuple(spec["egress"]) if spec.get("egress") is not None else None,
         spans=spans,
     )
 

@@ -409,7 +409,7 @@ def _ingress_hosts_once(svc: m.Service, diags: Diagnostics) -> None:
 #: select, no versions, and meshc gives it no VirtualService): spec field → what it is.
 NOT_EXTERNAL = {"versions": "a version", "traffic": "a traffic shape", "routes": "a named route", "ingress": "an ingress",
                  "timeout": "a request timeout", "retries": "retries", "fault": "a fault", "mirror": "a mirror",
-                 "headers": "header rewriting", "cors": "a CORS policy"}
+                 "headers": "header rewriting", "cors": "a CORS policy", "egress": "an egress list (what it calls)"}
 
 
 def _external(svc: m.Service, diags: Diagnostics) -> None:
@@ -443,7 +443,7 @@ def _mesh_fields(svc: m.Service) -> dict[str, bool]:
     """Which of NOT_EXTERNAL's fields the service sets."""
     values = {"versions": svc.versions, "traffic": svc.traffic != m.Traffic(), "routes": named_routes(svc),
               "ingress": svc.ingress, "timeout": svc.timeout_ms, "retries": svc.retries, "fault": svc.fault,
-              "mirror": svc.mirror, "headers": svc.headers, "cors": svc.cors}
+              "mirror": svc.mirror, "headers": svc.headers, "cors": svc.cors, "egress": svc.egress is not None}
     return {field: value not in (None, (), [], False) for field, value in values.items()}
 
 
@@ -507,10 +507,10 @@ class Claims:
     the path's where there is one; `generated` the `namespace/name` of each object named after it for another
     purpose (the ingress VirtualService `<name>-ingress`), with the span that asked for it.
 
-    Two fields are references rather than claims, checked against the other units for the
-    same reason: `versions` names the service's versions, and `mirrors` each (service,
+    Three fields are references rather than claims, checked against the other units for the
+    same reason: `versions` names the service's versions, `mirrors` each (service,
     version or None, port, span of the service, span of the version) that this service
-    copies requests to in another service.
+    copies requests to in another service, and `egress` each (entry, span) it says it calls.
     """
 
     key: str
@@ -519,6 +519,7 @@ class Claims:
     generated: tuple[tuple[str, Span | None], ...] = ()
     versions: tuple[str, ...] = ()
     mirrors: tuple[tuple[str, str | None, int, Span | None, Span | None], ...] = ()
+    egress: tuple[tuple[str, Span | None], ...] = ()
     failed: bool = False  # the service did not compile: what it holds is unknown (never cached)
 
     @classmethod
@@ -538,20 +539,23 @@ class Claims:
         mirrors = tuple((mirror.service, mirror.version, p.number, at(path + ("mirror", "service")), at(path + ("mirror", "version")))
                         for path, mirror in _mirror_holders(svc) if mirror.service != svc.key
                         for p in svc.ports if p.is_http)
-        return cls(svc.key, ports, ingress, generated, tuple(v.name for v in svc.versions), mirrors)
+        egress = tuple((entry, at(("egress", i))) for i, entry in enumerate(svc.egress or ()))
+        return cls(svc.key, ports, ingress, generated, tuple(v.name for v in svc.versions), mirrors, egress)
 
     def to_json(self) -> list:
         return [self.key, [[n, tcp, _row(s)] for n, tcp, s in self.ports], [[h, p, n, how, _row(s), _row(ps)] for h, p, n, how, s, ps in self.ingress],
                 [[g, _row(s)] for g, s in self.generated], list(self.versions),
-                [[k, v, n, _row(s), _row(vs)] for k, v, n, s, vs in self.mirrors]]
+                [[k, v, n, _row(s), _row(vs)] for k, v, n, s, vs in self.mirrors],
+                [[e, _row(s)] for e, s in self.egress]]
 
     @classmethod
     def from_json(cls, value: list) -> "Claims":
-        key, ports, ingress, generated, versions, mirrors = value
+        key, ports, ingress, generated, versions, mirrors, egress = value
         return cls(key, tuple((n, tcp, _span(s)) for n, tcp, s in ports),
                    tuple((h, p, n, how, _span(s), _span(ps)) for h, p, n, how, s, ps in ingress),
                    tuple((g, _span(s)) for g, s in generated), tuple(versions),
-                   tuple((k, v, n, _span(s), _span(vs)) for k, v, n, s, vs in mirrors))
+                   tuple((k, v, n, _span(s), _span(vs)) for k, v, n, s, vs in mirrors),
+                   tuple((e, _span(s)) for e, s in egress))
 
 
 def _row(span: Span | None) -> list | None:
@@ -605,6 +609,7 @@ def _clashes(units: list[Claims]):
                    "apart; give each TCP service a port of its own",
                    span, tuple(Note(f"{k} uses port {number} here", s) for k, s in others))
     yield from _mirror_targets(units)
+    yield from _egress_targets(units)
     keys = {u.key for u in units}
     for u in units:
         for name, span in u.generated:
@@ -665,3 +670,17 @@ def _mirror_targets(units: list[Claims]):
                     "to that service's port of the number it came in on", (Note(f"{key}'s ports", target.ports[0][2]),)))
         for (code, span), (message, notes) in found.items():
             yield code, message, span, notes
+
+
+def _egress_targets(units: list[Claims]):
+    """What a service says it calls exists: a service of the environment, or a namespace holding one."""
+    keys = [u.key for u in units]
+    namespaces = {k.split("/")[0] for k in keys}
+    for u in units:
+        for entry, span in u.egress:
+            namespace, _, name = entry.partition("/")
+            if name == "*" and namespace not in namespaces:
+                yield ("egress.unknown", f"egress {entry!r}: no service is in namespace {namespace!r} in {{where}}"
+                       f"{did_you_mean(namespace, sorted(namespaces))}", span, ())
+            elif name != "*" and entry not in keys:
+                yield ("egress.unknown", f"egress {entry!r} is not a service in {{where}}{did_you_mean(entry, keys)}", span, ())

@@ -415,6 +415,7 @@ class Service:
     mirror: Mirror | None = None
     routes: tuple[Route, ...] = ()  # every HTTP route in order: named ones, then the default ones
     external: External | None = None  # outside the mesh: `fqdn` is its host, `selector` empty
+    egress: tuple[str, ...] | None = None  # the services it calls (`ns/name`, `ns/*`); None: every one
     spans: SpanMap = field(default_factory=SpanMap, compare=False, repr=False)
 
     @property

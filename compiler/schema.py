@@ -383,6 +383,8 @@ SPEC = {
             "subjectAltNames": {"type": "list", "schema": {"type": "string"}},
         },
     },
+    "egress": {"type": "list", "schema": {"type": "string", "regex": rf"{DNS1123_LABEL}/({DNS1123_LABEL}|\*)",
+                                          "meta": {"what": "a service NAMESPACE/NAME, or NAMESPACE/* for all of one namespace"}}},
     "ingress": {
         "type": "dict",
         "schema": {

@@ -93,6 +93,7 @@ RULES = [
     ("bad-tcp-routes", "tcp.http-setting"),
     ("bad-ingress-tls-credential", "schema.missing-field"),
     ("bad-ingress-https-without-tls", "ingress.https-without-tls"),
+    ("bad-egress-unknown", "egress.unknown"),
 ]
 # More than one code: each of a case's errors is a different way to miss a target.
 MANY_CODES = {

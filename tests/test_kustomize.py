@@ -74,7 +74,7 @@ def test_envoy_files_stay_out_of_the_build(rendered):
     for name, env_dir in env_dirs(rendered):
         assert sorted(p.name for p in (env_dir / "envoy").iterdir()) == ["clusters.json", "endpoints.json", "listeners.json", "routes.json"]
         kinds = Counter(d["kind"] for d in kustomize(env_dir))
-        assert set(kinds) <= {"Service", "DestinationRule", "VirtualService", "Gateway", "ServiceEntry"}, name
+        assert set(kinds) <= {"Service", "DestinationRule", "VirtualService", "Gateway", "ServiceEntry", "Sidecar"}, name
 
 
 def test_the_example_kinds_are_all_there(rendered):

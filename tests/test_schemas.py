@@ -24,7 +24,7 @@ from compiler.load import source_from_dir
 from compiler.pipeline import compile_source
 from conftest import GOLDEN, REPO, SCHEMAS
 
-ISTIO_KINDS = ("DestinationRule", "Gateway", "ServiceEntry", "VirtualService")
+ISTIO_KINDS = ("DestinationRule", "Gateway", "ServiceEntry", "Sidecar", "VirtualService")
 GOOD = ["examples"] + [p.name for p in sorted(GOLDEN.iterdir()) if (p / "expected.txt").is_file()
                        and (p / "expected.txt").read_text().startswith("exit: 0")]
 

@@ -31,11 +31,13 @@ def lower_service(svc: m.Service, env: m.Environment) -> dict:
     """One service's documents, in file order, and what it asks of the gateway:
     `{"identities": [[apiVersion, kind, name, namespace]], "documents": Piece, "ingress": null |
     {"name", "namespace", "port", "hosts", "paths", "blocks": [[prefix | null, [http route]]],
-    "tls": null | {"mode", "credentialName"}, "httpsRedirect"}}`.
+    "tls": null | {"mode", "credentialName"}, "httpsRedirect"}, "scope": {"fqdn", "selector", "egress": null | [entry]}}`.
     A pure function of the service and its environment, serialised once; its ingress objects
-    depend on the host's other claimants, so `assemble` writes them."""
+    depend on the host's other claimants, and its Sidecar on the hosts of what it calls, so
+    `assemble` writes them."""
     docs = service_objects(svc, env)
-    return {"identities": [list(_identity(doc)) for doc in docs], "documents": Piece.yaml(docs), "ingress": _ingress(svc)}
+    return {"identities": [list(_identity(doc)) for doc in docs], "documents": Piece.yaml(docs), "ingress": _ingress(svc),
+            "scope": {"fqdn": svc.fqdn, "selector": dict(svc.selector), "egress": list(svc.egress) if svc.egress is not None else None}}
 
 
 def assemble(env: m.Environment, fragments: list[dict]) -> Lowered:
@@ -47,6 +49,7 @@ def assemble(env: m.Environment, fragments: list[dict]) -> Lowered:
     diags = Diagnostics()
     objects = {f"{f['identities'][0][3]}/{f['identities'][0][2]}": f for f in fragments}
     _add_ingress_objects(env, objects)
+    _add_sidecars(objects)
     for patch in env.patches:
         if patch.target.kind not in m.ENVOY_PATCH_KINDS:  # those are the Envoy target's
             _apply_patch(patch, objects, diags)
@@ -396,6 +399,22 @@ def _add_ingress_objects(env: m.Environment, objects: dict[str, dict]) -> None:
                          "spec": {"hosts": [h.host for h in group], "gateways": [f"{ing['name']}-gateway"], "http": routes}})
         objects[key] = {**fragment, "identities": fragment["identities"] + [list(_identity(d)) for d in docs],
                         "documents": Piece.yaml(fragment["documents"].value + docs)}
+
+
+def _add_sidecars(objects: dict[str, dict]) -> None:
+    """A Sidecar for each service with `egress`: its pods' proxies learn only the hosts it calls,
+    as `namespace/host` (`namespace/*` for a whole namespace). Appended to its file."""
+    fqdn = {key: f["scope"]["fqdn"] for key, f in objects.items()}
+    for key, fragment in objects.items():
+        scope = fragment["scope"]
+        if scope["egress"] is None:
+            continue
+        hosts = sorted({entry if entry.endswith("/*") else f"{entry.split('/')[0]}/{fqdn[entry]}" for entry in scope["egress"]})
+        namespace, name = key.split("/")
+        doc = {"apiVersion": NETWORKING, "kind": "Sidecar", "metadata": _meta(name, namespace),
+               "spec": {"workloadSelector": {"labels": dict(scope["selector"])}, "egress": [{"hosts": hosts}]}}
+        objects[key] = {**fragment, "identities": fragment["identities"] + [list(_identity(doc))],
+                        "documents": Piece.yaml(fragment["documents"].value + [doc])}
 
 
 def _gateway(ing: dict, hosts: list[str], env: m.Environment) -> dict:
