@@ -42,31 +42,28 @@ from envoy.service.discovery.v3 import discovery_pb2  # noqa: E402
 ENV = "dev"
 
 
-def _streams(hub, n: int) -> list:
+def _subscribed(hub, n: int, delta: bool = True) -> list:
+    """`n` streams subscribed as Envoy does: wildcard CDS and LDS, every EDS and RDS name."""
     snapshot = hub.cache.get(ENV).snapshot
-    eds, rds = sorted(snapshot.kinds["endpoints"].resources), sorted(snapshot.kinds["routes"].resources)
+    names = {"clusters": [], "listeners": [], "endpoints": sorted(snapshot.kinds["endpoints"].resources),
+             "routes": sorted(snapshot.kinds["routes"].resources)}
     out = []
     for i in range(n):
-        s = stream_module.DeltaStream(hub, "ads", lambda: None)
-        s.on_request(discovery_pb2.DeltaDiscoveryRequest(node={"id": f"p{i}", "cluster": ENV}, type_url=TYPE_URLS["clusters"]))
-        s.on_request(discovery_pb2.DeltaDiscoveryRequest(type_url=TYPE_URLS["listeners"]))
-        s.on_request(discovery_pb2.DeltaDiscoveryRequest(type_url=TYPE_URLS["endpoints"], resource_names_subscribe=eds))
-        s.on_request(discovery_pb2.DeltaDiscoveryRequest(type_url=TYPE_URLS["routes"], resource_names_subscribe=rds))
+        s = (stream_module.DeltaStream if delta else stream_module.SotwStream)(hub, "ads", lambda: None)
+        for kind, subscribe in names.items():
+            node = {"id": f"p{i}", "cluster": ENV}
+            s.on_request(discovery_pb2.DeltaDiscoveryRequest(node=node, type_url=TYPE_URLS[kind], resource_names_subscribe=subscribe)
+                         if delta else discovery_pb2.DiscoveryRequest(node=node, type_url=TYPE_URLS[kind], resource_names=subscribe))
         out.append(s)
     return out
+
+
+def _streams(hub, n: int) -> list:
+    return _subscribed(hub, n, delta=True)
 
 
 def _sotw_streams(hub, n: int) -> list:
-    snapshot = hub.cache.get(ENV).snapshot
-    eds, rds = sorted(snapshot.kinds["endpoints"].resources), sorted(snapshot.kinds["routes"].resources)
-    out = []
-    for i in range(n):
-        s = stream_module.SotwStream(hub, "ads", lambda: None)
-        for kind, names in (("clusters", []), ("listeners", []), ("endpoints", eds), ("routes", rds)):
-            s.on_request(discovery_pb2.DiscoveryRequest(node={"id": f"s{i}", "cluster": ENV}, type_url=TYPE_URLS[kind],
-                                                        resource_names=names))
-        out.append(s)
-    return out
+    return _subscribed(hub, n, delta=False)
 
 
 def _memory_per_stream(snapshot, make, n: int = 200) -> float:
