@@ -91,7 +91,21 @@ def _traffic(t: dict | None, spans: SpanMap, diags: Diagnostics, at: tuple = ("t
     weights = (m.WeightedVersion(t["stable"], 100 - weight), m.WeightedVersion(canary["version"], weight))
     headers = (canary.get("match") or {}).get("headers", {})
     match = _header_matches(headers)
-    return m.Traffic(m.TrafficShape.CANARY, weights, match, canary["version"] if match else None)
+    return m.Traffic(m.TrafficShape.CANARY, weights, match, canary["version"] if match else None, _plan(canary))
+
+
+def _plan(canary: dict) -> m.CanaryPlan | None:
+    if "steps" not in canary and "analysis" not in canary and "halted" not in canary:
+        return None
+    analysis = canary.get("analysis") or {}
+    return m.CanaryPlan(
+        steps=tuple(canary.get("steps") or ()),
+        success_min=(analysis.get("successRate") or {}).get("min"),
+        latency_p99_max_ms=_ms((analysis.get("latencyP99") or {}).get("max")),
+        interval_ms=_ms(analysis.get("interval")),
+        min_requests=analysis.get("minRequests", 0),
+        halted=canary.get("halted"),
+    )
 
 
 def _header_matches(headers: dict) -> tuple[m.HeaderMatch, ...]:

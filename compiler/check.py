@@ -19,7 +19,7 @@ def service(svc: m.Service, diags: Diagnostics) -> None:
     """Every per-service check."""
     for check in (_ports, _versions_referenced, _weights, _regexes, _tcp_only, _retry_budget, _port_policies_replace,
                   _ingress_hosts_once, _ingress_paths, _ingress_tls, _external, _credential_at_sidecars,
-                  _route_names, _route_actions, _shadowed_routes, _mirrors, _headers, _cors):
+                  _route_names, _route_actions, _shadowed_routes, _mirrors, _headers, _cors, _canary_plan):
         check(svc, diags)
 
 
@@ -65,6 +65,28 @@ def _versions_referenced(svc: m.Service, diags: Diagnostics) -> None:
                 diags.error("traffic.unknown-version", f"version {name!r} is not defined in `versions`{_hint(name, defined)}", span)
         if t.canary and t.canary.version == t.stable:
             diags.error("traffic.canary-is-stable", f"the canary version {t.stable!r} is also the stable version", svc.spans.at(at + ("canary", "version")))
+
+
+#: `meshc canary` runs every few minutes; an analysis over less than this sees noise, not a trend.
+MIN_ANALYSIS_MS = 60_000
+
+
+def _canary_plan(svc: m.Service, diags: Diagnostics) -> None:
+    """A schedule rises; an analysis has steps to gate, over a minute at least."""
+    plan = svc.traffic.plan
+    if plan is None:
+        return
+    at = ("traffic", "canary")
+    if not plan.steps and svc.spans.key_at(at + ("analysis",)) is not None:
+        diags.error("canary.analysis-without-steps", "an analysis gates the steps of a schedule, and this canary has "
+                    "none: add `steps` (the weights to move through)", svc.spans.key_at(at + ("analysis",)))
+    for i in range(1, len(plan.steps)):
+        if plan.steps[i] <= plan.steps[i - 1]:
+            diags.error("canary.steps-fall", f"steps rise, one weight per run: {plan.steps[i]} after {plan.steps[i - 1]}",
+                        svc.spans.at(at + ("steps", i)), Note("the step before", svc.spans.at(at + ("steps", i - 1))))
+    if plan.interval_ms is not None and plan.interval_ms < MIN_ANALYSIS_MS:
+        diags.error("canary.interval", f"an analysis interval of {human_duration(plan.interval_ms)} is shorter than a minute: "
+                    "too few requests to tell a failing canary from noise", svc.spans.at(at + ("analysis", "interval")))
 
 
 def _hint(name: str, defined: list[str]) -> str:

@@ -170,7 +170,7 @@ def parse(path: str, content: bytes, diags: Diagnostics) -> Document | None:
     spans: dict = {}
     before = len(diags)
     try:
-        data = _Builder(path, spans, diags).value(node, ())
+        data = _Builder(path, spans, diags, text).value(node, ())
     except _TooBig:
         diags.error("yaml.too-big", f"the document expands to more than {MAX_VALUES:,} values (through aliases?)", Span(path, 1, 1))
         return None
@@ -278,8 +278,8 @@ def _cycle_start(root, path: tuple):
 class _Builder:
     """Turns composed nodes into plain values, recording a span per path."""
 
-    def __init__(self, path: str, spans: dict, diags: Diagnostics):
-        self.path, self.spans, self.diags = path, spans, diags
+    def __init__(self, path: str, spans: dict, diags: Diagnostics, text: str = ""):
+        self.path, self.spans, self.diags, self.text = path, spans, diags, text
         self.budget = MAX_VALUES
 
     def span(self, node) -> Span:
@@ -343,6 +343,8 @@ class _Builder:
             return text.lower() == "true"
         if tag == _CORE + "null":
             return None
+        if tag == _CORE + "timestamp" and self.text[node.start_mark.index:node.start_mark.index + 1] != "!":
+            return text  # YAML 1.2's core schema has no timestamps: `from: 2026-12-24T00:00:00Z` is a string
         return self.refuse(node, tag)
 
     def refuse(self, node, tag: str):

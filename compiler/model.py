@@ -110,6 +110,7 @@ class Traffic:
     weights: tuple[WeightedVersion, ...] = ()
     match: tuple[HeaderMatch, ...] = ()  # requests matching all of these go to `match_version`
     match_version: str | None = None
+    plan: "CanaryPlan | None" = None  # the canary's schedule and analysis, for `meshc canary`
 
     @property
     def stable(self) -> str | None:
@@ -118,6 +119,19 @@ class Traffic:
     @property
     def canary(self) -> WeightedVersion | None:
         return self.weights[1] if self.shape is TrafficShape.CANARY else None
+
+
+@dataclass(frozen=True)
+class CanaryPlan:
+    """Delivery through git: the weights a canary moves through, one per `meshc canary` run,
+    and what it must show before each (none set: it steps on schedule alone)."""
+
+    steps: tuple[int, ...]
+    success_min: float | None = None  # percent of non-5xx responses over the interval
+    latency_p99_max_ms: int | None = None
+    interval_ms: int | None = None
+    min_requests: int = 0  # fewer over the interval: hold
+    halted: str | None = None  # a rollback's reason: later runs leave the canary alone
 
 
 @dataclass(frozen=True)

@@ -263,6 +263,15 @@ _traffic = {
                 "version": {**_label, "required": True},
                 "weight": {"type": "integer", "required": True, "min": 0, "max": 100},
                 "match": {"type": "dict", "schema": {"headers": {**_header_matches, "required": True}}},
+                # Delivery through git (`meshc canary`): the weights it moves through, and the check before each.
+                "steps": {"type": "list", "minlength": 1, "schema": {"type": "integer", "min": 1, "max": 100}},
+                "analysis": {"type": "dict", "schema": {
+                    "successRate": {"type": "dict", "schema": {"min": {**_percent, "required": True}}},
+                    "latencyP99": {"type": "dict", "schema": {"max": {**_duration, "required": True}}},
+                    "interval": {**_duration, "required": True},
+                    "minRequests": {"type": "integer", "min": 0},
+                }},
+                "halted": {"type": "string"},  # written by a rollback; later runs leave the canary alone
             },
         },
         "split": {"type": "dict", "minlength": 1, "keysrules": _label, "valuesrules": {"type": "integer", "min": 0, "max": 100}},
@@ -510,6 +519,13 @@ ENVIRONMENT = {
             },
             "gateway": {"type": "dict", "schema": {"selector": {**_labels, "minlength": 1}}},
             "envoy": {"type": "dict", "schema": {"listenerAddress": {"type": "string", "check_with": "ip"}}},
+            "metrics": {"type": "dict", "schema": {
+                "prometheus": {"type": "string", "required": True, "regex": r"https?://[^\s/]+(/\S*)?",
+                               "meta": {"what": "an http:// or https:// URL"}},
+                "source": {"type": "string", "required": True, "allowed": ("envoy", "istio")},
+            }},
+            "freeze": {"type": "list", "schema": {"type": "dict", "schema": {
+                "from": {"type": "string", "required": True}, "to": {"type": "string", "required": True}}}},
         },
     },
 }

@@ -4,12 +4,15 @@
 environments, each named after its file. A file the cache has seen valid is not
 parsed again. When many policy files are new, worker processes parse and
 schema-check them while the caller loads the environments. Also here: the checks
-of an environment's keys against the policies (`check_keys`, `check_endpoints`).
+of an environment's keys against the policies (`check_keys`, `check_endpoints`), and of
+its freeze windows (`check_freeze`).
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+from datetime import datetime
 from functools import cached_property
 from pathlib import PurePosixPath
 from typing import Callable
@@ -196,6 +199,8 @@ def load_environments(source: Source, diags: Diagnostics, policies: Callable[[],
             doc = parse(path, source.files[path], diags)
             if doc is None or not _validate_top(doc, schema.ENVIRONMENT, diags, _override_note(policies)):
                 continue
+            if not check_freeze(doc.data["spec"].get("freeze") or [], doc.spans, diags):
+                continue
             cache.put_json(b"environment:" + fkey, doc.to_json())
         stem = PurePosixPath(path).stem
         name = doc.data["metadata"]["name"]
@@ -213,6 +218,45 @@ def load_environments(source: Source, diags: Diagnostics, policies: Callable[[],
             continue
         out.append(EnvironmentFile(name, doc, fkey))
     return out
+
+
+def check_freeze(windows: list[dict], spans: SpanMap, diags: Diagnostics) -> bool:
+    """Freeze windows are RFC 3339 instants with their offset, each `to` after its `from`, and
+    none overlapping another (a window inside another is the other one's mistake). True if so."""
+    ok, parsed = True, []
+    for i, window in enumerate(windows):
+        bounds = []
+        for end in ("from", "to"):
+            when = _instant(window[end])
+            if when is None:
+                diags.error("freeze.time", f"{window[end]!r} is not an RFC 3339 time with its offset "
+                            "(2026-12-24T00:00:00Z, 2026-12-24T09:00:00+01:00)", spans.at(("spec", "freeze", i, end)))
+                ok = False
+            bounds.append(when)
+        if None in bounds:
+            continue
+        if bounds[1] <= bounds[0]:
+            diags.error("freeze.inverted", "this freeze window ends before it starts", spans.at(("spec", "freeze", i, "to")),
+                        Note("it starts here", spans.at(("spec", "freeze", i, "from"))))
+            ok = False
+            continue
+        for j, (start, stop) in parsed:
+            if bounds[0] < stop and start < bounds[1]:
+                diags.error("freeze.overlap", f"this freeze window overlaps window {j + 1}: make them one",
+                            spans.at(("spec", "freeze", i)), Note("the window it overlaps", spans.at(("spec", "freeze", j))))
+                ok = False
+        parsed.append((i, tuple(bounds)))
+    return ok
+
+
+def _instant(text: str):
+    """A timezone-aware datetime for an RFC 3339 time, else None."""
+    if not re.fullmatch(r"\d{4}-\d\d-\d\d[Tt ]\d\d:\d\d:\d\d(\.\d+)?([Zz]|[+-]\d\d:\d\d)", text):
+        return None
+    try:
+        return datetime.fromisoformat(text.upper().replace("Z", "+00:00"))
+    except ValueError:
+        return None
 
 
 def _validate_top(doc: Document, top_schema: dict, diags: Diagnostics, note=None) -> bool:

@@ -103,6 +103,8 @@ MANY_CODES = {
     "bad-ingress-tls": {"ingress.redirect-without-tls", "ingress.redirect-port"},
     "bad-ingress-tls-conflict": {"ingress.serving-conflict", "ingress.port-tls"},
     "bad-external": {"external.selector", "external.field", "external.endpoints"},
+    "bad-delivery": {"freeze.overlap", "freeze.inverted", "freeze.time"},
+    "bad-canary-plan": {"canary.analysis-without-steps", "canary.steps-fall", "canary.interval"},
 }
 DIAGNOSTIC_LINE = re.compile(r"^(environments|policies)/[^:]+\.ya?ml:\d+:\d+: (error|warning|note): \S.*$")
 

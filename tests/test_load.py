@@ -208,3 +208,14 @@ def test_an_input_that_cannot_be_read_is_named_and_never_waited_on(make, tmp_pat
     with pytest.raises(OSError) as exc:
         source_from_dir(tmp_path)
     assert exc.value.strerror.startswith("policies/shop/web.yaml: ")
+
+
+def test_a_plain_timestamp_is_a_string_and_an_explicit_one_is_refused():
+    """YAML 1.2's core schema has no timestamps (freeze windows are RFC 3339 strings); a
+    `!!timestamp` tag written out is still a tag the loader does not construct."""
+    diags = Diagnostics()
+    doc = parse("environments/prod.yaml", b"from: 2026-12-24T00:00:00Z\nday: 2026-12-24\n", diags)
+    assert doc.data == {"from": "2026-12-24T00:00:00Z", "day": "2026-12-24"} and not list(diags)
+    diags = Diagnostics()
+    assert parse("environments/prod.yaml", b"from: !!timestamp 2026-12-24\n", diags) is None
+    assert [d.code for d in diags] == ["yaml.tag"]
