@@ -304,3 +304,27 @@ def test_delta_modified_cluster_becomes_active_and_traffic_continues(mesh, tmp_p
             assert set(split) == {"v1", "v2"} and _within_binomial(split["v2"], N, 50), split
             assert envoy.stat("cluster.{}.upstream_cx_connect_fail".format(
                 sample.cluster_name("v1"))) == 0
+
+
+def test_envoy_labels_its_prometheus_statistics_by_the_whole_cluster_name(mesh, tmp_path):
+    """The sample bootstraps' stats_config (istiod's cluster_name tag): Prometheus sees
+    `envoy_cluster_upstream_rq_xx{cluster_name="outbound|9080|v2|reviews...."}`, which
+    `meshc canary` will read; Envoy's default tag would cut the name at its first dot."""
+    mesh.write({"v1": 0, "v2": 100})
+    with _server(mesh) as server:
+        bootstrap = sample.ads_bootstrap("proxy-1", ENV, ("127.0.0.1", server.server.grpc_port))
+        with Envoy(bootstrap, tmp_path / "envoy") as envoy:
+            envoy.wait_until(lambda: count_responses(mesh.url, 1) == {"v2": 1}, message="routed to v2")
+            count_responses(mesh.url, 9)
+            text = envoy.get("/stats/prometheus").text
+    label = f'cluster_name="{sample.cluster_name("v2")}"'
+    lines = [line for line in text.splitlines() if line.startswith("envoy_cluster_upstream_rq_xx{") and label in line]
+    assert any('envoy_response_code_class="2"' in line and line.rsplit(" ", 1)[1] == "10" for line in lines), lines
+
+
+def test_the_deploy_bootstraps_tag_statistics_as_the_sample_ones_do():
+    import yaml
+
+    for name in ("ads.yaml", "delta-ads.yaml", "rest.yaml"):
+        bootstrap = yaml.safe_load((Path(__file__).resolve().parents[1] / "deploy" / "envoy" / name).read_text())
+        assert bootstrap["stats_config"] == sample.STATS_CONFIG, name
