@@ -30,6 +30,7 @@ EXTERNAL = {
     "diff": ("compiler.gitops.cli", "add_parsers", "what a policy change does, per environment, between two revisions"),
     "publish": ("compiler.gitops.cli", "add_parsers", "compile and commit rendered/ (commit-back or a rendered branch)"),
     "comment": ("compiler.gitops.cli", "add_parsers", "post the diff as one sticky pull-request comment"),
+    "canary": ("compiler.gitops.cli", "add_parsers", "step, promote, roll back or hold each scheduled canary, from Prometheus"),
     "serve": ("compiler.xds.cli", "add_parser", "serve rendered/*/envoy/ to Envoy proxies over xDS"),
 }
 

@@ -72,6 +72,20 @@ def add_parsers(subparsers) -> None:
     _no_cache(com)
     com.set_defaults(func=run_comment)
 
+    can = subparsers.add_parser(
+        "canary", help="step, promote, roll back or hold each scheduled canary, from Prometheus",
+        description="For each canary with steps in ENV: read its figures from Prometheus, decide, and write the "
+                    "decision into environments/ENV.yaml (exit 1 when one rolled back).")
+    _repo(can)
+    can.add_argument("--env", required=True, metavar="NAME")
+    can.add_argument("services", nargs="*", metavar="SERVICE", help="only these (namespace/name); default: every one")
+    can.add_argument("--prometheus", metavar="URL", help="default: the environment's spec.metrics.prometheus")
+    can.add_argument("--commit", action="store_true", help="commit the decision (the verdicts are its message)")
+    can.add_argument("--dry-run", action="store_true", help="decide and say so; write nothing")
+    can.add_argument("--now", metavar="TIME", help="decide as at this RFC 3339 time (default: now), e.g. for freeze windows")
+    can.add_argument("--author", type=_identity, default=BOT, metavar="'NAME <EMAIL>'", help=f"default: {BOT}")
+    can.set_defaults(func=run_canary)
+
 
 def run_diff(args) -> int:
     try:
@@ -122,6 +136,50 @@ def run_publish(args) -> int:
     for note in result.notes + _uncommitted_inputs(repo):
         print(f"meshc: note: {note}", file=sys.stderr)
     return EXIT_OK
+
+
+def run_canary(args) -> int:
+    from datetime import datetime, timezone
+
+    from compiler.errors import MeshcError
+    from compiler.gitops.canary import run
+    from compiler.load import source_from_dir
+
+    try:
+        now = datetime.fromisoformat(args.now.upper().replace("Z", "+00:00")) if args.now else datetime.now(timezone.utc)
+    except ValueError:
+        return _fail(f"--now {args.now!r} is not an RFC 3339 time", EXIT_USAGE)
+    if now.tzinfo is None:
+        return _fail(f"--now {args.now!r} needs its offset (Z, +01:00)", EXIT_USAGE)
+    try:
+        outcome = run(source_from_dir(Path(args.repo)), args.env, tuple(args.services), args.prometheus, now)
+    except MeshcError as err:
+        return _fail(err, EXIT_USAGE)
+    for line in outcome.verdicts or (f"{args.env}: no canary with steps",):
+        print(line)
+    if outcome.after != outcome.before and not args.dry_run:
+        (Path(args.repo) / outcome.path).write_text(outcome.after)
+        if args.commit:
+            try:
+                oid = _commit(Path(args.repo), outcome.path, outcome.verdicts, args.author)
+            except (pygit2.GitError, GitOpsError) as err:
+                return _fail(f"git: {err}", EXIT_USAGE)
+            print(f"committed {str(oid)[:12]}")
+    return EXIT_FAILED if outcome.rolled_back else EXIT_OK
+
+
+def _commit(root: Path, path: str, verdicts: tuple[str, ...], author: Identity) -> pygit2.Oid:
+    """One commit of `path` on HEAD, whose message is the decision."""
+    repo = open_repo(root)
+    repo.index.read()
+    repo.index.add(path)
+    repo.index.write()
+    tree = repo.index.write_tree()
+    acted = [v for v in verdicts if ": hold at " not in v]
+    title = acted[0] if len(acted) == 1 else f"{len(acted)} canaries"
+    message = f"meshc canary: {title}\n\n" + "\n".join(verdicts) + "\n"
+    parents = [] if repo.head_is_unborn else [repo.head.target]
+    return repo.create_commit("HEAD", author.signature(), author.signature(), message, tree, parents)
 
 
 def _uncommitted_inputs(repo: pygit2.Repository) -> tuple[str, ...]:
