@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.meshc-installed
 
-.PHONY: compile test bench demo clean bytecode sshd
+.PHONY: compile test bench demo clean bytecode sshd prometheus
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -30,7 +30,15 @@ sshd:
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends openssh-server; \
 	  else echo "make: no sshd and not root with apt: install openssh-server, or the SSH push tests skip" >&2; fi
 
-test: bytecode sshd
+# The canary tests run a real Prometheus (Debian's prometheus), scraping a real Envoy. The same:
+# installed when this is root with apt, else said, and those tests skip naming the package.
+prometheus:
+	@command -v prometheus >/dev/null 2>&1 || \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus; \
+	  else echo "make: no prometheus and not root with apt: install prometheus, or the canary tests against it skip" >&2; fi
+
+test: bytecode sshd prometheus
 	$(BIN)/meshc validate
 	$(BIN)/meshc compile --check
 	$(BIN)/python -m pytest -q -n 2

@@ -130,7 +130,7 @@ def decide(plan: m.CanaryPlan, weight: int, found: Figures | None, hold: str | N
             if found.p99_ms is None:
                 return Decision("hold", None, "no latency figures")
             ok = found.p99_ms <= plan.latency_p99_max_ms
-            judged.append(f"p99 {found.p99_ms:.0f}ms {'≤' if ok else '>'} {plan.latency_p99_max_ms}ms")
+            judged.append(f"p99 {_ms(found.p99_ms)} {'≤' if ok else '>'} {plan.latency_p99_max_ms}ms")
             if not ok:
                 return Decision("rollback", 0, ", ".join(judged) + f", {found.requests:,.0f} requests")
         judged.append(f"{found.requests:,.0f} requests")
@@ -139,6 +139,10 @@ def decide(plan: m.CanaryPlan, weight: int, found: Figures | None, hold: str | N
     if not following or following[0] >= 100:
         return Decision("promote", 100, why)
     return Decision("step", following[0], why)
+
+
+def _ms(value: float) -> str:
+    return f"{value:.1f}ms" if value < 10 else f"{value:.0f}ms"
 
 
 # --- writing the decision -------------------------------------------------------------------

@@ -100,16 +100,18 @@ class _Server(ThreadingHTTPServer):
 class Backend:
     """An HTTP/1.1 server answering every request with 200 and body `name`.
 
-    `delay` sleeps before each answer; `fail_first` answers 503 to the first
+    `delay` sleeps before each answer; `fail_every` answers 500 to every Nth request;
+    `fail_first` answers 503 to the first
     N requests. Every response carries `x-backend: <name>`. `paths` and `headers`
     record each request's target and its (lower-cased) headers, in arrival order.
     """
 
     def __init__(self, name: str, host: str = "127.0.0.1", port: int = 0, *,
-                 delay: float = 0, fail_first: int = 0) -> None:
+                 delay: float = 0, fail_first: int = 0, fail_every: int = 0) -> None:
         self.name = name
         self.delay = delay
         self.fail_first = fail_first
+        self.fail_every = fail_every
         self.requests = 0
         self.paths: list[str] = []
         self.headers: list[dict[str, str]] = []
@@ -133,6 +135,8 @@ class Backend:
             self.requests += 1
             self.paths.append(path)
             self.headers.append(headers)
+            if self.fail_every and self.requests % self.fail_every == 0:
+                return 500
             return 503 if self.requests <= self.fail_first else 200
 
     def reset(self) -> None:
