@@ -31,6 +31,7 @@ EXTERNAL = {
     "publish": ("compiler.gitops.cli", "add_parsers", "compile and commit rendered/ (commit-back or a rendered branch)"),
     "comment": ("compiler.gitops.cli", "add_parsers", "post the diff as one sticky pull-request comment"),
     "canary": ("compiler.gitops.cli", "add_parsers", "step, promote, roll back or hold each scheduled canary, from Prometheus"),
+    "promote": ("compiler.gitops.cli", "add_parsers", "carry each release from one environment to the next, as a canary"),
     "serve": ("compiler.xds.cli", "add_parser", "serve rendered/*/envoy/ to Envoy proxies over xDS"),
 }
 

@@ -264,3 +264,52 @@ def test_usage_errors_exit_2(repo, capsys):
     assert meshc("canary", "--repo", repo.workdir, "--env", "prod", "--now", NOW) == 2  # no Prometheus named
     assert "names no Prometheus" in capsys.readouterr().err
     assert meshc("canary", "--repo", repo.workdir, "--env", "prod", "shop/none", "--now", NOW) == 2
+
+
+# --- meshc promote ------------------------------------------------------------------------------
+
+RELEASED = replace(SCHEDULED, "    v2: {labels: {version: v2}}\n", "    v2: {labels: {version: v2}}\n    v3: {labels: {version: v3}}\n")
+STAGING_ON_V3 = "  overrides:\n    bookinfo/reviews: {traffic: {stable: v3, canary: null}}\n"
+
+
+@pytest.fixture
+def released(tmp_path):
+    from test_gitops_support import environment
+
+    return make_repo(tmp_path / "r", {**SAMPLE, "policies/bookinfo/reviews.yaml": RELEASED,
+                                      "environments/staging.yaml": environment("staging", STAGING_ON_V3)})
+
+
+def test_a_release_reaches_prod_as_a_canary_at_its_first_step(released, capsys):
+    assert meshc("promote", "--repo", released.workdir, "--from", "staging", "--to", "prod", "bookinfo/reviews",
+                 "--commit", "--now", NOW) == 0
+    line = "prod · bookinfo/reviews: canary v3 at 10% (from staging; step 1 of 4)"
+    assert line in capsys.readouterr().out
+    head = released.head.peel(pygit2.Commit)
+    assert head.message == f"meshc promote: {line}\n\n{line}\n"
+    prod = compile_source(source_from_dir(Path(released.workdir)), envs=["prod"]).meshes["prod"].service("bookinfo/reviews")
+    assert (prod.traffic.stable, prod.traffic.canary.version, prod.traffic.canary.weight) == ("v1", "v3", 10)
+    from compiler.gitops.review import diff_revisions
+
+    lines = [str(x) for x in diff_revisions(released.workdir, "HEAD~1", "HEAD").summary]
+    assert "prod · bookinfo/reviews: canary v2 → v3 at 10%, step 1 of 4" in lines, lines
+
+
+def test_promotion_refuses_a_freeze_window_and_a_jump_to_all_of_prod(released, capsys):
+    from test_gitops_support import environment
+
+    frozen_prod = environment("prod", "  freeze:\n    - from: 2026-12-10T00:00:00Z\n      to: 2026-12-11T00:00:00Z\n")
+    commit_files(released, {"environments/prod.yaml": frozen_prod}, "freeze prod")
+    head = released.head.target
+    assert meshc("promote", "--repo", released.workdir, "--from", "staging", "--to", "prod", "bookinfo/reviews",
+                 "--commit", "--now", NOW) == 1
+    assert "prod is frozen (2026-12-10T00:00:00Z → 2026-12-11T00:00:00Z)" in capsys.readouterr().err
+    assert released.head.target == head
+    unscheduled = replace(RELEASED, "      steps: [10, 25, 50, 100]\n", "")
+    unscheduled = replace(unscheduled, "      analysis: {successRate: {min: 99.0}, latencyP99: {max: 500ms}, interval: 5m, minRequests: 100}\n", "")
+    commit_files(released, {"policies/bookinfo/reviews.yaml": unscheduled,
+                            "environments/prod.yaml": environment("prod")}, "no schedule")
+    assert meshc("promote", "--repo", released.workdir, "--from", "staging", "--to", "prod", "bookinfo/reviews", "--now", NOW) == 1
+    assert "would send it all of prod's traffic at once" in capsys.readouterr().err
+    assert meshc("promote", "--repo", released.workdir, "--from", "staging", "--to", "dev", "bookinfo/reviews", "--now", NOW) == 0
+    assert "dev · bookinfo/reviews: stable v1 → v3 (from staging; no schedule)" in capsys.readouterr().out

@@ -67,7 +67,8 @@ def test_a_new_user_edits_a_canary_reads_the_diff_and_ci_publishes_once(tmp_path
     # ... prod's override does.
     old, new = bump_weight(user / "environments/prod.yaml", 5)
     diff = meshc(user, "diff", "--base", "main")
-    assert diff.stdout.splitlines()[2] == f"  prod · bookinfo/reviews: canary v2 {old}% → {new}%"
+    step = ", step 1 of 4" if new == 10 else ""  # the example's schedule is [10, 25, 50, 100]
+    assert diff.stdout.splitlines()[2] == f"  prod · bookinfo/reviews: canary v2 {old}% → {new}%{step}"
     assert f"~ spec.http[default].route[v2].weight: {old} → {new}" in diff.stdout
     assert meshc(user, "diff", "--base", "main", "--exit-code", check_rc=1).stdout == diff.stdout
 

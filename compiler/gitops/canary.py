@@ -1,4 +1,7 @@
-"""`meshc canary`: one run of a canary's schedule, decided from Prometheus, written into git.
+"""`meshc canary` and `meshc promote`: delivery decisions written into git.
+
+`run` is one run of each scheduled canary of an environment, decided from
+Prometheus; `promote` carries releases from one environment to the next.
 
 For each canary with `steps` in one environment: read its figures over the
 analysis interval (`Prometheus`, `figures`), decide (`decide`), and write the
@@ -11,6 +14,10 @@ is none): the canary version becomes stable and the canary goes; *roll back*:
 weight 0 and `halted: <reason>`, which later runs leave alone; *hold*: too few
 requests, a freeze window, Prometheus unreachable or its answer unusable, or a
 halted canary. Missing data is a hold, never a rollback.
+
+A promotion makes the version `--from` runs as stable `--to`'s canary at the
+first step of its schedule (its stable where there is none, except in prod,
+which it never sends all at once), and does nothing inside a freeze window.
 """
 
 from __future__ import annotations
@@ -294,16 +301,8 @@ def run(source, env: str, services: tuple[str, ...], prometheus_url: str | None,
 
     Raises MeshcError when the repository does not compile, or a canary needs figures and the
     environment names no Prometheus."""
-    from compiler.load import parse
-    from compiler.diagnostics import Diagnostics
-    from compiler.pipeline import compile_source
-
-    result = compile_source(source, envs=[env])
-    if not result.ok:
-        raise MeshcError("the repository does not compile:\n" + "\n".join(d.render() for d in result.diagnostics if d.is_error))
-    path = next(p for p in source.environment_paths() if p.rsplit("/", 1)[-1].split(".")[0] == env)
-    text = source.files[path].decode()
-    spec = parse(path, source.files[path], Diagnostics()).data["spec"]
+    result = _compiled(source, env)
+    path, text, spec = _environment(source, env)
     metrics = spec.get("metrics") or {}
     url, kind = prometheus_url or metrics.get("prometheus"), metrics.get("source", "envoy")
     mesh = result.meshes[env]
@@ -330,12 +329,36 @@ def run(source, env: str, services: tuple[str, ...], prometheus_url: str | None,
         if decision.action != "hold":
             after = edit(after, svc.key, patch_of(decision, svc.traffic.canary.version))
         rolled_back = rolled_back or decision.action == "rollback"
-    if after != text:
-        check = compile_source(type(source)({**source.files, path: after.encode()}), envs=[env])
-        if not check.ok:  # a bug here, never the user's: say so rather than write it
-            raise MeshcError("meshc canary would write an environment that does not compile:\n"
-                             + "\n".join(d.render() for d in check.diagnostics if d.is_error))
+    _still_compiles(source, path, text, after, env)
     return Run(path, text, after, tuple(verdicts), rolled_back)
+
+
+def _compiled(source, *envs: str):
+    from compiler.pipeline import compile_source
+
+    result = compile_source(source, envs=list(envs))
+    if not result.ok:
+        raise MeshcError("the repository does not compile:\n" + "\n".join(d.render() for d in result.diagnostics if d.is_error))
+    return result
+
+
+def _environment(source, env: str) -> tuple[str, str, dict]:
+    """(path, text, spec) of the environment's file."""
+    from compiler.diagnostics import Diagnostics
+    from compiler.load import parse
+
+    path = next(p for p in source.environment_paths() if p.rsplit("/", 1)[-1].split(".")[0] == env)
+    return path, source.files[path].decode(), parse(path, source.files[path], Diagnostics()).data["spec"]
+
+
+def _still_compiles(source, path: str, before: str, after: str, env: str) -> None:
+    """A written decision must compile; if it would not, that is a bug here, never the user's: say so."""
+    if after == before:
+        return
+    try:
+        _compiled(type(source)({**source.files, path: after.encode()}), env)
+    except MeshcError as err:
+        raise MeshcError(f"meshc would write an environment that does not compile: {err}") from None
 
 
 def _verdict(decision: Decision, weight: int, version: str) -> str:
@@ -346,3 +369,47 @@ def _verdict(decision: Decision, weight: int, version: str) -> str:
     if decision.action == "rollback":
         return f"roll back {weight}% → 0%"
     return f"hold at {weight}%"
+
+
+# --- promotion --------------------------------------------------------------------------------
+
+
+def promote(source, from_env: str, to_env: str, services: tuple[str, ...], now: datetime) -> Run:
+    """Carry each service's release from `from_env` to `to_env`: the version `from_env` runs as
+    stable becomes `to_env`'s canary at the first step of its schedule, or its stable where it
+    has none. Never a jump to 100% in prod; nothing inside a `to_env` freeze window.
+
+    Raises MeshcError for what cannot be promoted (a version `to_env` does not define, prod
+    without a schedule, the repository not compiling)."""
+    result = _compiled(source, from_env, to_env)
+    path, text, spec = _environment(source, to_env)
+    freeze = frozen(spec.get("freeze") or [], now)
+    if freeze:
+        raise MeshcError(f"{to_env} is frozen ({freeze}): nothing is promoted into it")
+    source_mesh, target_mesh = result.meshes[from_env], result.meshes[to_env]
+    keys = services or tuple(s.key for s in source_mesh.services if s.traffic.stable)
+    verdicts, after = [], text
+    for key in keys:
+        here, there = source_mesh.service(key), target_mesh.service(key)
+        if here is None or there is None or here.traffic.stable is None:
+            raise MeshcError(f"{key}: not a service with a stable version in both {from_env} and {to_env}")
+        release = here.traffic.stable
+        if there.version(release) is None:
+            raise MeshcError(f"{key}: {to_env} defines no version {release!r} to promote")
+        if release in (there.traffic.stable, there.traffic.canary.version if there.traffic.canary else None):
+            verdicts.append(f"{to_env} · {key}: runs {release} already")
+            continue
+        plan = there.traffic.plan
+        if plan and plan.steps and plan.steps[0] < 100:
+            patch = {"traffic": {"stable": there.traffic.stable,
+                                 "canary": {"version": release, "weight": plan.steps[0], "halted": None}}}
+            verdicts.append(f"{to_env} · {key}: canary {release} at {plan.steps[0]}% (from {from_env}; step 1 of {len(plan.steps)})")
+        elif to_env == "prod":
+            raise MeshcError(f"{key}: prod has no schedule for a canary below 100%: promoting {release} would send it "
+                             "all of prod's traffic at once; give its canary `steps`")
+        else:
+            patch = {"traffic": {"stable": release, "canary": None}}
+            verdicts.append(f"{to_env} · {key}: stable {there.traffic.stable} → {release} (from {from_env}; no schedule)")
+        after = edit(after, key, patch)
+    _still_compiles(source, path, text, after, to_env)
+    return Run(path, text, after, tuple(verdicts), False)

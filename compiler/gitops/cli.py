@@ -86,6 +86,19 @@ def add_parsers(subparsers) -> None:
     can.add_argument("--author", type=_identity, default=BOT, metavar="'NAME <EMAIL>'", help=f"default: {BOT}")
     can.set_defaults(func=run_canary)
 
+    pro = subparsers.add_parser(
+        "promote", help="carry each release from one environment to the next, as a canary at its first step",
+        description="The version --from runs as stable becomes --to's canary at the first step of its schedule "
+                    "(its stable where it has none; never prod's at 100%%), written into environments/TO.yaml.")
+    _repo(pro)
+    pro.add_argument("--from", dest="from_env", required=True, metavar="ENV")
+    pro.add_argument("--to", dest="to_env", required=True, metavar="ENV")
+    pro.add_argument("services", nargs="*", metavar="SERVICE", help="only these (namespace/name); default: every one")
+    pro.add_argument("--commit", action="store_true", help="commit the promotion (the verdicts are its message)")
+    pro.add_argument("--now", metavar="TIME", help="as at this RFC 3339 time (default: now), for freeze windows")
+    pro.add_argument("--author", type=_identity, default=BOT, metavar="'NAME <EMAIL>'", help=f"default: {BOT}")
+    pro.set_defaults(func=run_promote)
+
 
 def run_diff(args) -> int:
     try:
@@ -138,46 +151,73 @@ def run_publish(args) -> int:
     return EXIT_OK
 
 
-def run_canary(args) -> int:
+def _now(text: str | None):
+    """The time a run decides at: --now, else now. Raises ValueError for a time without its offset."""
     from datetime import datetime, timezone
 
-    from compiler.errors import MeshcError
+    if not text:
+        return datetime.now(timezone.utc)
+    now = datetime.fromisoformat(text.upper().replace("Z", "+00:00"))
+    if now.tzinfo is None:
+        raise ValueError("no offset")
+    return now
+
+
+def run_canary(args) -> int:
     from compiler.gitops.canary import run
+
+    return _delivery(args, lambda source, now: run(source, args.env, tuple(args.services), args.prometheus, now),
+                     EXIT_USAGE, args.dry_run, "meshc canary", f"{args.env}: no canary with steps")
+
+
+def run_promote(args) -> int:
+    from compiler.gitops.canary import promote
+
+    return _delivery(args, lambda source, now: promote(source, args.from_env, args.to_env, tuple(args.services), now),
+                     EXIT_FAILED, False, "meshc promote", f"{args.to_env}: nothing to promote")
+
+
+def _delivery(args, decide, refused: int, dry_run: bool, title: str, nothing: str) -> int:
+    """A canary or promotion run: decide at --now over the repository, print, write, commit."""
+    from compiler.errors import MeshcError
     from compiler.load import source_from_dir
 
     try:
-        now = datetime.fromisoformat(args.now.upper().replace("Z", "+00:00")) if args.now else datetime.now(timezone.utc)
+        now = _now(args.now)
     except ValueError:
-        return _fail(f"--now {args.now!r} is not an RFC 3339 time", EXIT_USAGE)
-    if now.tzinfo is None:
-        return _fail(f"--now {args.now!r} needs its offset (Z, +01:00)", EXIT_USAGE)
+        return _fail(f"--now {args.now!r} is not an RFC 3339 time with its offset", EXIT_USAGE)
     try:
-        outcome = run(source_from_dir(Path(args.repo)), args.env, tuple(args.services), args.prometheus, now)
+        outcome = decide(source_from_dir(Path(args.repo)), now)
     except MeshcError as err:
-        return _fail(err, EXIT_USAGE)
-    for line in outcome.verdicts or (f"{args.env}: no canary with steps",):
+        return _fail(err, refused)
+    for line in outcome.verdicts or (nothing,):
         print(line)
-    if outcome.after != outcome.before and not args.dry_run:
+    return _write(args, outcome, dry_run=dry_run, title=title)
+
+
+def _write(args, outcome, dry_run: bool, title: str) -> int:
+    """Write the environment file a run changed, and with --commit commit it; its exit code."""
+    if outcome.after != outcome.before and not dry_run:
         (Path(args.repo) / outcome.path).write_text(outcome.after)
         if args.commit:
             try:
-                oid = _commit(Path(args.repo), outcome.path, outcome.verdicts, args.author)
+                oid = _commit(Path(args.repo), outcome.path, outcome.verdicts, args.author, title)
             except (pygit2.GitError, GitOpsError) as err:
                 return _fail(f"git: {err}", EXIT_USAGE)
             print(f"committed {str(oid)[:12]}")
     return EXIT_FAILED if outcome.rolled_back else EXIT_OK
 
 
-def _commit(root: Path, path: str, verdicts: tuple[str, ...], author: Identity) -> pygit2.Oid:
+def _commit(root: Path, path: str, verdicts: tuple[str, ...], author: Identity, title: str) -> pygit2.Oid:
     """One commit of `path` on HEAD, whose message is the decision."""
     repo = open_repo(root)
     repo.index.read()
     repo.index.add(path)
     repo.index.write()
     tree = repo.index.write_tree()
-    acted = [v for v in verdicts if ": hold at " not in v]
-    title = acted[0] if len(acted) == 1 else f"{len(acted)} canaries"
-    message = f"meshc canary: {title}\n\n" + "\n".join(verdicts) + "\n"
+    acted = [v for v in verdicts if ": hold at " not in v and " already" not in v]
+    summary = acted[0] if len(acted) == 1 else f"{len(acted)} services"
+    message = f"{title}: {summary}\n\n" + "\n".join(verdicts) + "\n"
     parents = [] if repo.head_is_unborn else [repo.head.target]
     return repo.create_commit("HEAD", author.signature(), author.signature(), message, tree, parents)
 

@@ -155,7 +155,7 @@ def _traffic(old: m.Traffic, new: m.Traffic) -> Iterator[str]:
     if old.shape == new.shape == m.TrafficShape.CANARY and old.stable == new.stable \
             and old.canary.version == new.canary.version:
         if old.canary.weight != new.canary.weight:
-            yield f"canary {new.canary.version} {old.canary.weight}% → {new.canary.weight}%"
+            yield f"canary {new.canary.version} {old.canary.weight}% → {new.canary.weight}%{_step(new)}"
     elif old.shape is m.TrafficShape.CANARY and new.shape is m.TrafficShape.STABLE:
         if new.stable == old.canary.version:
             yield f"canary {new.stable} promoted to stable (was {old.canary.weight}%)"
@@ -164,7 +164,9 @@ def _traffic(old: m.Traffic, new: m.Traffic) -> Iterator[str]:
         else:
             yield f"traffic {describe_traffic(old)} → {describe_traffic(new)}"
     elif old.shape is m.TrafficShape.STABLE and new.shape is m.TrafficShape.CANARY and old.stable == new.stable:
-        yield f"canary {new.canary.version} started at {new.canary.weight}%"
+        yield f"canary {new.canary.version} started at {new.canary.weight}%{_step(new)}"
+    elif old.shape == new.shape == m.TrafficShape.CANARY and old.stable == new.stable:
+        yield f"canary {old.canary.version} → {new.canary.version} at {new.canary.weight}%{_step(new)}"
     elif old.shape == new.shape == m.TrafficShape.SPLIT and [w.version for w in old.weights] == [w.version for w in new.weights]:
         moved = [f"{b.version} {a.weight}% → {b.weight}%" for a, b in zip(old.weights, new.weights) if a.weight != b.weight]
         if moved:
@@ -173,6 +175,17 @@ def _traffic(old: m.Traffic, new: m.Traffic) -> Iterator[str]:
         yield f"traffic {describe_traffic(old)} → {describe_traffic(new)}"
     if (old.match, old.match_version) != (new.match, new.match_version):
         yield f"canary match {_match(old)} → {_match(new)}"
+
+
+def _step(t: m.Traffic) -> str:
+    """`, step 2 of 4` where the canary's weight is a step of its schedule; `, halted` after a rollback."""
+    plan = t.plan
+    if plan is None:
+        return ""
+    if plan.halted:
+        return f", halted ({plan.halted})"
+    steps = plan.steps
+    return f", step {steps.index(t.canary.weight) + 1} of {len(steps)}" if t.canary.weight in steps else ""
 
 
 def _shares(t: m.Traffic) -> dict[str, int]:
