@@ -192,3 +192,26 @@ def test_each_rendered_environment_is_a_kustomization_for_argo_and_flux(tmp_path
         assert kustomization["kind"] == "Kustomization"
         assert kustomization["resources"] and all(r in files and not r.startswith("envoy/")
                                                   for r in kustomization["resources"])
+
+
+def test_canary_workflow_runs_every_environment_on_a_schedule_and_publishes():
+    wf = load(WORKFLOWS / "meshc-canary.yml")
+    on = triggers(wf)
+    assert "workflow_dispatch" in on and on["schedule"][0]["cron"].startswith("*/")
+    assert wf["permissions"]["contents"] == "write" and wf["concurrency"]["cancel-in-progress"] is False
+    i, decide = step_running(wf, "meshc canary --env")
+    assert "--commit" in decide["run"] and 'if [ "$status" -gt 1 ]' in decide["run"]  # a rollback (1) is not a failure
+    j, publish = step_running(wf, "meshc publish --push origin")
+    assert j > i and publish["env"]["GITHUB_TOKEN"] == "${{ secrets.GITHUB_TOKEN }}"  # its retrying push, after the decisions
+    assert uses(wf, "actions/checkout")["fetch-depth"] == 0
+
+
+def test_promote_workflow_opens_a_pull_request_for_review():
+    wf = load(WORKFLOWS / "meshc-promote.yml")
+    inputs = triggers(wf)["workflow_dispatch"]["inputs"]
+    assert {"from", "to", "services"} <= set(inputs)
+    assert wf["permissions"] == {"contents": "write", "pull-requests": "write"}
+    i, promote = step_running(wf, "meshc promote --from")
+    assert "git checkout -b" in promote["run"] and "--commit" in promote["run"] and 'git push origin "$BRANCH"' in promote["run"]
+    j, pr = step_running(wf, "gh pr create")
+    assert j > i and "--base main" in pr["run"] and pr["env"]["GH_TOKEN"] == "${{ secrets.GITHUB_TOKEN }}"
