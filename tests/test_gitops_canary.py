@@ -114,8 +114,15 @@ def test_figures_come_from_envoys_cluster_statistics_by_meshcs_cluster_name():
 
 
 def test_a_counter_reset_cannot_make_success_negative():
-    """increase() can read more 5xx than requests across a reset: success is floored at 0."""
-    assert decide(PLAN, 10, Figures(100, 0.0, 100)).action == "rollback"
+    """Across a counter reset, increase() extrapolates each series on its own and can read more
+    5xx than requests: the success rate is floored at 0, not negative."""
+    svc = compile_source(source_from_dir_files(SAMPLE), envs=["prod"]).meshes["prod"].service("bookinfo/reviews")
+    prom = FakePrometheus(healthy(requests=100, errors=120))
+    try:
+        found = figures(Prometheus(prom.url), "envoy", svc, 300_000)
+    finally:
+        prom.close()
+    assert found.success == 0.0 and decide(PLAN, 10, found).action == "rollback"
 
 
 # --- decisions ---------------------------------------------------------------------------------
