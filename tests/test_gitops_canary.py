@@ -320,3 +320,33 @@ def test_promotion_refuses_a_freeze_window_and_a_jump_to_all_of_prod(released, c
     assert "would send it all of prod's traffic at once" in capsys.readouterr().err
     assert meshc("promote", "--repo", released.workdir, "--from", "staging", "--to", "dev", "bookinfo/reviews", "--now", NOW) == 0
     assert "dev · bookinfo/reviews: stable v1 → v3 (from staging; no schedule)" in capsys.readouterr().out
+
+
+def test_each_decision_is_its_own_commit(tmp_path, capsys):
+    second = replace(replace(SCHEDULED, "name: reviews", "name: cart"), "app: reviews", "app: cart")
+    repo = make_repo(tmp_path / "r", {**SAMPLE, "policies/bookinfo/reviews.yaml": SCHEDULED, "policies/bookinfo/cart.yaml": second})
+    start = repo.head.target
+    prom = FakePrometheus(healthy())
+    try:
+        assert meshc("canary", "--repo", repo.workdir, "--env", "staging", "--prometheus", prom.url, "--commit", "--now", NOW) == 0
+    finally:
+        prom.close()
+    commits = [c for c in repo.walk(repo.head.target) if c.id != start][:2]
+    assert [c.message.splitlines()[0] for c in reversed(commits)] == [
+        "meshc canary: staging · bookinfo/cart: step 10% → 25% (success 99.8% ≥ 99%, p99 212ms ≤ 500ms, 4,812 requests)",
+        "meshc canary: staging · bookinfo/reviews: step 10% → 25% (success 99.8% ≥ 99%, p99 212ms ≤ 500ms, 4,812 requests)"]
+    assert commits[1].parents[0].id == start and all(repo.diff(c.parents[0], c).stats.files_changed == 1 for c in commits)
+
+
+def test_istio_figures_come_from_its_standard_request_metrics():
+    svc = compile_source(source_from_dir_files(SAMPLE), envs=["prod"]).meshes["prod"].service("bookinfo/reviews")
+    prom = FakePrometheus([('response_code=~"5.."', vector(5)), ("histogram_quantile", vector(120)),
+                           ("istio_requests_total", vector(1000))])
+    try:
+        found = figures(Prometheus(prom.url), "istio", svc, 60_000)
+    finally:
+        prom.close()
+    assert found == Figures(1000, 99.5, 120)
+    selector = 'destination_service="reviews.bookinfo.svc.cluster.local",destination_version="v2"'
+    assert all(selector in q and "[60s]" in q for q in prom.queries)
+    assert any("istio_request_duration_milliseconds_bucket" in q for q in prom.queries)

@@ -294,6 +294,7 @@ class Run:
     after: str
     verdicts: tuple[str, ...]
     rolled_back: bool
+    changes: tuple[tuple[str, str], ...] = ()  # (verdict, the file after it), each decision that changes it
 
 
 def run(source, env: str, services: tuple[str, ...], prometheus_url: str | None, now: datetime) -> Run:
@@ -312,7 +313,7 @@ def run(source, env: str, services: tuple[str, ...], prometheus_url: str | None,
     if missing:
         raise MeshcError(f"no canary with steps in {env}: {', '.join(missing)}")
     freeze = frozen(spec.get("freeze") or [], now)
-    verdicts, after, rolled_back = [], text, False
+    verdicts, after, rolled_back, changes = [], text, False, []
     for svc in chosen:
         plan, weight = svc.traffic.plan, svc.traffic.canary.weight
         hold, found = (f"freeze window {freeze}" if freeze else None), None
@@ -328,9 +329,10 @@ def run(source, env: str, services: tuple[str, ...], prometheus_url: str | None,
         verdicts.append(f"{env} · {svc.key}: {_verdict(decision, weight, svc.traffic.canary.version)} ({decision.reason})")
         if decision.action != "hold":
             after = edit(after, svc.key, patch_of(decision, svc.traffic.canary.version))
+            changes.append((verdicts[-1], after))
         rolled_back = rolled_back or decision.action == "rollback"
     _still_compiles(source, path, text, after, env)
-    return Run(path, text, after, tuple(verdicts), rolled_back)
+    return Run(path, text, after, tuple(verdicts), rolled_back, tuple(changes))
 
 
 def _compiled(source, *envs: str):
@@ -388,7 +390,7 @@ def promote(source, from_env: str, to_env: str, services: tuple[str, ...], now: 
         raise MeshcError(f"{to_env} is frozen ({freeze}): nothing is promoted into it")
     source_mesh, target_mesh = result.meshes[from_env], result.meshes[to_env]
     keys = services or tuple(s.key for s in source_mesh.services if s.traffic.stable)
-    verdicts, after = [], text
+    verdicts, after, changes = [], text, []
     for key in keys:
         here, there = source_mesh.service(key), target_mesh.service(key)
         if here is None or there is None or here.traffic.stable is None:
@@ -411,5 +413,6 @@ def promote(source, from_env: str, to_env: str, services: tuple[str, ...], now: 
             patch = {"traffic": {"stable": release, "canary": None}}
             verdicts.append(f"{to_env} · {key}: stable {there.traffic.stable} → {release} (from {from_env}; no schedule)")
         after = edit(after, key, patch)
+        changes.append((verdicts[-1], after))
     _still_compiles(source, path, text, after, to_env)
-    return Run(path, text, after, tuple(verdicts), False)
+    return Run(path, text, after, tuple(verdicts), False, tuple(changes))

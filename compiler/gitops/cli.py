@@ -196,28 +196,29 @@ def _delivery(args, decide, refused: int, dry_run: bool, title: str, nothing: st
 
 
 def _write(args, outcome, dry_run: bool, title: str) -> int:
-    """Write the environment file a run changed, and with --commit commit it; its exit code."""
+    """Write the environment file a run changed, and with --commit commit each decision on its own
+    (its verdict the message); its exit code."""
     if outcome.after != outcome.before and not dry_run:
-        (Path(args.repo) / outcome.path).write_text(outcome.after)
-        if args.commit:
+        path = Path(args.repo) / outcome.path
+        for verdict, text in outcome.changes if args.commit else ():
+            path.write_text(text)
             try:
-                oid = _commit(Path(args.repo), outcome.path, outcome.verdicts, args.author, title)
+                oid = _commit(Path(args.repo), outcome.path, verdict, args.author, title)
             except (pygit2.GitError, GitOpsError) as err:
                 return _fail(f"git: {err}", EXIT_USAGE)
             print(f"committed {str(oid)[:12]}")
+        path.write_text(outcome.after)
     return EXIT_FAILED if outcome.rolled_back else EXIT_OK
 
 
-def _commit(root: Path, path: str, verdicts: tuple[str, ...], author: Identity, title: str) -> pygit2.Oid:
+def _commit(root: Path, path: str, verdict: str, author: Identity, title: str) -> pygit2.Oid:
     """One commit of `path` on HEAD, whose message is the decision."""
     repo = open_repo(root)
     repo.index.read()
     repo.index.add(path)
     repo.index.write()
     tree = repo.index.write_tree()
-    acted = [v for v in verdicts if ": hold at " not in v and " already" not in v]
-    summary = acted[0] if len(acted) == 1 else f"{len(acted)} services"
-    message = f"{title}: {summary}\n\n" + "\n".join(verdicts) + "\n"
+    message = f"{title}: {verdict}\n\n{verdict}\n"
     parents = [] if repo.head_is_unborn else [repo.head.target]
     return repo.create_commit("HEAD", author.signature(), author.signature(), message, tree, parents)
 
