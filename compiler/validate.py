@@ -227,7 +227,7 @@ def check_freeze(windows: list[dict], spans: SpanMap, diags: Diagnostics) -> boo
     for i, window in enumerate(windows):
         bounds = []
         for end in ("from", "to"):
-            when = _instant(window[end])
+            when = instant(window[end])
             if when is None:
                 diags.error("freeze.time", f"{window[end]!r} is not an RFC 3339 time with its offset "
                             "(2026-12-24T00:00:00Z, 2026-12-24T09:00:00+01:00)", spans.at(("spec", "freeze", i, end)))
@@ -249,8 +249,8 @@ def check_freeze(windows: list[dict], spans: SpanMap, diags: Diagnostics) -> boo
     return ok
 
 
-def _instant(text: str):
-    """A timezone-aware datetime for an RFC 3339 time, else None."""
+def instant(text: str):
+    """A timezone-aware datetime for an RFC 3339 time (with its offset), else None."""
     if not re.fullmatch(r"\d{4}-\d\d-\d\d[Tt ]\d\d:\d\d:\d\d(\.\d+)?([Zz]|[+-]\d\d:\d\d)", text):
         return None
     try:

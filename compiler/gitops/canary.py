@@ -107,9 +107,10 @@ def figures(prometheus: Prometheus, source: str, svc: m.Service, interval_ms: in
 
 def frozen(windows: list[dict], now: datetime) -> str | None:
     """The freeze window `now` is in, as `from → to`, or None."""
+    from compiler.validate import instant  # windows passed `check_freeze`: each parses
+
     for window in windows:
-        start, stop = (datetime.fromisoformat(window[k].upper().replace("Z", "+00:00")) for k in ("from", "to"))
-        if start <= now < stop:
+        if instant(window["from"]) <= now < instant(window["to"]):
             return f"{window['from']} → {window['to']}"
     return None
 

@@ -152,14 +152,16 @@ def run_publish(args) -> int:
 
 
 def _now(text: str | None):
-    """The time a run decides at: --now, else now. Raises ValueError for a time without its offset."""
+    """The time a run decides at: --now, else now. Raises ValueError for what is not an RFC 3339 time."""
     from datetime import datetime, timezone
+
+    from compiler.validate import instant
 
     if not text:
         return datetime.now(timezone.utc)
-    now = datetime.fromisoformat(text.upper().replace("Z", "+00:00"))
-    if now.tzinfo is None:
-        raise ValueError("no offset")
+    now = instant(text)
+    if now is None:
+        raise ValueError(text)
     return now
 
 
