@@ -78,12 +78,9 @@ def add_parsers(subparsers) -> None:
                     "decision into environments/ENV.yaml (exit 1 when one rolled back).")
     _repo(can)
     can.add_argument("--env", required=True, metavar="NAME")
-    can.add_argument("services", nargs="*", metavar="SERVICE", help="only these (namespace/name); default: every one")
     can.add_argument("--prometheus", metavar="URL", help="default: the environment's spec.metrics.prometheus")
-    can.add_argument("--commit", action="store_true", help="commit the decision (the verdicts are its message)")
     can.add_argument("--dry-run", action="store_true", help="decide and say so; write nothing")
-    can.add_argument("--now", metavar="TIME", help="decide as at this RFC 3339 time (default: now), e.g. for freeze windows")
-    can.add_argument("--author", type=_identity, default=BOT, metavar="'NAME <EMAIL>'", help=f"default: {BOT}")
+    _decision_args(can)
     can.set_defaults(func=run_canary)
 
     pro = subparsers.add_parser(
@@ -93,11 +90,16 @@ def add_parsers(subparsers) -> None:
     _repo(pro)
     pro.add_argument("--from", dest="from_env", required=True, metavar="ENV")
     pro.add_argument("--to", dest="to_env", required=True, metavar="ENV")
-    pro.add_argument("services", nargs="*", metavar="SERVICE", help="only these (namespace/name); default: every one")
-    pro.add_argument("--commit", action="store_true", help="commit the promotion (the verdicts are its message)")
-    pro.add_argument("--now", metavar="TIME", help="as at this RFC 3339 time (default: now), for freeze windows")
-    pro.add_argument("--author", type=_identity, default=BOT, metavar="'NAME <EMAIL>'", help=f"default: {BOT}")
+    _decision_args(pro)
     pro.set_defaults(func=run_promote)
+
+
+def _decision_args(parser: argparse.ArgumentParser) -> None:
+    """What canary and promote share: which services, committing, the time decided at."""
+    parser.add_argument("services", nargs="*", metavar="SERVICE", help="only these (namespace/name); default: every one")
+    parser.add_argument("--commit", action="store_true", help="commit each decision, its verdict the message")
+    parser.add_argument("--now", metavar="TIME", help="decide as at this RFC 3339 time (default: now), e.g. for freeze windows")
+    parser.add_argument("--author", type=_identity, default=BOT, metavar="'NAME <EMAIL>'", help=f"default: {BOT}")
 
 
 def run_diff(args) -> int:
