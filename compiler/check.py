@@ -18,7 +18,7 @@ from compiler.values import human_duration
 def service(svc: m.Service, diags: Diagnostics) -> None:
     """Every per-service check."""
     for check in (_ports, _versions_referenced, _weights, _regexes, _tcp_only, _retry_budget, _port_policies_replace,
-                  _ingress_hosts_once, _ingress_paths, _ingress_tls, _external, _credential_at_sidecars,
+                  _ingress_hosts_once, _ingress_paths, _ingress_tls, _external,
                   _route_names, _route_actions, _shadowed_routes, _mirrors, _headers, _cors, _canary_plan):
         check(svc, diags)
 
@@ -469,19 +469,12 @@ def _mesh_fields(svc: m.Service) -> dict[str, bool]:
     return {field: value not in (None, (), [], False) for field, value in values.items()}
 
 
-def _credential_at_sidecars(svc: m.Service, diags: Diagnostics) -> None:
-    """Istio takes a DestinationRule's `credentialName` at gateways only, unless the rule has a
-    `workloadSelector` (which names the calling pods, and a policy has no say in who calls):
-    its sidecars originate TLS without it. The Envoy snapshot does use it. Said, not ignored."""
-    settings = [(("tls",), svc.tls)] + [(("versions", v.name, "policy", "tls"), v.policy.tls) for v in svc.versions if v.policy]
-    settings += [(("ports", i, "policy", "tls"), p.policy.tls) for i, p in enumerate(svc.ports) if p.policy]
-    for path, tls in settings:
-        if tls is not None and tls.credential_name and tls.mode in (m.TlsMode.SIMPLE, m.TlsMode.MUTUAL):
-            diags.warning("istio.credential-at-sidecars", f"Istio takes `credentialName` {tls.credential_name!r} at "
-                          "sidecars only from a DestinationRule with a workloadSelector, which a policy cannot give: "
-                          f"under Istio, in-mesh callers originate this {tls.mode.value} TLS without that Secret "
-                          "(its gateways do use it); the Envoy snapshot uses it, as SDS kubernetes://"
-                          + tls.credential_name, svc.spans.at(path + ("credentialName",)))
+def _sidecar_credential(svc: m.Service) -> tuple[str, Span | None] | None:
+    """The first `credentialName` a caller's sidecar would use, with its span; None without one."""
+    for path, tls in svc.tls_settings():
+        if tls.sidecar_credential:
+            return tls.sidecar_credential, svc.spans.at(path + ("credentialName",))
+    return None
 
 
 def _ingress_tls(svc: m.Service, diags: Diagnostics) -> None:
@@ -533,6 +526,9 @@ class Claims:
     same reason: `versions` names the service's versions, `mirrors` each (service,
     version or None, port, span of the service, span of the version) that this service
     copies requests to in another service, and `egress` each (entry, span) it says it calls.
+    `scoped` says whether what it calls is known (it has `egress`, or is outside the mesh and
+    has no sidecar; without, it may call anything), and
+    `credential` is the (credentialName, span) its callers' sidecars use, if any.
     """
 
     key: str
@@ -542,6 +538,8 @@ class Claims:
     versions: tuple[str, ...] = ()
     mirrors: tuple[tuple[str, str | None, int, Span | None, Span | None], ...] = ()
     egress: tuple[tuple[str, Span | None], ...] = ()
+    scoped: bool = False
+    credential: tuple[str, Span | None] | None = None
     failed: bool = False  # the service did not compile: what it holds is unknown (never cached)
 
     @classmethod
@@ -562,22 +560,25 @@ class Claims:
                         for path, mirror in _mirror_holders(svc) if mirror.service != svc.key
                         for p in svc.ports if p.is_http)
         egress = tuple((entry, at(("egress", i))) for i, entry in enumerate(svc.egress or ()))
-        return cls(svc.key, ports, ingress, generated, tuple(v.name for v in svc.versions), mirrors, egress)
+        return cls(svc.key, ports, ingress, generated, tuple(v.name for v in svc.versions), mirrors, egress,
+                   svc.egress is not None or svc.external is not None, _sidecar_credential(svc))
 
     def to_json(self) -> list:
         return [self.key, [[n, tcp, _row(s)] for n, tcp, s in self.ports], [[h, p, n, how, _row(s), _row(ps)] for h, p, n, how, s, ps in self.ingress],
                 [[g, _row(s)] for g, s in self.generated], list(self.versions),
                 [[k, v, n, _row(s), _row(vs)] for k, v, n, s, vs in self.mirrors],
-                [[e, _row(s)] for e, s in self.egress]]
+                [[e, _row(s)] for e, s in self.egress], self.scoped,
+                None if self.credential is None else [self.credential[0], _row(self.credential[1])]]
 
     @classmethod
     def from_json(cls, value: list) -> "Claims":
-        key, ports, ingress, generated, versions, mirrors, egress = value
+        key, ports, ingress, generated, versions, mirrors, egress, scoped, credential = value
         return cls(key, tuple((n, tcp, _span(s)) for n, tcp, s in ports),
                    tuple((h, p, n, how, _span(s), _span(ps)) for h, p, n, how, s, ps in ingress),
                    tuple((g, _span(s)) for g, s in generated), tuple(versions),
                    tuple((k, v, n, _span(s), _span(vs)) for k, v, n, s, vs in mirrors),
-                   tuple((e, _span(s)) for e, s in egress))
+                   tuple((e, _span(s)) for e, s in egress), scoped,
+                   None if credential is None else (credential[0], _span(credential[1])))
 
 
 def _row(span: Span | None) -> list | None:
@@ -605,7 +606,12 @@ def claims(by_environment: dict[str, list[Claims]], diags: Diagnostics) -> None:
             found.setdefault(clash, []).append(env)
     for (code, message, span, notes), envs in found.items():
         where = f"environment {envs[0]!r}" if len(envs) == 1 else "environments " + ", ".join(map(repr, sorted(envs)))
-        diags.error(code, message.replace("{where}", where), span, *notes)
+        report = diags.warning if code in _WARNINGS else diags.error
+        report(code, message.replace("{where}", where), span, *notes)
+
+
+#: What `_clashes` finds that is said, not refused.
+_WARNINGS = frozenset({"tls.credential-unscoped-callers"})
 
 
 def _clashes(units: list[Claims]):
@@ -632,6 +638,7 @@ def _clashes(units: list[Claims]):
                    span, tuple(Note(f"{k} uses port {number} here", s) for k, s in others))
     yield from _mirror_targets(units)
     yield from _egress_targets(units)
+    yield from _credential_callers(units)
     keys = {u.key for u in units}
     for u in units:
         for name, span in u.generated:
@@ -706,3 +713,32 @@ def _egress_targets(units: list[Claims]):
                        f"{did_you_mean(namespace, sorted(namespaces))}", span, ())
             elif name != "*" and entry not in keys:
                 yield ("egress.unknown", f"egress {entry!r} is not a service in {{where}}{did_you_mean(entry, keys)}", span, ())
+
+
+def _credential_callers(units: list[Claims]):
+    """Istio's sidecars take a DestinationRule's `credentialName` only from a rule with a
+    `workloadSelector`, in the caller's namespace (without one, only gateways use it): the
+    Istio target writes one for each service that lists the service in `egress`. So such a
+    service needs callers that say so; a service without `egress` may call it too, and under
+    Istio its sidecar originates that TLS without the credential (the Envoy snapshot gives
+    the credential to every proxy)."""
+    for target in units:
+        if target.credential is None or target.failed:
+            continue
+        name, span = target.credential
+        namespace = target.key.split("/")[0]
+        callers = [u.key for u in units if u.key != target.key and any(e in (target.key, f"{namespace}/*") for e, _ in u.egress)]
+        if not callers:
+            yield ("tls.credential-callers",
+                   f"credentialName {name!r}: Istio's sidecars use it only through a DestinationRule with their "
+                   f"workloadSelector, which meshc writes for each service that lists {target.key} in `egress`, and "
+                   f"none does in {{where}}; list {target.key} (or {namespace}/*) in its callers' `egress`", span, ())
+            continue
+        unscoped = [u.key for u in units if not u.scoped and u.key != target.key and not u.failed]
+        if unscoped:
+            shown = ", ".join(unscoped[:3]) + (f" and {len(unscoped) - 3} more" if len(unscoped) > 3 else "")
+            yield ("tls.credential-unscoped-callers",
+                   f"credentialName {name!r} is used by the sidecars of {', '.join(callers)} (they list {target.key} in "
+                   f"`egress`) in {{where}}; {shown} {'has' if len(unscoped) == 1 else 'have'} no `egress` and may call "
+                   f"{target.key} too: under Istio without this credential, in the Envoy snapshot with it; give "
+                   f"{'it' if len(unscoped) == 1 else 'them'} an `egress`", span, ())

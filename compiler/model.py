@@ -329,6 +329,11 @@ class Tls:
     sni: str | None = None
     subject_alt_names: tuple[str, ...] = ()
 
+    @property
+    def sidecar_credential(self) -> str | None:
+        """The Secret a caller's sidecar presents (MUTUAL) or verifies the server with (SIMPLE)."""
+        return self.credential_name if self.mode in (TlsMode.SIMPLE, TlsMode.MUTUAL) else None
+
 
 @dataclass(frozen=True)
 class TrafficPolicy:
@@ -448,6 +453,14 @@ class Service:
     def policy(self) -> TrafficPolicy:
         """The service's own traffic policy (the DestinationRule's top-level trafficPolicy)."""
         return TrafficPolicy(self.load_balancer, self.connection_pool, self.outlier_detection, self.tls)
+
+    def tls_settings(self) -> list[tuple[tuple, Tls]]:
+        """Every `tls` its DestinationRule carries, with where the policy says it: the
+        service's own, each port's, each version's."""
+        holders = [(("tls",), self.tls)]
+        holders += [(("ports", i, "policy", "tls"), p.policy.tls) for i, p in enumerate(self.ports) if p.policy]
+        holders += [(("versions", v.name, "policy", "tls"), v.policy.tls) for v in self.versions if v.policy]
+        return [(path, tls) for path, tls in holders if tls is not None]
 
     def policy_for(self, port: Port, version: str = "") -> TrafficPolicy:
         """The traffic policy of the clusters of one port and version ("" for the whole service), as istiod merges it.

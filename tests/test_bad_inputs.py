@@ -63,6 +63,7 @@ RULES = [
     ("bad-duplicate-key", "yaml.duplicate-key"),
     ("bad-merge-key", "yaml.merge-key"),
     ("bad-deep-nesting", "yaml.too-deep"),
+    ("bad-credential-no-callers", "tls.credential-callers"),
     ("bad-empty-file", "yaml.empty"),
     ("bad-two-documents", "yaml.syntax"),
     ("bad-api-version", "schema.value"),

@@ -320,7 +320,7 @@ def _tls_context(lowered, version=""):
     return socket["typed_config"]
 
 
-_SDS = {"ads": {}, "resource_api_version": "V3"}
+_SDS = {"ads": {}, "resource_api_version": "V3", "initial_fetch_timeout": "1s"}  # a secret the server lacks holds a SotW proxy back 1 s
 
 
 def test_istio_mutual_uses_the_workload_certificate_and_root_by_sds():

@@ -13,6 +13,7 @@ from __future__ import annotations
 import http.client
 import logging
 import os
+import shutil
 import socket
 import ssl
 import threading
@@ -120,13 +121,15 @@ def _render(tmp, address: str, backend: str, web: str, bank: str):
                                              {"mode": "SIMPLE", "credentialName": "bank", "sni": "bank.example"}),
         "policies/shop/web.yaml": _policy("web", ingress={
             "hosts": [SHOP], "port": HTTPS_PORT, "httpsRedirect": True,
-            "tls": {"mode": "SIMPLE", "credentialName": "shop-example-com"}}),
+            "tls": {"mode": "SIMPLE", "credentialName": "shop-example-com"}},
+            egress=["shop/*"]),  # the caller whose sidecar uses bank's (and payments') credential
         "policies/shop/api.yaml": _policy("api", {"mode": "ISTIO_MUTUAL", "subjectAltNames": [API]}),
         "policies/shop/other.yaml": _policy("other", {"mode": "ISTIO_MUTUAL",
                                                       "subjectAltNames": ["spiffe://cluster.local/ns/shop/sa/nobody"]}),
         f"environments/{ENV}.yaml": _environment(ENV, address, {"shop/api": [backend], "shop/other": [backend],
                                                                "shop/web": [web], "shop/bank": [bank]}),
-        f"environments/{MISSING_ENV}.yaml": _environment(MISSING_ENV, address, {"shop/bank": [bank]}),
+        f"environments/{MISSING_ENV}.yaml": _environment(MISSING_ENV, address, {"shop/api": [backend], "shop/other": [backend],
+                                                                               "shop/web": [web], "shop/bank": [bank]}),
     }
     mutual = {"mode": "MUTUAL", "credentialName": "payments"}
     result = compile_source(Source(files), envs=[ENV])
@@ -188,7 +191,7 @@ def mesh(request, tmp_path_factory):
                 proxy.wait_until(lambda: f"{address}_8080" in str(proxy.listeners()), timeout=10,
                                  message="the listener is up (no secret wait)")
                 mesh = Mesh(ca, directory, backend, server, proxy, address, records.lines)
-                mesh.web, mesh.bank = web, bank
+                mesh.web, mesh.bank, mesh.delta = web, bank, request.param == "delta"
                 yield mesh
     finally:
         logger.removeHandler(records)
@@ -238,6 +241,35 @@ def test_a_missing_secret_is_a_metric_and_a_log_line(mesh):
     metrics = requests.get(f"{mesh.server.http_url}/metrics", timeout=5).text
     assert f'meshc_xds_secret_missing{{env="{MISSING_ENV}",secret="kubernetes://payments"}} 1' in metrics
     assert f'env="{ENV}"' not in "".join(line for line in metrics.splitlines() if line.startswith("meshc_xds_secret_missing"))
+
+
+def test_a_missing_secret_holds_back_only_what_needs_it(mesh, tmp_path):
+    """A proxy of the environment whose api names kubernetes://payments, which DIR lacks: its
+    listeners come up at once (Delta: the secret is reported as not existing; SotW, which cannot
+    say so for SDS: after the snapshot's 1 s fetch timeout, not Envoy's 15 s), web answers, api
+    fails until the secret is written, and then answers without a restart."""
+    bootstrap = sample.ads_bootstrap("late", MISSING_ENV, ("127.0.0.1", mesh.server.server.grpc_port),
+                                     delta=mesh.delta)
+    with Envoy(bootstrap, tmp_path / "envoy") as proxy:
+        # Envoy() returns once the proxy is initialised: it did not sit out a 15 s timeout
+        timeouts = proxy.stat("sds.kubernetes_payments.init_fetch_timeout")
+        assert timeouts == (1 if not mesh.delta else 0)
+        listener = proxy.listener_address(f"{mesh.address}_8080")
+        get = lambda host: requests.get(f"http://{listener}/", headers={"host": host}, timeout=10)
+        assert get("web.shop").status_code == 200
+        assert get("api.shop").status_code == 503
+        assert proxy.stat("cluster.outbound|8080||api.shop.svc.cluster.local.client_ssl_socket_factory."
+                          "upstream_context_secrets_not_ready") >= 1
+        write_secret(mesh.directory / "payments", *mesh.ca.issue("web", uris=(WEB,)), mesh.ca.pem)
+        try:
+            proxy.wait_until(lambda: get("api.shop").status_code == 200, timeout=10,
+                             message="api answers once the secret is served")
+            assert mesh.backend.seen[-1][1] == [WEB]
+        finally:
+            shutil.rmtree(mesh.directory / "payments")
+            metric = f'meshc_xds_secret_missing{{env="{MISSING_ENV}",secret="kubernetes://payments"}} 1'
+            proxy.wait_until(lambda: metric in requests.get(f"{mesh.server.http_url}/metrics", timeout=5).text,
+                             timeout=10, message="the server reports the secret missing again")
 
 
 def test_private_keys_never_leave_the_server(mesh):

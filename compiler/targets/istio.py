@@ -31,13 +31,14 @@ def lower_service(svc: m.Service, env: m.Environment) -> dict:
     """One service's documents, in file order, and what it asks of the gateway:
     `{"identities": [[apiVersion, kind, name, namespace]], "documents": Piece, "ingress": null |
     {"name", "namespace", "port", "hosts", "paths", "blocks": [[prefix | null, [http route]]],
-    "tls": null | {"mode", "credentialName"}, "httpsRedirect"}, "scope": {"fqdn", "selector", "egress": null | [entry]}}`.
-    A pure function of the service and its environment, serialised once; its ingress objects
-    depend on the host's other claimants, and its Sidecar on the hosts of what it calls, so
-    `assemble` writes them."""
+    "tls": null | {"mode", "credentialName"}, "httpsRedirect"}, "scope": {"fqdn", "selector", "egress": null | [entry],
+    "credential": bool}}`. A pure function of the service and its environment, serialised once;
+    its ingress objects depend on the host's other claimants, and its Sidecar and its callers'
+    DestinationRules on what it calls (and what they call), so `assemble` writes them."""
     docs = service_objects(svc, env)
     return {"identities": [list(_identity(doc)) for doc in docs], "documents": Piece.yaml(docs), "ingress": _ingress(svc),
-            "scope": {"fqdn": svc.fqdn, "selector": dict(svc.selector), "egress": list(svc.egress) if svc.egress is not None else None}}
+            "scope": {"fqdn": svc.fqdn, "selector": dict(svc.selector), "egress": list(svc.egress) if svc.egress is not None else None,
+                      "credential": any(tls.sidecar_credential for _, tls in svc.tls_settings())}}
 
 
 def assemble(env: m.Environment, fragments: list[dict]) -> Lowered:
@@ -402,19 +403,40 @@ def _add_ingress_objects(env: m.Environment, objects: dict[str, dict]) -> None:
 
 
 def _add_sidecars(objects: dict[str, dict]) -> None:
-    """A Sidecar for each service with `egress`: its pods' proxies learn only the hosts it calls,
-    as `namespace/host` (`namespace/*` for a whole namespace). Appended to its file."""
+    """For each service with `egress`, appended to its file: a Sidecar, so its pods' proxies
+    learn only the hosts it calls (`namespace/host`, `namespace/*` for a whole namespace); and,
+    for each service it calls whose TLS names a `credentialName`, that service's
+    DestinationRule again with its pods' `workloadSelector`, in its own namespace, since
+    Istio's sidecars take the credential only from such a rule (`check` makes sure each such
+    service has a caller). Its name, `<caller>.to.<service>.<namespace>`, has dots, which no
+    service's name has."""
     fqdn = {key: f["scope"]["fqdn"] for key, f in objects.items()}
+    credentialed = [key for key, f in objects.items() if f["scope"].get("credential")]
     for key, fragment in objects.items():
         scope = fragment["scope"]
         if scope["egress"] is None:
             continue
         hosts = sorted({entry if entry.endswith("/*") else f"{entry.split('/')[0]}/{fqdn[entry]}" for entry in scope["egress"]})
         namespace, name = key.split("/")
-        doc = {"apiVersion": NETWORKING, "kind": "Sidecar", "metadata": _meta(name, namespace),
-               "spec": {"workloadSelector": {"labels": dict(scope["selector"])}, "egress": [{"hosts": hosts}]}}
-        objects[key] = {**fragment, "identities": fragment["identities"] + [list(_identity(doc))],
-                        "documents": Piece.yaml(fragment["documents"].value + [doc])}
+        docs = [{"apiVersion": NETWORKING, "kind": "Sidecar", "metadata": _meta(name, namespace),
+                 "spec": {"workloadSelector": {"labels": dict(scope["selector"])}, "egress": [{"hosts": hosts}]}}]
+        for target in credentialed:
+            if target != key and any(e in (target, f"{target.split('/')[0]}/*") for e in scope["egress"]):
+                docs.append(_callers_rule(objects[target], key, scope["selector"]))
+        objects[key] = {**fragment, "identities": fragment["identities"] + [list(_identity(d)) for d in docs],
+                        "documents": Piece.yaml(fragment["documents"].value + docs)}
+
+
+def _callers_rule(target: dict, caller: str, selector: dict) -> dict:
+    """The target's DestinationRule as the caller's pods take it: in the caller's namespace,
+    selecting them, seen by nothing else."""
+    rule = next(d for d in target["documents"].value if d["kind"] == "DestinationRule")
+    namespace, name = caller.split("/")
+    target_namespace, target_name = rule["metadata"]["namespace"], rule["metadata"]["name"]
+    spec = {"host": rule["spec"]["host"], "workloadSelector": {"matchLabels": dict(selector)}, "exportTo": ["."],
+            **{k: v for k, v in rule["spec"].items() if k != "host"}}
+    return {"apiVersion": NETWORKING, "kind": "DestinationRule",
+            "metadata": _meta(f"{name}.to.{target_name}.{target_namespace}", namespace), "spec": spec}
 
 
 def _gateway(ing: dict, hosts: list[str], env: m.Environment) -> dict:

@@ -213,7 +213,7 @@ class Server:
         missing = frozenset(self._secrets_named(snapshot) - set(self._secrets.resources))
         if missing - self._missing.get(snapshot.env, frozenset()):
             log.warning("environment %r names secrets the --secrets directory lacks: %s; what uses them "
-                        "waits for them", snapshot.env, ", ".join(sorted(missing)))
+                        "starts without them, its TLS failing until they are served", snapshot.env, ", ".join(sorted(missing)))
         self._missing[snapshot.env] = missing
 
     def _secrets_named(self, snapshot) -> set[str]:

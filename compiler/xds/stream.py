@@ -19,10 +19,11 @@ istiod's `ShouldRespond`):
 - pushes go secrets → clusters → endpoints → listeners → routes, only kinds
   whose version changed (endpoints also after any clusters push: a modified
   EDS cluster warms only once it hears its assignment again);
-- a secret asked for that the server lacks is logged, once per stream, and not
-  answered (SotW: no response while none of the names asked exists; Delta: not
-  reported removed): Envoy would refuse an empty answer, and its fetch timeout
-  lets it go on without the secret;
+- a secret asked for that the server lacks is logged, once per stream. Delta
+  reports it as not existing, and what needs it starts without it; SotW cannot
+  say so for SDS (no response while none of the names asked exists: Envoy
+  would refuse an empty answer), and the snapshot's `initial_fetch_timeout`
+  (1 s) lets the proxy go on without it. Either way it is applied when it comes;
 - Delta: only changed resources plus `removed_resources` (and, after a
   clusters push, the assignments of the EDS clusters it modified); subscription
   changes apply even on a stale nonce, and turning on the wildcard is answered;
@@ -165,7 +166,7 @@ class _Stream:
         for name in sorted(set(names) - set(typed.resources) - self._missing_logged):
             self._missing_logged.add(name)
             log.warning("proxy %r asks for secret %r, which is not in the --secrets directory: what uses "
-                        "it waits for it (Envoy's SDS fetch timeout, 15 s, then goes on without it)",
+                        "it starts without it (its TLS fails until the secret is served)",
                         self.status.node_id, name)
 
     def _next_nonce(self) -> str:
@@ -354,14 +355,14 @@ class DeltaStream(_Stream):
         removed = {n for n in (watch.known if pool is None else pool & watch.known.keys()) if n not in typed.resources
                    and (watch.wildcard or n in watch.names)}
         if kind == "secrets":
-            # Envoy refuses a secret's removal as an update: one gone from the directory
-            # stays what the proxy had; one never there is logged and left unanswered.
+            # A secret gone from the directory stays what the proxy had (Envoy would take its
+            # removal as no certificate at all); one asked for that it lacks is logged.
             removed = set()
             self._note_missing(kind, asked, typed)
-        else:
-            # A name asked for that does not exist is reported as removed, so the
-            # client stops waiting for it (xds_protocol: "resource does not exist").
-            removed |= {n for n in asked if n != "*" and n not in typed.resources}
+        # A name asked for that does not exist is reported as removed, so the client stops
+        # waiting for it (xds_protocol: "resource does not exist"); for a secret, what needs it
+        # starts without it, and takes it when it comes.
+        removed |= {n for n in asked if n != "*" and n not in typed.resources}
         if not (changed or removed or always):
             return []
         nonce = self._next_nonce()

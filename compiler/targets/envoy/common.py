@@ -30,6 +30,18 @@ PREVIOUS_HOSTS = "type.googleapis.com/envoy.extensions.retry.host.previous_hosts
 #: The ConfigSource of every cross-reference: the same ADS stream, xDS v3.
 ADS = {"ads": {}, "resource_api_version": "V3"}
 
+#: How long a proxy waits for a secret before it starts without it. istiod sets 0s (forever:
+#: its node agent always answers); Envoy's default is 15 s, all of it without listeners. Over
+#: Delta, `meshc serve` says at once that a secret it lacks does not exist; SotW has no way to
+#: say so for SDS (xds_protocol: only a timeout tells), so this bounds the wait there. A secret
+#: that comes later is still applied when it arrives.
+SECRET_FETCH_TIMEOUT = "1s"
+
+
+def sds_secret(name: str) -> dict:
+    """An SDS secret on the ADS stream, by istiod's name (`default`, `ROOTCA`, `kubernetes://NAME`)."""
+    return {"name": name, "sds_config": {**ADS, "initial_fetch_timeout": SECRET_FETCH_TIMEOUT}}
+
 
 def cluster_name(port: int, fqdn: str, version: str = "") -> str:
     """`outbound|9080|v2|reviews.bookinfo.svc.cluster.local`; no version: the whole service."""

@@ -17,7 +17,7 @@ from collections import defaultdict
 from compiler.diagnostics import Diagnostic, Severity
 from compiler.model import HashOn, Service
 from compiler.targets.envoy.common import (ADS, DOWNSTREAM_TLS, HTTP_FILTERS, REDIRECT_PORT, TLS_INSPECTOR,
-                                          default_destinations, gateway_route_name, listener_name, span)
+                                          default_destinations, gateway_route_name, listener_name, sds_secret, span)
 from compiler.xds.resources import HCM, LISTENER, TCP_PROXY
 
 
@@ -88,12 +88,12 @@ def _downstream_tls(mode: str, credential: str) -> dict:
     """istiod's gateway TLS: the certificate `kubernetes://NAME` by SDS; MUTUAL also asks for the
     client's and verifies it against `kubernetes://NAME-cacert`."""
     common: dict = {"alpn_protocols": ["h2", "http/1.1"],
-                    "tls_certificate_sds_secret_configs": [{"name": f"kubernetes://{credential}", "sds_config": ADS}]}
+                    "tls_certificate_sds_secret_configs": [sds_secret(f"kubernetes://{credential}")]}
     context: dict = {"@type": DOWNSTREAM_TLS, "common_tls_context": common}
     if mode == "MUTUAL":
         common["combined_validation_context"] = {
             "default_validation_context": {},
-            "validation_context_sds_secret_config": {"name": f"kubernetes://{credential}-cacert", "sds_config": ADS}}
+            "validation_context_sds_secret_config": sds_secret(f"kubernetes://{credential}-cacert")}
         context["require_client_certificate"] = True
     return {"name": "envoy.transport_sockets.tls", "typed_config": context}
 

@@ -11,7 +11,7 @@ https://www.envoyproxy.io/docs/envoy/latest/api-v3/extensions/transport_sockets/
 from __future__ import annotations
 
 from compiler.model import Port, Protocol, Service, Tls, TlsMode
-from compiler.targets.envoy.common import ADS, UPSTREAM_TLS, problem, span_of
+from compiler.targets.envoy.common import UPSTREAM_TLS, problem, sds_secret, span_of
 
 #: Istio's "system" CA: the OS trust bundle, used for SIMPLE without a credentialName.
 SYSTEM_CA = "/etc/ssl/certs/ca-certificates.crt"
@@ -65,10 +65,10 @@ def is_h2(port: Port) -> bool:
 def _istio_mutual(tls: Tls, h2: bool) -> dict:
     common = {
         "alpn_protocols": _ALPN_MESH_H2 if h2 else _ALPN_MESH,
-        "tls_certificate_sds_secret_configs": [_sds("default")],
+        "tls_certificate_sds_secret_configs": [sds_secret("default")],
         "combined_validation_context": {
             "default_validation_context": _san_matchers(tls.subject_alt_names),
-            "validation_context_sds_secret_config": _sds("ROOTCA"),
+            "validation_context_sds_secret_config": sds_secret("ROOTCA"),
         },
     }
     return {"common_tls_context": common, "sni": tls.sni} if tls.sni else {"common_tls_context": common}
@@ -80,10 +80,10 @@ def _simple_or_mutual(tls: Tls, h2: bool) -> dict:
         common["alpn_protocols"] = ["h2"]
     if tls.credential_name:
         if tls.mode is TlsMode.MUTUAL:
-            common["tls_certificate_sds_secret_configs"] = [_sds(f"kubernetes://{tls.credential_name}")]
+            common["tls_certificate_sds_secret_configs"] = [sds_secret(f"kubernetes://{tls.credential_name}")]
         common["combined_validation_context"] = {
             "default_validation_context": _san_matchers(tls.subject_alt_names),
-            "validation_context_sds_secret_config": _sds(f"kubernetes://{tls.credential_name}-cacert"),
+            "validation_context_sds_secret_config": sds_secret(f"kubernetes://{tls.credential_name}-cacert"),
         }
     else:
         common["validation_context"] = {"trusted_ca": {"filename": SYSTEM_CA},
@@ -92,18 +92,6 @@ def _simple_or_mutual(tls: Tls, h2: bool) -> dict:
     if tls.sni:
         context["sni"] = tls.sni
     return context
-
-
-def _sds(name: str) -> dict:
-    """An SDS secret over ADS.
-
-    istiod sets `initial_fetch_timeout: 0s` (wait for the secret forever)
-    because its node agent always answers; a proxy fed by `meshc serve` may
-    have no SDS source, and waiting forever would keep its listeners down.
-    Envoy's default (15 s) lets it start, with this cluster's TLS failing
-    until the secret arrives.
-    """
-    return {"name": name, "sds_config": ADS}
 
 
 def _san_matchers(names: tuple[str, ...]) -> dict:
