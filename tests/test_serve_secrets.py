@@ -109,7 +109,7 @@ def _external(name: str, host: str, resolution: str, port: dict, tls: dict | Non
                                     **({"tls": tls} if tls else {})}}).encode()
 
 
-def _render(tmp, address: str, backend: str, web: str, bank: str):
+def _render(tmp, address: str, missing_address: str, backend: str, web: str, bank: str):
     """Two environments: `mtls` (api verifies the backend's SPIFFE ID; other expects another one;
     web is reached at the gateway over HTTPS, with a redirect from port 80; two services outside
     the mesh: weather by DNS, bank at a static address with TLS originated to it), and `missing`
@@ -128,10 +128,11 @@ def _render(tmp, address: str, backend: str, web: str, bank: str):
                                                       "subjectAltNames": ["spiffe://cluster.local/ns/shop/sa/nobody"]}),
         f"environments/{ENV}.yaml": _environment(ENV, address, {"shop/api": [backend], "shop/other": [backend],
                                                                "shop/web": [web], "shop/bank": [bank]}),
-        f"environments/{MISSING_ENV}.yaml": _environment(MISSING_ENV, address, {"shop/api": [backend], "shop/other": [backend],
+        # its own address: Envoy binds with SO_REUSEPORT, so two proxies on one would share the connections
+        f"environments/{MISSING_ENV}.yaml": _environment(MISSING_ENV, missing_address, {"shop/api": [backend], "shop/other": [backend],
                                                                                "shop/web": [web], "shop/bank": [bank]}),
     }
-    mutual = {"mode": "MUTUAL", "credentialName": "payments"}
+    mutual = {"mode": "MUTUAL", "credentialName": "payments", "subjectAltNames": [API]}
     result = compile_source(Source(files), envs=[ENV])
     assert result.ok, [d.render() for d in result.diagnostics]
     missing = compile_source(Source({**files, "policies/shop/api.yaml": _policy("api", mutual)}), envs=[MISSING_ENV])
@@ -182,7 +183,8 @@ def mesh(request, tmp_path_factory):
     logger.addHandler(records)
     logger.setLevel(logging.INFO)
     try:
-        rendered = _render(tmp, address, backend.address, web.address, bank.address)
+        missing_address = unique_loopback()
+        rendered = _render(tmp, address, missing_address, backend.address, web.address, bank.address)
         options = Options(rendered=rendered, grpc_port=0, http_port=0, secrets=directory, poll_interval=0.2)
         with ServerThread(options) as server:
             bootstrap = sample.ads_bootstrap("web", ENV, ("127.0.0.1", server.server.grpc_port),
@@ -192,6 +194,7 @@ def mesh(request, tmp_path_factory):
                                  message="the listener is up (no secret wait)")
                 mesh = Mesh(ca, directory, backend, server, proxy, address, records.lines)
                 mesh.web, mesh.bank, mesh.delta = web, bank, request.param == "delta"
+                mesh.missing_address = missing_address
                 yield mesh
     finally:
         logger.removeHandler(records)
@@ -254,7 +257,7 @@ def test_a_missing_secret_holds_back_only_what_needs_it(mesh, tmp_path):
         # Envoy() returns once the proxy is initialised: it did not sit out a 15 s timeout
         timeouts = proxy.stat("sds.kubernetes_payments.init_fetch_timeout")
         assert timeouts == (1 if not mesh.delta else 0)
-        listener = proxy.listener_address(f"{mesh.address}_8080")
+        listener = proxy.listener_address(f"{mesh.missing_address}_8080")
         get = lambda host: requests.get(f"http://{listener}/", headers={"host": host}, timeout=10)
         assert get("web.shop").status_code == 200
         assert get("api.shop").status_code == 503
