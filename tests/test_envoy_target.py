@@ -28,8 +28,10 @@ from compiler.load import Source, source_from_dir
 from compiler.model import Mesh, Tls, TlsMode
 from compiler.pipeline import compile_source
 from compiler.targets import envoy
+from compiler.targets.envoy import scopes
 from compiler.targets.envoy.common import duration
-from compiler.xds.resources import content_version
+from compiler.xds.consistency import consistency_errors
+from compiler.xds.resources import content_version, file_version
 from conftest import GOLDEN, REPO
 from envoy_meshes import mesh, service
 from golden import cases
@@ -108,7 +110,9 @@ def lower(*services, address="0.0.0.0"):
 
 
 def files(lowered) -> dict[str, dict]:
-    return {f.path.removeprefix("envoy/").removesuffix(".json"): json.loads(file_bytes(f)) for f in lowered.files}
+    """The four DiscoveryResponse files by kind (not `envoy/scopes.json`)."""
+    return {f.path.removeprefix("envoy/").removesuffix(".json"): json.loads(file_bytes(f)) for f in lowered.files
+            if f.path != scopes.PATH}
 
 
 def by_name(lowered, kind: str) -> dict[str, dict]:
@@ -170,7 +174,9 @@ _TYPE_URLS = {"clusters": "envoy.config.cluster.v3.Cluster",
 def test_four_discovery_responses_with_content_hash_versions(name):
     each = real_mesh(name)
     lowered = envoy.lower(each)
-    assert [f.path for f in lowered.files] == [f"envoy/{k}.json" for k in KINDS]
+    paths = [f.path for f in lowered.files]
+    assert [p for p in paths if p != scopes.PATH] == [f"envoy/{k}.json" for k in KINDS]
+    assert (scopes.PATH in paths) == any(s.egress is not None for s in each.services)
     assert {f.format for f in lowered.files} == {"json"}
     order = {s.fqdn: i for i, s in enumerate(each.services)}
     for kind, content in files(lowered).items():
@@ -260,6 +266,41 @@ def test_version_hashes_the_rest_of_the_file_even_beyond_ascii(name):
         rest = {"resources": content["resources"], "type_url": content["type_url"]}
         indented = (json.dumps(rest, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode()
         assert content["version_info"] == hashlib.sha256(indented).hexdigest() == content_version(**rest)
+
+
+SCOPED = [n for n in ENVIRONMENTS if any(s.egress is not None for s in real_mesh(n).services)]
+
+
+def test_the_inputs_hold_scoped_services():
+    assert {"egress-sidecar/prod", "sidecar-credentials/prod", "examples/prod"} <= set(SCOPED)
+
+
+@pytest.mark.parametrize("name", SCOPED)
+def test_every_scope_is_a_consistent_cut_of_the_snapshot(name):
+    """What a proxy of a service with `egress` receives names only resources of the
+    snapshot, and references nothing outside itself: its listeners' route configurations,
+    its routes' and TCP proxies' clusters (mirrors included), its EDS clusters' assignments."""
+    lowered = envoy.lower(real_mesh(name))
+    [scope_file] = [f for f in lowered.files if f.path == scopes.PATH]
+    document = json.loads(file_bytes(scope_file))
+    version = document.pop("version_info")
+    assert version == file_version(document)
+    snapshot = {kind: {r["cluster_name" if kind == "endpoints" else "name"]: r for r in content["resources"]}
+                for kind, content in files(lowered).items()}
+    for service, entries in document["egress"].items():
+        namespaces = {e[:-2] for e in entries if e.endswith("/*")}
+        callees = [v for k, v in document["services"].items() if k in entries or k.split("/")[0] in namespaces]
+        assert callees, service
+        cut = {kind: [snapshot[kind][n] for c in callees for n in c[kind]] for kind in ("clusters", "endpoints", "listeners")}
+        hosts = {}
+        for c in callees:
+            for config, names in c["routes"].items():
+                hosts.setdefault(config, set()).update(names)
+        cut["routes"] = [{**snapshot["routes"][config], "virtual_hosts": [h for h in snapshot["routes"][config]["virtual_hosts"]
+                                                                         if h["name"] in names]}
+                         for config, names in hosts.items()]
+        assert all(r["virtual_hosts"] for r in cut["routes"])
+        assert consistency_errors(cut) == [], service
 
 
 def test_the_inputs_hold_a_file_beyond_ascii():

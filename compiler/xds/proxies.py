@@ -30,6 +30,7 @@ class ProxyStatus:
     env: str
     protocol: str                      # "ads", "delta-ads", "cds", ..., "rest"
     peer: str = ""
+    service: str = ""                  # node metadata `service` ("ns/name"): what scopes what it receives
     connected_unix: float = field(default_factory=time.time)
     last_seen: float = field(default_factory=time.monotonic)
     sent: dict[str, str] = field(default_factory=dict)      # kind → version last sent
@@ -43,7 +44,7 @@ class ProxyStatus:
     def as_json(self) -> dict:
         return {
             "node_id": self.node_id, "environment": self.env, "protocol": self.protocol,
-            "peer": self.peer, "connected_unix": round(self.connected_unix, 3),
+            "peer": self.peer, "service": self.service, "connected_unix": round(self.connected_unix, 3),
             "sent": dict(sorted(self.sent.items())),
             "acked": dict(sorted(self.acked.items())),
             "last_nack": {kind: {"version": n.version, "nonce": n.nonce, "error": n.message,

@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 from compiler.emit import json_bytes, json_text
 
 __all__ = ["CLUSTER", "ENDPOINTS", "HCM", "LISTENER", "ROUTES", "SECRET", "TCP_PROXY", "TYPE_URLS", "content_version",
-           "discovery_response"]
+           "discovery_response", "file_version", "versioned_json"]
 
 CLUSTER = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
 ENDPOINTS = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
@@ -36,14 +36,27 @@ def content_version(type_url: str, resources: Sequence) -> str:
     meshc emits none). The compiler writes versions by this rule and the server checks them
     by it, so a hand edit is caught.
     """
-    return hashlib.sha256(json_bytes({"resources": list(resources), "type_url": type_url})).hexdigest()
+    return file_version({"resources": list(resources), "type_url": type_url})
+
+
+def file_version(rest: Mapping) -> str:
+    """The `version_info` of any file meshc versions (a DiscoveryResponse, `envoy/scopes.json`):
+    SHA-256 of the file's own JSON without it, as `compiler.emit.json_bytes` writes it."""
+    return hashlib.sha256(json_bytes(dict(rest))).hexdigest()
 
 
 def discovery_response(type_url: str, resources: list) -> bytes:
     """The file's bytes, `version_info` by `content_version`: the file's own text up to its
     last key (`version_info` sorts last) is the JSON that rule hashes, so it is hashed as
     written. `resources` may hold `emit.Piece`s. Megabytes long: put together with one copy."""
-    body = json_text({"resources": resources, "type_url": type_url})  # ends "\n}"
+    return versioned_json({"resources": resources, "type_url": type_url})
+
+
+def versioned_json(rest: dict) -> bytes:
+    """`rest` as a file, with `version_info` (which sorts after every key of `rest`) by
+    `file_version`: the file's own text up to its last key is the JSON that rule hashes."""
+    assert all(key < "version_info" for key in rest)
+    body = json_text(rest)  # ends "\n}"
     digest = hashlib.sha256(body)
     digest.update(b"\n")
     tail = b',\n  "version_info": "' + digest.hexdigest().encode() + b'"\n}\n'

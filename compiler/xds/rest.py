@@ -84,19 +84,36 @@ class RestKind:
 
 @dataclass(frozen=True, slots=True)
 class RestView:
+    """One snapshot's REST bodies; a scoped proxy's (see `scope`) are cut from them on first use."""
+
     kinds: Mapping[str, RestKind]
+    snapshot: Snapshot
+    source: dict
+    _scoped: dict = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def build(cls, snapshot: Snapshot, source: dict) -> "RestView":
-        kinds = {}
-        for kind in PUSH_ORDER:
-            typed = snapshot.kinds[kind]
-            resources = {name: json.dumps(_rewrite(r.json, source), separators=(",", ":")).encode()
-                         for name, r in typed.resources.items()}
-            partial = RestKind(typed.version, typed.type_url, resources, b"")
-            kinds[kind] = RestKind(typed.version, typed.type_url, resources,
-                                   partial._assemble(list(resources.values())))
-        return cls(kinds)
+        return cls({kind: _rest_kind(snapshot.kinds[kind], source) for kind in PUSH_ORDER}, snapshot, source)
+
+    def kind_for(self, service: str, kind: str) -> RestKind:
+        """What a proxy of `service` ("" when it does not say) is sent of `kind`."""
+        typed, full = self.snapshot.kind_for(service, kind), self.snapshot.kinds[kind]
+        if typed is full:
+            return self.kinds[kind]
+        view = self._scoped.get((service, kind))
+        if view is None:
+            same = self.kinds[kind].resources
+            view = self._scoped[(service, kind)] = _rest_kind(
+                typed, self.source, {n: same[n] for n, r in typed.resources.items() if full.resources.get(n) is r})
+        return view
+
+
+def _rest_kind(typed, source: dict, known: Mapping[str, bytes] = {}) -> RestKind:
+    """A kind's REST bodies; `known` holds resources' JSON already rewritten."""
+    resources = {name: known.get(name) or json.dumps(_rewrite(r.json, source), separators=(",", ":")).encode()
+                 for name, r in typed.resources.items()}
+    partial = RestKind(typed.version, typed.type_url, resources, b"")
+    return RestKind(typed.version, typed.type_url, resources, partial._assemble(list(resources.values())))
 
 
 class _HttpError(Exception):
@@ -262,11 +279,15 @@ class HttpServer:
         type_url = request.get("type_url")
         if type_url and type_url != TYPE_URLS[kind]:
             raise _HttpError(400, f"type_url {type_url!r} posted to /v3/discovery:{kind}")
-        view: RestKind = state.extras["rest"].kinds[kind]
+        metadata = node.get("metadata")
+        service = metadata.get("service") if isinstance(metadata, dict) else None
+        service = service if isinstance(service, str) else ""
+        view: RestKind = state.extras["rest"].kind_for(service, kind)
         names = request.get("resource_names") or []
         if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
             raise _HttpError(400, "resource_names must be a list of strings")
         status = self.hub.proxies.rest_client(str(node_id), env, peer)
+        status.service = service
         subscription = (kind, frozenset(names))     # also the key of the memoised body
         version = request.get("version_info") or ""
         self._ack_or_nack(kind, subscription, status, version, request.get("error_detail"))

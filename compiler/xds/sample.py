@@ -136,11 +136,13 @@ STATS_CONFIG = {"stats_tags": [{"tag_name": "cluster_name",
                                 "regex": r"^cluster\.((.+?(\..+?\.svc\.cluster\.local)?)\.)"}]}
 
 
-def ads_bootstrap(node_id: str, env: str, server: tuple[str, int], *, delta: bool = False) -> dict:
-    """An Envoy bootstrap whose only static resource is the ADS cluster for `server`."""
+def ads_bootstrap(node_id: str, env: str, server: tuple[str, int], *, delta: bool = False,
+                  service: str = "") -> dict:
+    """An Envoy bootstrap whose only static resource is the ADS cluster for `server`; with
+    `service` ("ns/name"), its node says which service it runs, which scopes what it receives."""
     ads = {"ads": {}, "resource_api_version": "V3"}
     return {
-        "node": {"id": node_id, "cluster": env},
+        "node": {"id": node_id, "cluster": env, **({"metadata": {"service": service}} if service else {})},
         "dynamic_resources": {
             "ads_config": {"api_type": "DELTA_GRPC" if delta else "GRPC",
                            "transport_api_version": "V3",

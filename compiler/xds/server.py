@@ -30,7 +30,7 @@ from pathlib import Path
 
 import grpc
 
-from compiler.xds import ads, secrets
+from compiler.xds import ads, scope, secrets
 from compiler.xds.cache import Cache
 from compiler.xds.metrics import Metrics
 from compiler.xds.proxies import Proxies
@@ -284,7 +284,8 @@ class Server:
             if known is not None and digest == known.rejected:
                 continue
             try:
-                snapshot = load_snapshot(env, files, known.snapshot if known is not None else None)
+                previous = known.snapshot if known is not None else None
+                snapshot = scope.attach(load_snapshot(env, files, previous), files.get(scope.FILE), previous)
                 rest = RestView.build(snapshot, self._rest_source)
             except SnapshotError as exc:
                 deliver(_Loaded(env, digest, errors=exc.problems))

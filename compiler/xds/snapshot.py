@@ -32,7 +32,7 @@ __all__ = [
     "KINDS", "NAMED_BODIES_LIMIT", "PUSH_ORDER", "TYPE_URLS", "WILDCARD_KINDS", "NamedBodies",
     "Resource", "Snapshot",
     "SERVED_ORDER", "SnapshotError", "TypeSnapshot", "consistency_errors", "content_version", "environment_dirs",
-    "files_digest",
+    "OPTIONAL_FILES", "files_digest",
     "kind_of", "load_snapshot", "read_files", "resource", "type_snapshot",
 ]
 
@@ -148,6 +148,14 @@ class Snapshot:
     env: str
     digest: str
     kinds: Mapping[str, TypeSnapshot]
+    scopes: object = None    # compiler.xds.scope.Scopes: what a proxy of one service receives; None: no scopes
+
+    def kind_for(self, service: str, kind: str) -> TypeSnapshot | None:
+        """The resources of `kind` a proxy of `service` ("" when it does not say) receives."""
+        typed = self.kinds.get(kind)
+        if typed is None or self.scopes is None or not service:
+            return typed
+        return self.scopes.kind(service, kind, typed)
 
     def versions(self) -> dict[str, str]:
         return {kind: self.kinds[kind].version for kind in PUSH_ORDER}
@@ -164,17 +172,28 @@ def environment_dirs(rendered: Path) -> list[Path]:
             if not name.startswith(".") and (rendered / name / "envoy").is_dir()]
 
 
-def read_files(envoy_dir: Path) -> dict[str, bytes]:
-    """The raw bytes of the four files; OSError if one is missing or unreadable.
+#: Beside the four: `envoy/scopes.json`, what a proxy of one service receives (`scope`);
+#: a rendered tree from before it has none.
+OPTIONAL_FILES: tuple[str, ...] = ("scopes",)
 
-    All four are read through one open handle on the directory, so a compile
+
+def read_files(envoy_dir: Path) -> dict[str, bytes]:
+    """The raw bytes of the four files, and of the optional ones there are; OSError if one of
+    the four is missing or unreadable.
+
+    All are read through one open handle on the directory, so a compile
     that swaps `rendered/<env>` in the middle cannot hand us a mix of two trees.
     """
     out = {}
     directory = os.open(envoy_dir, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        for kind in PUSH_ORDER:
-            fd = os.open(f"{kind}.json", os.O_RDONLY, dir_fd=directory)
+        for kind in PUSH_ORDER + OPTIONAL_FILES:
+            try:
+                fd = os.open(f"{kind}.json", os.O_RDONLY, dir_fd=directory)
+            except FileNotFoundError:
+                if kind in OPTIONAL_FILES:
+                    continue
+                raise
             with os.fdopen(fd, "rb") as handle:
                 data = handle.read(_MAX_FILE_BYTES + 1)
             if len(data) > _MAX_FILE_BYTES:
@@ -187,8 +206,9 @@ def read_files(envoy_dir: Path) -> dict[str, bytes]:
 
 def files_digest(files: Mapping[str, bytes]) -> str:
     sha = hashlib.sha256()
-    for kind in PUSH_ORDER:
-        sha.update(kind.encode() + b"\0" + hashlib.sha256(files[kind]).digest())
+    for kind in PUSH_ORDER + OPTIONAL_FILES:
+        if kind in files:
+            sha.update(kind.encode() + b"\0" + hashlib.sha256(files[kind]).digest())
     return sha.hexdigest()
 
 

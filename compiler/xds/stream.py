@@ -45,9 +45,15 @@ from compiler.xds.metrics import Metrics
 from compiler.xds.proxies import Nack, Proxies, ProxyStatus
 from compiler.xds.snapshot import SERVED_ORDER, TYPE_URLS, WILDCARD_KINDS, TypeSnapshot, kind_of
 
-__all__ = ["DeltaStream", "Hub", "SotwStream", "StreamError"]
+__all__ = ["DeltaStream", "Hub", "SotwStream", "StreamError", "node_service"]
 
 log = logging.getLogger("meshc.xds")
+
+
+def node_service(node) -> str:
+    """The service a proxy says it runs (node metadata `service`, "ns/name"), or ""."""
+    value = node.metadata.fields.get("service") if node.HasField("metadata") else None
+    return value.string_value if value is not None and value.HasField("string_value") else ""
 
 
 class StreamError(Exception):
@@ -122,10 +128,11 @@ class _Stream:
             raise StreamError(grpc.StatusCode.NOT_FOUND,
                               f"no environment {env!r} (node.cluster) in the rendered "
                               f"directory; known: {known}")
-        self.status = ProxyStatus(node.id, env, self.protocol, peer=self._peer)
+        self.status = ProxyStatus(node.id, env, self.protocol, peer=self._peer, service=node_service(node))
         self.hub.proxies.add(self.status)
         self._unwatch = self.hub.cache.watch(env, self._wake)
-        log.info("proxy %r connected over %s for environment %r", node.id, self.protocol, env)
+        log.info("proxy %r connected over %s for environment %r%s", node.id, self.protocol, env,
+                 f" as {self.status.service}" if self.status.service else "")
 
     def close(self) -> None:
         if self.status is not None:
@@ -158,7 +165,7 @@ class _Stream:
         """The current snapshot's resources of `kind`; None before one loads, or for the
         secrets of a snapshot published without them."""
         snapshot = self._state().snapshot
-        return snapshot.kinds.get(kind) if snapshot is not None else None
+        return snapshot.kind_for(self.status.service, kind) if snapshot is not None else None
 
     def _note_missing(self, kind: str, names: Iterable[str], typed: TypeSnapshot) -> None:
         if kind != "secrets":

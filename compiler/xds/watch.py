@@ -21,7 +21,7 @@ from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 from watchdog.observers.api import ObservedWatch
 
-from compiler.xds.snapshot import KINDS, environment_dirs
+from compiler.xds.snapshot import KINDS, OPTIONAL_FILES, environment_dirs
 
 __all__ = ["Watcher", "fingerprint"]
 
@@ -35,7 +35,7 @@ def fingerprint(root: Path) -> tuple:
     timestamp tick, into a reused inode, would otherwise look unchanged.
     """
     out = []
-    for path in (d / f"{kind}.json" for d in environment_dirs(root) for kind in KINDS):
+    for path in (d / f"{kind}.json" for d in environment_dirs(root) for kind in KINDS + OPTIONAL_FILES):
         try:
             digest = hashlib.blake2b(path.read_bytes(), digest_size=16).digest()
         except OSError:

@@ -8,7 +8,9 @@ raises on its own. `assemble` builds an environment's files from every
 service's fragment, without the model and without parsing a piece: route
 configurations and listeners per port, what the target cannot express between
 services (shared short names, an ingress port that is also a service port) and
-the files `envoy/{clusters,endpoints,listeners,routes}.json`. What `check`
+the files `envoy/{clusters,endpoints,listeners,routes}.json`, with
+`envoy/scopes.json` beside them where a service has `egress`: what a proxy of
+such a service receives (`scopes`). What `check`
 refuses (two services on one TCP port, two claims of one ingress host, an
 ingress without an HTTP port) never reaches it; where it would matter, an
 assertion says so.
@@ -38,6 +40,7 @@ A fragment (every list in the service's order unless said otherwise):
      "ingress": null | {"port": int, "hosts": [host], "paths": [prefix],
                  "blocks": [[prefix | null, [Route]]]},   # plain data: gateway.plan orders them
      "mirrored": [cluster_name],        # other services' clusters its routes mirror to, sorted
+     "egress": null | [entry],          # what it calls ("ns/name" | "ns/*"), as written: see `scopes`
      "problems": [problem],             # {"code", "message", "severity", "span"}
      "spans": {"service", "ingress_port": [path, line, col] | null}}
 
@@ -54,7 +57,7 @@ from compiler.diagnostics import Diagnostics
 from compiler.emit import Lowered, OutputFile, Piece
 from compiler.errors import InconsistentSnapshot
 from compiler.model import Environment, Mesh, Service
-from compiler.targets.envoy import clusters, endpoints, listeners, patches, routes
+from compiler.targets.envoy import clusters, endpoints, listeners, patches, routes, scopes
 from compiler.targets.envoy.common import diagnostic, span_of
 from compiler.xds.consistency import consistency_errors
 from compiler.xds.resources import TYPE_URLS, discovery_response
@@ -99,6 +102,7 @@ def lower_service(service: Service, env: Environment) -> dict:
         "tcp": tcp,
         "ingress": ingress,
         "mirrored": mirrored,
+        "egress": list(service.egress) if service.egress is not None else None,
         "problems": problems,
         "spans": {"service": span_of(service), "ingress_port": span_of(service, "ingress", "port")},
     }
@@ -159,6 +163,8 @@ def assemble(env: Environment, fragments: list[dict]) -> Lowered:
     resources = patches.apply(env.patches, resources, RESOURCE_DEPTH, patch_problems)
     files = tuple(OutputFile(f"envoy/{kind}.json", discovery_response(TYPE_URLS[kind], items), "json")
                   for kind, items in sorted(resources.items()))
+    if any(f["egress"] is not None for f in fragments):
+        files += (OutputFile(scopes.PATH, scopes.scopes_file(env.envoy.listener_address, fragments), "json"),)
     service_problems = [diagnostic(p) for f in fragments for p in f["problems"]]
     return Lowered(files, tuple(service_problems + route_problems + listener_problems + list(patch_problems)))
 

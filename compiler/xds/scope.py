@@ -1,0 +1,142 @@
+"""Proxy scope: the part of a snapshot a proxy of one service receives.
+
+A proxy names its service in its node metadata (`{"service": "ns/name"}`).
+When `envoy/scopes.json` (written by `compiler.targets.envoy.scopes`, which
+documents it) gives that service an `egress`, the proxy receives only the
+listeners, clusters and endpoints of what it calls, and each route
+configuration with only their virtual hosts; otherwise, or when the proxy does
+not say, the whole environment.
+
+A scoped kind is a `TypeSnapshot` like any other: its version hashes the names
+and versions of what it holds, so it changes only when something in the scope
+does, and a push that touches nothing a proxy calls sends it nothing (SotW
+included). Scoped kinds are built on first use, once per snapshot and service;
+one whose content is the previous snapshot's is that object again (with its
+memoised bodies), and a trimmed route configuration is built once per set of
+virtual hosts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import replace
+
+from compiler.xds import protos
+from compiler.xds.resources import ROUTES, file_version
+from compiler.xds.snapshot import Resource, Snapshot, SnapshotError, TypeSnapshot, resource, type_snapshot
+
+__all__ = ["FILE", "Scopes", "ScopeError", "attach", "load_scopes"]
+
+FILE = "scopes"           # envoy/scopes.json
+_KINDS = ("clusters", "endpoints", "listeners", "routes")
+
+
+class ScopeError(Exception):
+    """`envoy/scopes.json` is not what the compiler writes."""
+
+
+class Scopes:
+    """One snapshot's scopes: `egress` by service, what each called service brings, and the
+    scoped kinds built so far."""
+
+    def __init__(self, egress: Mapping[str, tuple[str, ...]], services: Mapping[str, dict],
+                 previous: "Scopes | None" = None) -> None:
+        self.egress = egress
+        self.services = services
+        self._built: dict[tuple[str, str], TypeSnapshot] = {}
+        self._previous = previous._built if previous is not None else {}
+        self._routes = previous._routes if previous is not None else {}  # (name, hosts key) → Resource
+
+    def scoped(self, service: str) -> bool:
+        return service in self.egress
+
+    def kind(self, service: str, kind: str, full: TypeSnapshot) -> TypeSnapshot:
+        """`full` as a proxy of `service` receives it (all of it without a scope)."""
+        if kind not in _KINDS or service not in self.egress:
+            return full
+        built = self._built.get((service, kind))
+        if built is None:
+            built = self._built[(service, kind)] = self._build(service, kind, full)
+        return built
+
+    def callees(self, service: str) -> list[str]:
+        """The services `service` calls that this snapshot's scopes describe, in name order."""
+        entries = self.egress[service]
+        namespaces = {e[:-2] for e in entries if e.endswith("/*")}
+        return sorted(k for k in self.services if k in entries or k.split("/")[0] in namespaces)
+
+    def _build(self, service: str, kind: str, full: TypeSnapshot) -> TypeSnapshot:
+        callees = [self.services[k] for k in self.callees(service)]
+        if kind == "routes":
+            hosts: dict[str, set[str]] = {}
+            for callee in callees:
+                for name, names in callee["routes"].items():
+                    hosts.setdefault(name, set()).update(names)
+            chosen = {n: self._route(full.resources[n], frozenset(h)) for n, h in hosts.items() if n in full.resources}
+        else:
+            chosen = {n: full.resources[n] for callee in callees for n in callee[kind] if n in full.resources}
+        version = hashlib.sha256("".join(f"{n}\0{chosen[n].version}\n" for n in sorted(chosen)).encode()).hexdigest()
+        before = self._previous.get((service, kind))
+        if before is not None and before.version == version:
+            return before
+        return type_snapshot(kind, full.type_url, version, chosen)
+
+    def _route(self, config: Resource, hosts: frozenset[str]) -> Resource:
+        """`config` with only the virtual hosts named `hosts`, built once per choice."""
+        keep = [i for i, host in enumerate(config.json.get("virtual_hosts", ())) if host.get("name") in hosts]
+        if len(keep) == len(config.parts):
+            return config
+        key = (config.name, config.source, tuple(config.parts[i][0] for i in keep))
+        trimmed = self._routes.get(key)
+        if trimmed is None:
+            top = {k: v for k, v in config.json.items() if k not in ("@type", "virtual_hosts")}
+            msg = protos.parse_strict(top, protos.message_class(ROUTES))
+            for i in keep:
+                msg.virtual_hosts.add().MergeFromString(config.parts[i][1])
+            shown = {**top, "virtual_hosts": [config.json["virtual_hosts"][i] for i in keep]}
+            trimmed = replace(resource(config.name, msg, shown), parts=tuple(config.parts[i] for i in keep))
+            if len(self._routes) > 65536:  # one per distinct choice in use; a bound against churn
+                self._routes.clear()
+            self._routes[key] = trimmed
+        return trimmed
+
+
+def attach(snapshot: Snapshot, data: bytes | None, previous: Snapshot | None = None) -> Snapshot:
+    """`snapshot` with the scopes of its `envoy/scopes.json` bytes (None: the file is not
+    there); SnapshotError when they do not parse, so the environment keeps what it served."""
+    try:
+        scopes = load_scopes(data, previous.scopes if previous is not None else None)
+    except ScopeError as exc:
+        raise SnapshotError(snapshot.env, [f"{FILE}.json: {exc}"]) from None
+    return replace(snapshot, scopes=scopes)
+
+
+def load_scopes(data: bytes | None, previous: Scopes | None = None) -> Scopes | None:
+    """Parse `envoy/scopes.json` (None when the compiler wrote none: no proxy is scoped)."""
+    if data is None:
+        return None
+    try:
+        document = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ScopeError(f"not JSON: {exc}") from None
+    if not isinstance(document, dict) or set(document) != {"egress", "services", "version_info"}:
+        raise ScopeError("not an object of egress, services and version_info")
+    version = document.pop("version_info")
+    if version != file_version(document):
+        raise ScopeError(f"version_info {str(version)[:12]}… is not the SHA-256 of the rest of the file: "
+                         "edited by hand, or not written by meshc compile")
+    egress, services = document["egress"], document["services"]
+    if not isinstance(egress, dict) or not all(isinstance(v, list) and all(isinstance(e, str) for e in v)
+                                               for v in egress.values()):
+        raise ScopeError("egress is not a map of service to a list of names")
+    if not isinstance(services, dict) or not all(_is_entry(v) for v in services.values()):
+        raise ScopeError("services is not a map of service to its clusters, endpoints, listeners and routes")
+    return Scopes({k: tuple(v) for k, v in egress.items()}, services, previous)
+
+
+def _is_entry(value) -> bool:
+    names = lambda v: isinstance(v, list) and all(isinstance(n, str) for n in v)  # noqa: E731
+    return (isinstance(value, dict) and set(value) == set(_KINDS) and all(names(value[k]) for k in _KINDS[:3])
+            and isinstance(value["routes"], dict) and all(names(v) for v in value["routes"].values()))

@@ -1,0 +1,207 @@
+"""Proxy scope: a proxy that names its service receives only what that service's `egress` calls.
+
+The repo is compiled by the pipeline into a real rendered tree, served in-process.
+Streams are driven request by request (SotW and Delta) to pin what a scoped
+proxy receives and when; a real Envoy shows what that means for requests: a
+scoped proxy reaches what its service calls, and nothing else.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+
+import grpc
+import pytest
+import requests
+import yaml
+from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.listener.v3 import listener_pb2
+from envoy.config.route.v3 import route_pb2
+from google.protobuf import struct_pb2
+
+from compiler.load import Source
+from compiler.pipeline import compile_source
+from compiler.xds import sample
+from compiler.xds.server import Options, ServerThread
+from compiler.xds.snapshot import TYPE_URLS
+from support.backends import Backend, unique_loopback
+from support.envoy import Envoy
+from test_xds_protocol import Client, DeltaClient
+
+ENV = "prod"
+CDS, EDS, LDS, RDS = (TYPE_URLS[k] for k in ("clusters", "endpoints", "listeners", "routes"))
+
+
+def _policy(name: str, port: int, **spec) -> dict:
+    return {"apiVersion": "meshc.dev/v1", "kind": "TrafficPolicy", "metadata": {"name": name, "namespace": "shop"},
+            "spec": {"selector": {"app": name}, "ports": [{"name": "http", "port": port, "protocol": "HTTP"}], **spec}}
+
+
+def _render(root, address: str, backends: dict[str, str], web_egress, other_timeout: str = "5s") -> None:
+    """web calls what `web_egress` says; api and other share port 8080, db has 9090 alone."""
+    policies = {"web": _policy("web", 8080, egress=web_egress), "api": _policy("api", 8080),
+                "other": _policy("other", 8080, timeout=other_timeout), "db": _policy("db", 9090)}
+    files = {f"policies/shop/{n}.yaml": yaml.safe_dump(p).encode() for n, p in policies.items()}
+    files[f"environments/{ENV}.yaml"] = yaml.safe_dump({
+        "apiVersion": "meshc.dev/v1", "kind": "Environment", "metadata": {"name": ENV},
+        "spec": {"envoy": {"listenerAddress": address},
+                 "endpoints": {f"shop/{n}": [a] for n, a in backends.items()}}}).encode()
+    result = compile_source(Source(files), envs=[ENV])
+    assert result.ok, [d.render() for d in result.diagnostics]
+    staging = root.parent / f".{root.name}.new"
+    shutil.rmtree(staging, ignore_errors=True)
+    for path, data in result.outputs[ENV].items():
+        (staging / ENV / path).parent.mkdir(parents=True, exist_ok=True)
+        (staging / ENV / path).write_bytes(data)
+    if root.exists():
+        shutil.rmtree(root / ENV)
+    root.mkdir(exist_ok=True)
+    (staging / ENV).rename(root / ENV)  # one rename: the server reads the new tree whole
+
+
+ADDRESSES = {"web": "127.0.0.1:1", "api": "127.0.0.1:2", "other": "127.0.0.1:3", "db": "127.0.0.1:4"}
+API = "outbound|8080||api.shop.svc.cluster.local"
+OTHER = "outbound|8080||other.shop.svc.cluster.local"
+DB = "outbound|9090||db.shop.svc.cluster.local"
+
+
+@pytest.fixture
+def served(tmp_path):
+    rendered = tmp_path / "rendered"
+    _render(rendered, "0.0.0.0", ADDRESSES, ["shop/api"])
+    with ServerThread(Options(rendered=rendered, grpc_port=0, http_port=0, debounce=0.01)) as server:
+        with grpc.insecure_channel(server.grpc_address) as channel:
+            yield server, channel, rendered
+
+
+def _node(service: str = "") -> dict:
+    node = {"id": f"p-{service or 'all'}", "cluster": ENV}
+    if service:
+        node["metadata"] = struct_pb2.Struct(fields={"service": struct_pb2.Value(string_value=service)})
+    return node
+
+
+def _unpacked(response, cls) -> list:
+    out = []
+    for packed in response.resources:
+        msg = cls()
+        packed.Unpack(msg)
+        out.append(msg)
+    return out
+
+
+def _names(response, cls) -> list[str]:
+    return sorted(msg.name for msg in _unpacked(response, cls))
+
+
+def _virtual_hosts(response) -> dict[str, list[str]]:
+    return {msg.name: [h.name for h in msg.virtual_hosts] for msg in _unpacked(response, route_pb2.RouteConfiguration)}
+
+
+def _wait_published(server, version_before: str) -> None:
+    deadline = time.monotonic() + 5
+    while server.call(lambda: server.server.hub.cache.get(ENV).snapshot.digest) == version_before:
+        assert time.monotonic() < deadline, "the new files were not published"
+        time.sleep(0.01)
+
+
+def _digest(server) -> str:
+    return server.call(lambda: server.server.hub.cache.get(ENV).snapshot.digest)
+
+
+def test_a_scoped_proxy_receives_only_what_its_service_calls(served):
+    server, channel, _ = served
+    scoped, whole = Client(channel), Client(channel)
+    for client, service in ((scoped, "shop/web"), (whole, "")):
+        client.send(node=_node(service), type_url=CDS)
+    assert _names(scoped.recv(), cluster_pb2.Cluster) == [API]
+    assert _names(whole.recv(), cluster_pb2.Cluster) == sorted([API, OTHER, DB, "outbound|8080||web.shop.svc.cluster.local"])
+    scoped.send(type_url=LDS)
+    assert _names(scoped.recv(), listener_pb2.Listener) == ["0.0.0.0_8080"]  # not db's 9090
+    scoped.send(type_url=RDS, resource_names=["8080"])
+    assert _virtual_hosts(scoped.recv()) == {"8080": ["api.shop.svc.cluster.local:8080"]}
+    whole.send(type_url=RDS, resource_names=["8080"])
+    assert _virtual_hosts(whole.recv()) == {"8080": ["api.shop.svc.cluster.local:8080", "other.shop.svc.cluster.local:8080",
+                                                     "web.shop.svc.cluster.local:8080"]}
+    proxies = requests.get(f"{server.http_url}/debug/proxies", timeout=5).json()
+    assert {p["service"] for p in proxies} == {"shop/web", ""}
+
+
+def test_a_scoped_rest_poll_is_cut_the_same_way(served):
+    server, _, _ = served
+    def poll(kind, **node):
+        body = {"node": {"id": "rest-1", "cluster": ENV, **node}, "resource_names": ["8080"] if kind == "routes" else []}
+        return requests.post(f"{server.http_url}/v3/discovery:{kind}", json=body, timeout=5).json()
+    assert [c["name"] for c in poll("clusters", metadata={"service": "shop/web"})["resources"]] == [API]
+    assert len(poll("clusters")["resources"]) == 4
+    [config] = poll("routes", metadata={"service": "shop/web"})["resources"]
+    assert [h["name"] for h in config["virtual_hosts"]] == ["api.shop.svc.cluster.local:8080"]
+
+
+def test_a_service_without_egress_and_an_unknown_one_receive_the_whole_environment(served):
+    _, channel, _ = served
+    for service in ("shop/api", "shop/nobody"):
+        client = Client(channel)
+        client.send(node=_node(service), type_url=CDS)
+        assert len(_names(client.recv(), cluster_pb2.Cluster)) == 4, service
+
+
+def test_a_change_outside_the_scope_sends_a_scoped_proxy_nothing(served):
+    """other's timeout changes its virtual host on 8080: the whole-environment proxy gets the
+    route configuration again; the scoped one, whose 8080 holds api's only, hears nothing."""
+    server, channel, rendered = served
+    scoped, whole = Client(channel), Client(channel)
+    for client, service in ((scoped, "shop/web"), (whole, "")):
+        client.send(node=_node(service), type_url=RDS, resource_names=["8080"])
+        first = client.recv()
+        client.send(type_url=RDS, resource_names=["8080"], version_info=first.version_info, response_nonce=first.nonce)
+    before = _digest(server)
+    _render(rendered, "0.0.0.0", ADDRESSES, ["shop/api"], other_timeout="7s")
+    _wait_published(server, before)
+    assert whole.recv() is not None
+    assert scoped.quiet()
+
+
+def test_an_egress_change_moves_what_a_scoped_proxy_holds(served):
+    """web now calls other instead of api: over Delta the proxy is sent other's cluster and
+    told api's is gone; over SotW it is sent the new set whole."""
+    server, channel, rendered = served
+    delta, sotw = DeltaClient(channel), Client(channel)
+    delta.send(node=_node("shop/web"), type_url=CDS, resource_names_subscribe=["*"])
+    first = delta.recv()
+    assert [r.name for r in first.resources] == [API]
+    delta.send(type_url=CDS, response_nonce=first.nonce)
+    sotw.send(node=_node("shop/web"), type_url=CDS)
+    first_sotw = sotw.recv()
+    sotw.send(type_url=CDS, version_info=first_sotw.version_info, response_nonce=first_sotw.nonce)
+    before = _digest(server)
+    _render(rendered, "0.0.0.0", ADDRESSES, ["shop/other"])
+    _wait_published(server, before)
+    pushed = delta.recv()
+    assert ([r.name for r in pushed.resources], list(pushed.removed_resources)) == ([OTHER], [API])
+    assert _names(sotw.recv(), cluster_pb2.Cluster) == [OTHER]
+
+
+def test_a_scoped_envoy_reaches_what_its_service_calls_and_nothing_else(tmp_path):
+    backends = {n: Backend(n).start() for n in ("web", "api", "other", "db")}
+    address = unique_loopback()
+    rendered = tmp_path / "rendered"
+    try:
+        _render(rendered, address, {n: b.address for n, b in backends.items()}, ["shop/api", "shop/db"])
+        with ServerThread(Options(rendered=rendered, grpc_port=0, http_port=0, debounce=0.01)) as server:
+            port = ("127.0.0.1", server.server.grpc_port)
+            with Envoy(sample.ads_bootstrap("web-1", ENV, port, service="shop/web"), tmp_path / "scoped") as proxy:
+                proxy.wait_until(lambda: f"{address}_9090" in str(proxy.listeners()), timeout=10,
+                                 message="the scoped proxy has its listeners")
+                listener = proxy.listener_address(f"{address}_8080")
+                get = lambda host: requests.get(f"http://{listener}/", headers={"host": host}, timeout=10)  # noqa: E731
+                assert (get("api.shop").status_code, get("api.shop").text) == (200, "api")
+                assert get("other.shop").status_code == 404  # no route: other is not in web's egress
+                assert get("web.shop").status_code == 404
+                assert len(proxy.clusters()["cluster_statuses"]) - 1 == 2  # api and db, beside xds_cluster
+                db = proxy.listener_address(f"{address}_9090")
+                assert requests.get(f"http://{db}/", headers={"host": "db.shop"}, timeout=10).text == "db"
+    finally:
+        for backend in backends.values():
+            backend.stop()
