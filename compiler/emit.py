@@ -9,16 +9,20 @@ strings such as "on" or "yes" come out quoted and Kubernetes (also 1.1)
 reads them back as strings. JSON is orjson with sorted keys, two-space indent
 and a final newline.
 
-`write_rendered` builds each environment's directory beside the old one and
-swaps the two atomically (renameat2's RENAME_EXCHANGE), so a reader never sees
-half a directory; where the kernel lacks it, two renames leave the directory
-missing for the instant between them. The replacement of the whole of
+`write_rendered` stages what differs from the tree already there (a new
+environment whole; in one that exists, each directory of files that changed,
+built again with its unchanged files hard-linked) and swaps each staged
+directory or file in atomically (renameat2's RENAME_EXCHANGE), so a reader
+never sees half a directory; where the kernel lacks it, two renames leave an
+entry missing for the instant between them. The replacement of the whole of
 `rendered/` is all-or-nothing: a failed step undoes the steps before it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import errno
 import io
 import json
 import os
@@ -303,29 +307,41 @@ Outputs = Mapping[str, Mapping[str, bytes]]  # environment → (path inside rend
 def write_rendered(out_dir: Path, outputs: Outputs, prune: bool = False) -> None:
     """Replace `out_dir/<env>` for each environment in `outputs`: all of them, or none.
 
-    Every environment's new tree is built beside its old one first (a failure
-    there changes nothing). Then, one atomic rename or exchange at a time, each
-    new tree is swapped in and, with `prune`, after every swap, each environment
-    directory that is no longer compiled (it holds a kustomization.yaml and is
-    not in `outputs`) is renamed aside. Each of those steps is journalled; if
-    any fails, the steps done so far are undone, last first (RENAME_EXCHANGE is
-    its own inverse, a rename is undone by the rename back), the staged trees
-    are removed and the error is raised: `out_dir` is again exactly as it was
-    (but for a killed run's leftovers, which every run first sweeps away).
-    Only once every step has succeeded are the replaced and pruned trees, by
-    then hidden as `.<env>.new-*` / `.<env>.old-*`, deleted; that undoes
-    nothing, and whatever it fails to delete a later run removes (once ten
-    minutes old, like a killed run's).
+    Everything new is staged first, in a hidden `.<env>.new-*` directory beside
+    the environments (a failure there changes nothing). An environment seen for
+    the first time (or whose directory is a planted symlink, or not 0755) is
+    built there whole. One that exists is compared with what it should hold,
+    file by file, and only what differs is staged (`_Delta`): each directory
+    of files that changes is built again (its unchanged files hard-linked from
+    the old one), each changed file of a directory that holds directories is
+    staged alone. Then, one atomic rename or exchange at a time, each staged
+    tree, directory or file is swapped in, each entry no longer produced is
+    moved aside and, with `prune`, each environment directory that is no
+    longer compiled (it holds a kustomization.yaml and is not in `outputs`) is
+    renamed aside. A re-compile that changes one policy therefore makes a few
+    swaps and writes a few files, however many services the repository has.
+
+    Each of those steps is journalled; if any fails, the steps done so far are
+    undone, last first (RENAME_EXCHANGE is its own inverse, a rename is undone
+    by the rename back), what was staged is removed and the error is raised:
+    `out_dir` is again exactly as it was (but for a killed run's leftovers,
+    which every run first sweeps away). Only once every step has succeeded is
+    what they replaced, by then hidden in `.<env>.new-*` / `.<env>.old-*`,
+    deleted; that undoes nothing, and whatever it fails to delete a later run
+    removes (once ten minutes old, like a killed run's).
 
     All-or-nothing is not one atomic step: a reader during the swaps sees each
-    `out_dir/<env>` whole, but may see some environments new and others old
-    (and, where renameat2 is missing, one missing between its two renames).
+    directory it opens whole, from one compile or the other (`envoy/`, which
+    `meshc serve` reads through one directory handle, is always one
+    compile's), but may see some directories or environments new and others
+    old (and, where renameat2 is missing, an entry missing between its two
+    renames).
 
     If undoing fails too, the first error is still the one raised: an OSError
     becomes a `RollbackError` (an OSError with the first error's errno, the
     first error as its cause), anything else gets a note; the message adds, for
-    each environment that could not be put back, why and where its previous
-    tree is, and nothing of those environments is deleted.
+    each environment that could not be put back, why and where what it held
+    before is, and nothing of those environments is deleted.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -335,10 +351,13 @@ def write_rendered(out_dir: Path, outputs: Outputs, prune: bool = False) -> None
     try:
         for env in outputs:
             staged[env] = tempfile.mkdtemp(prefix=f".{env}.new-", dir=out_dir)
-        for env, files in outputs.items():
-            _fill(staged[env], str(out_dir / env), files)
-        for env in outputs:
-            _swap(Path(staged[env]), out_dir / env, journal)
+        moves = [_stage(Path(staged[env]), out_dir / env, files) for env, files in outputs.items()]
+        for env, env_moves in zip(outputs, moves):
+            for kind, src, dst in env_moves:
+                if kind == "put":
+                    _swap(src, dst, journal, env=out_dir / env)
+                else:  # "drop": what is no longer produced goes aside, into the staging directory
+                    _rename(journal, src, dst, target=out_dir / env, old=dst)
         if prune:
             for stale in sorted(_env_dirs(out_dir) - set(outputs)):
                 _rename(journal, out_dir / stale, _aside(out_dir / stale), target=out_dir / stale)
@@ -349,17 +368,16 @@ def write_rendered(out_dir: Path, outputs: Outputs, prune: bool = False) -> None
                 shutil.rmtree(staging, ignore_errors=True)
         if not broken:
             raise
-        message = _not_put_back(broken, journal)
+        message = _not_put_back(broken, journal, {out_dir / env: Path(s) for env, s in staged.items()})
         if isinstance(error, OSError):
             raise RollbackError(error.errno, f"{error.strerror or error}; {message}") from error
         error.add_note(message)
         raise
     for step in journal:
-        old = step.old
-        if old is not None and old.is_symlink():  # rendered/<env> was a planted symlink: drop the link only
-            old.unlink()
-        elif old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        if step.old is not None:
+            _discard(step.old)
+    for staging in staged.values():
+        _discard(Path(staging))
 
 
 class RollbackError(OSError):
@@ -374,24 +392,27 @@ class _Step:
     def __init__(self, exchange: bool, src: Path, dst: Path, target: Path, old: Path | None):
         self.exchange, self.src, self.dst = exchange, src, dst
         self.target = target  # the out_dir/<env> the step is part of replacing or pruning
-        self.old = old  # where target's previous tree is once the step is done, if this step moved it
+        self.old = old  # where what the step replaced is once it is done, if this step moved it
 
 
-def _swap(staging: Path, target: Path, journal: list[_Step]) -> None:
-    """Put `staging` in `target`'s place, journalling each step; what it replaced (a directory,
-    or a planted symlink, dangling or not) ends up in one step's `old`."""
+def _swap(staging: Path, target: Path, journal: list[_Step], env: Path | None = None) -> None:
+    """Put `staging` in `target`'s place (as part of replacing `env`, by default `target`
+    itself), journalling each step; what it replaced (a directory, a file, or a planted
+    symlink, dangling or not) ends up in one step's `old`."""
+    env = target if env is None else env
     if not os.path.lexists(target):
-        _rename(journal, staging, target, target=target)
-    elif _exchange(str(staging), target):  # one atomic step: rendered/<env> never goes missing
-        journal.append(_Step(True, staging, target, target, old=staging))
+        _rename(journal, staging, target, target=env)
+    elif _exchange(str(staging), target):  # one atomic step: the target never goes missing
+        journal.append(_Step(True, staging, target, env, old=staging))
     else:
-        _rename(journal, target, _aside(target), target=target)
-        _rename(journal, staging, target, target=target)
+        aside = _aside(target)
+        _rename(journal, target, aside, target=env, old=aside)
+        _rename(journal, staging, target, target=env)
 
 
-def _rename(journal: list[_Step], src: Path, dst: Path, target: Path) -> None:
+def _rename(journal: list[_Step], src: Path, dst: Path, target: Path, old: Path | None = None) -> None:
     os.rename(src, dst)  # one system call: it happened, or nothing did
-    journal.append(_Step(False, src, dst, target, old=dst if src == target else None))
+    journal.append(_Step(False, src, dst, target, old=dst if src == target else old))
 
 
 def _roll_back(journal: list[_Step]) -> dict[Path, OSError]:
@@ -412,11 +433,18 @@ def _roll_back(journal: list[_Step]) -> dict[Path, OSError]:
     return broken
 
 
-def _not_put_back(broken: dict[Path, OSError], journal: list[_Step]) -> str:
+def _not_put_back(broken: dict[Path, OSError], journal: list[_Step], staged: Mapping[Path, Path]) -> str:
     details = []
     for target, exc in broken.items():
-        old = next((step.old for step in journal if step.target == target and step.old is not None), None)
-        where = f"its previous tree is in {old}" if old is not None else "it did not exist before"
+        steps = [step for step in journal if step.target == target and step.old is not None]
+        whole = [step.old for step in steps if target in (step.src, step.dst)]
+        if whole:
+            where = f"its previous tree is in {whole[0]}"
+        elif steps:  # replaced in parts: each part's previous entry is in the staging directory, or beside it
+            places = sorted({str(staged[target]) if step.old.parent == staged.get(target) else str(step.old) for step in steps})
+            where = f"what it held before is in {', '.join(places)}"
+        else:
+            where = "it did not exist before"
         details.append(f"{target}: {exc.strerror or exc}, {where}")
     return "putting back what was replaced failed too, so these are not as they were: " + "; ".join(details)
 
@@ -426,55 +454,200 @@ def _aside(target: Path) -> Path:
     return target.parent / f".{target.name}.old-{os.getpid()}-{os.urandom(4).hex()}"
 
 
-def _fill(staging: str, old_root: str, files: Mapping[str, bytes]) -> None:
-    """Write `files` under `staging` (directories 0755), linking those equal to `old_root`'s.
+def _discard(path: Path) -> None:
+    """Delete what is at `path` (a tree, a file, a symlink: never followed), ignoring failures."""
+    try:
+        mode = os.lstat(path).st_mode
+    except OSError:
+        return
+    if stat.S_ISDIR(mode):
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
 
-    A file whose bytes equal the old directory's copy is hard-linked from it
-    instead of written: a re-compile that changes one policy writes a few
-    files, not thousands. The old tree is walked one directory at a time
-    without following a symlink at any level (a pull request can plant one),
-    so nothing outside it is ever linked in.
+
+def _stage(staging: Path, target: Path, files: Mapping[str, bytes]) -> list[tuple[str, Path, Path]]:
+    """Stage what replacing `target` with `files` needs, under `staging`. → the moves that
+    apply it, in order: ("put", staged, target entry) or ("drop", target entry, aside)."""
+    tree = _Dir.of(files)
+    if not _is_ours(target):
+        _fill(str(staging), files)
+        return [("put", staging, target)]
+    return _Delta(staging).of(tree, target)
+
+
+def _is_ours(path: Path) -> bool:
+    """A real directory (not a symlink) with the mode meshc gives its directories."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    return stat.S_ISDIR(st.st_mode) and stat.S_IMODE(st.st_mode) == _DIR_MODE
+
+
+_DIR_MODE = 0o755
+
+
+class _Dir:
+    """The tree `files` make: each directory's files (name → bytes) and subdirectories."""
+
+    __slots__ = ("files", "dirs")
+
+    def __init__(self):
+        self.files: dict[str, bytes] = {}
+        self.dirs: dict[str, _Dir] = {}
+
+    @classmethod
+    def of(cls, files: Mapping[str, bytes]) -> "_Dir":
+        """Raises FileExistsError where one name is both a file and a directory."""
+        root = cls()
+        nodes = {"": root}
+        for rel, content in files.items():
+            parent, _, name = rel.rpartition("/")
+            node = nodes.get(parent)
+            if node is None:
+                node = cls._at(parent, nodes)
+            node.files[name] = content
+        for rel, node in nodes.items():
+            for name in node.files.keys() & node.dirs.keys():
+                raise FileExistsError(errno.EEXIST, "both a file and a directory", f"{rel}/{name}".lstrip("/"))
+        return root
+
+    @classmethod
+    def _at(cls, rel: str, nodes: dict) -> "_Dir":
+        head, _, name = rel.rpartition("/")
+        parent = nodes.get(head) or cls._at(head, nodes)
+        node = nodes[rel] = parent.dirs[name] = cls()
+        return node
+
+    def items(self, prefix: str = ""):
+        """(path relative to this directory, bytes) of every file below it."""
+        for name, content in self.files.items():
+            yield prefix + name, content
+        for name, sub in self.dirs.items():
+            yield from sub.items(f"{prefix}{name}/")
+
+
+class _Delta:
+    """What differs between an existing tree and the one it should become, staged.
+
+    The old tree is read one directory at a time through descriptors, never
+    following a symlink (a pull request can plant one): an entry that is not
+    what it should be (a symlink, a FIFO, a directory where a file belongs) is
+    replaced like a file whose bytes differ, and nothing outside is ever
+    linked in. A directory that holds only files is the unit of change: if
+    any of its files differs, or it holds something else, it is built again
+    whole (a reader of it sees one compile's files, never a mix). In a
+    directory that holds directories, each changed file is staged alone.
     """
+
+    def __init__(self, staging: Path):
+        self.staging = staging
+        self.moves: list[tuple[str, Path, Path]] = []
+        self._count = 0
+
+    def of(self, tree: _Dir, target: Path) -> list[tuple[str, Path, Path]]:
+        fd = os.open(target, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        try:
+            self._visit(tree, target, fd)
+        finally:
+            os.close(fd)
+        return self.moves
+
+    def _name(self) -> Path:
+        self._count += 1
+        return self.staging / str(self._count)
+
+    def _visit(self, node: _Dir, target: Path, fd: int) -> None:
+        with os.scandir(fd) as it:
+            old = {e.name: e for e in it}
+        if not node.dirs:
+            same = {n for n, content in node.files.items() if _same(fd, old.get(n), n, content)}
+            if len(same) < len(node.files) or len(old) > len(same):
+                self.moves.append(("put", self._rebuilt(node, fd, same), target))
+            return
+        for name, sub in node.dirs.items():
+            entry = old.get(name)
+            if entry is not None and entry.is_dir(follow_symlinks=False) and stat.S_IMODE(entry.stat(follow_symlinks=False).st_mode) == _DIR_MODE:
+                sub_fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+                try:
+                    self._visit(sub, target / name, sub_fd)
+                finally:
+                    os.close(sub_fd)
+            else:
+                staged = self._name()
+                os.mkdir(staged, _DIR_MODE)
+                _fill(str(staged), dict(sub.items()))
+                self.moves.append(("put", staged, target / name))
+        for name, content in node.files.items():
+            if not _same(fd, old.get(name), name, content):
+                staged = self._name()
+                _write(os.fspath(staged), content, None)
+                self.moves.append(("put", staged, target / name))
+        for name in sorted(old.keys() - node.files.keys() - node.dirs.keys()):
+            self.moves.append(("drop", target / name, self._name()))
+
+    def _rebuilt(self, node: _Dir, old_fd: int, same: set[str]) -> Path:
+        """A directory of `node`'s files: those in `same` hard-linked from the old one, the rest written."""
+        staged = self._name()
+        os.mkdir(staged, _DIR_MODE)
+        os.chmod(staged, _DIR_MODE)
+        fd = os.open(staged, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        try:
+            for name, content in node.files.items():
+                if name in same:
+                    os.link(name, name, src_dir_fd=old_fd, dst_dir_fd=fd, follow_symlinks=False)
+                else:
+                    _write(name, content, fd)
+        finally:
+            os.close(fd)
+        return staged
+
+
+def _same(dir_fd: int, entry: os.DirEntry | None, name: str, content: bytes) -> bool:
+    """Whether the old directory's `name` is a regular file holding exactly `content` (a
+    symlink or FIFO there is never followed nor waited on: it is simply not the same)."""
+    if entry is None or not entry.is_file(follow_symlinks=False):
+        return False
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=dir_fd)
+    except OSError:
+        return False
+    try:
+        return os.read(fd, len(content) + 1) == content  # a regular file gives all it has to one read
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def _write(name: str, content: bytes, dir_fd: int | None) -> None:
+    with open(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666, dir_fd=dir_fd), "wb") as f:
+        f.write(content)
+
+
+def _fill(staging: str, files: Mapping[str, bytes]) -> None:
+    """Write `files` under the empty directory `staging` (directories 0755)."""
     new_dirs = {"": os.open(staging, os.O_RDONLY | os.O_DIRECTORY)}
-    old_dirs: dict[str, int | None] = {"": _open_dir(old_root, None)}
     try:
         for rel, content in files.items():
             parent, _, name = rel.rpartition("/")
             if parent not in new_dirs:
                 _make_dirs(parent, new_dirs)
-            old_dir = _old_dir(parent, old_dirs)
-            if old_dir is None or not _link_if_same(old_dir, new_dirs[parent], name, content):
-                with open(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666, dir_fd=new_dirs[parent]), "wb") as f:
-                    f.write(content)
-        os.chmod(staging, 0o755)
+            _write(name, content, new_dirs[parent])
+        os.chmod(staging, _DIR_MODE)
     finally:
-        for fd in [*new_dirs.values(), *old_dirs.values()]:
-            if fd is not None:
-                os.close(fd)
-
-
-def _open_dir(name: str, parent: int | None) -> int | None:
-    """A directory's descriptor, None where there is none or it is a symlink."""
-    try:
-        return os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=parent)
-    except OSError:
-        return None
-
-
-def _old_dir(rel: str, opened: dict[str, int | None]) -> int | None:
-    if rel not in opened:
-        head, _, name = rel.rpartition("/")
-        parent = _old_dir(head, opened)
-        opened[rel] = None if parent is None else _open_dir(name, parent)
-    return opened[rel]
+        for fd in new_dirs.values():
+            os.close(fd)
 
 
 def _make_dirs(rel: str, made: dict[str, int]) -> None:
     head, _, name = rel.rpartition("/")
     if head not in made:
         _make_dirs(head, made)
-    os.mkdir(name, 0o755, dir_fd=made[head])
-    os.chmod(name, 0o755, dir_fd=made[head])  # whatever the umask: the same tree on every machine
+    os.mkdir(name, _DIR_MODE, dir_fd=made[head])
+    os.chmod(name, _DIR_MODE, dir_fd=made[head])  # whatever the umask: the same tree on every machine
     made[rel] = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=made[head])
 
 
@@ -487,8 +660,6 @@ def _exchange(a: str, b: Path) -> bool:
     at_fdcwd, rename_exchange = -100, 2
     if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(str(b)), rename_exchange) == 0:
         return True
-    import errno
-
     code = ctypes.get_errno()
     if code in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP):
         return False
@@ -510,24 +681,6 @@ def _remove_leftovers(out_dir: Path) -> None:
     for p in out_dir.glob(".*"):
         if p.is_dir() and (".new-" in p.name or ".old-" in p.name) and p.stat().st_mtime < cutoff:
             shutil.rmtree(p, ignore_errors=True)
-
-
-def _link_if_same(old_dir: int, new_dir: int, name: str, content: bytes) -> bool:
-    """Hard-link `name` from the old directory into the new one if its bytes are `content`
-    (a symlink or FIFO there is never followed nor waited on: the file is written anew)."""
-    try:
-        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=old_dir)
-    except OSError:
-        return False
-    try:
-        same = os.read(fd, len(content) + 1) == content  # a regular file gives all it has to one read
-        if same:
-            os.link(name, name, src_dir_fd=old_dir, dst_dir_fd=new_dir, follow_symlinks=False)
-    except OSError:
-        return False
-    finally:
-        os.close(fd)
-    return same
 
 
 def _env_dirs(out_dir: Path) -> set[str]:

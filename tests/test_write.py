@@ -101,13 +101,20 @@ class _Steps:
         return call
 
 
-# Steps of the replacement, in order. renameat2: one exchange per existing environment, one
-# rename per new one, one rename per pruned one. Two renames: target aside, new tree in.
+# Steps of the replacement, in order. An environment that exists changes only where it differs:
+# a directory of files that changed (prod's istio/b) is exchanged whole, a changed file beside
+# directories (kustomization.yaml) alone, a new directory renamed in, one no longer produced
+# renamed aside. A new environment is renamed in, a planted symlink exchanged for a whole tree,
+# a pruned one renamed aside. Two renames: target aside, new entry in.
 STEPS = {
-    ("plain", False): ["exchange dev", "exchange staging", "exchange prod", "prune qa"],
-    ("plain", True): ["dev aside", "dev in", "staging aside", "staging in", "prod aside", "prod in", "prune qa"],
-    ("mixed", False): ["exchange dev", "rename staging in", "exchange prod (a symlink)", "prune qa"],
-    ("mixed", True): ["dev aside", "dev in", "staging in", "prod (a symlink) aside", "prod in", "prune qa"],
+    ("plain", False): ["exchange dev/kustomization.yaml", "rename staging/istio/c in", "staging/istio/a aside",
+                       "exchange staging/kustomization.yaml", "exchange prod/istio/b", "prune qa"],
+    ("plain", True): ["dev/kustomization.yaml aside", "dev/kustomization.yaml in", "staging/istio/c in", "staging/istio/a aside",
+                      "staging/kustomization.yaml aside", "staging/kustomization.yaml in", "prod/istio/b aside",
+                      "prod/istio/b in", "prune qa"],
+    ("mixed", False): ["exchange dev/kustomization.yaml", "rename staging in", "exchange prod (a symlink)", "prune qa"],
+    ("mixed", True): ["dev/kustomization.yaml aside", "dev/kustomization.yaml in", "staging in", "prod (a symlink) aside",
+                      "prod in", "prune qa"],
 }
 
 
@@ -140,37 +147,38 @@ def test_a_failure_at_any_step_leaves_rendered_exactly_as_it_was(tmp_path, monke
 def test_a_failure_to_undo_an_exchange_is_reported_after_the_first_error(tmp_path, monkeypatch):
     out = _make(tmp_path, "plain")
     before = _snapshot(out)
-    # 3: exchanging prod fails; 4: staging's exchange undone; 5: dev's undo fails
-    _Steps(monkeypatch, fallback=False, fail={3, 5})
+    # 5: exchanging prod's istio/b fails; 6-8: staging's steps undone; 9: undoing dev's fails
+    _Steps(monkeypatch, fallback=False, fail={5, 9})
     with pytest.raises(RollbackError) as raised:
         write_rendered(out, NEW, prune=True)
     error = raised.value
     assert isinstance(error, OSError) and error.errno == errno.EIO
-    assert isinstance(error.__cause__, OSError) and error.__cause__.strerror == "injected failure 3"
-    assert error.strerror.startswith("injected failure 3; putting back what was replaced failed too")
+    assert isinstance(error.__cause__, OSError) and error.__cause__.strerror == "injected failure 5"
+    assert error.strerror.startswith("injected failure 5; putting back what was replaced failed too")
     kept = [p for p in out.iterdir() if p.name.startswith(".dev.new-")]
-    assert len(kept) == 1 and f"{out / 'dev'}: injected failure 5, its previous tree is in {kept[0]}" in error.strerror
+    assert len(kept) == 1 and f"{out / 'dev'}: injected failure 9, what it held before is in {kept[0]}" in error.strerror
     assert sorted(p.name for p in out.iterdir()) == sorted(["dev", "notes", "prod", "qa", "staging", "top.txt", kept[0].name])
     after = _snapshot(out)
     assert {rel: e for rel, e in after.items() if not rel.startswith(("dev", ".dev"))} == {
         rel: e for rel, e in before.items() if not rel.startswith("dev")}, "the others are exactly as they were"
-    assert _files(out / "dev") == NEW["dev"], "dev is whole: new"
-    assert _files(kept[0]) == OLD["dev"], "and its previous tree is where the message says"
+    assert _files(out / "dev") == NEW["dev"], "dev is new"
+    assert list(_files(kept[0]).values()) == [OLD["dev"]["kustomization.yaml"]], "and what it replaced is where the message says"
 
 
-def test_a_failure_to_undo_a_rename_names_where_the_previous_tree_is(tmp_path, monkeypatch):
+def test_a_failure_to_undo_a_rename_names_where_the_previous_file_is(tmp_path, monkeypatch):
     out = _make(tmp_path, "plain")
-    # 6: moving the new prod in fails; 7 puts prod back; 8 takes the new staging out; 9, putting
-    # the old staging back, fails too: rendered/staging is missing
-    _Steps(monkeypatch, fallback=True, fail={6, 9})
-    with pytest.raises(RollbackError, match=r"^\[Errno 5\] injected failure 6; ") as raised:
+    # 8: moving prod's new istio/b in fails; 9 puts the old one back; 10 takes staging's new
+    # kustomization.yaml out; 11, putting the old one back, fails too: it is missing
+    _Steps(monkeypatch, fallback=True, fail={8, 11})
+    with pytest.raises(RollbackError, match=r"^\[Errno 5\] injected failure 8; ") as raised:
         write_rendered(out, NEW, prune=True)
-    aside = [p for p in out.iterdir() if p.name.startswith(".staging.old-")]
-    assert len(aside) == 1 and f"{out / 'staging'}: injected failure 9, its previous tree is in {aside[0]}" in raised.value.strerror
-    assert not os.path.lexists(out / "staging")
-    assert (aside[0] / "istio/a/x.yaml").read_bytes() == b"staging x\n"
+    aside = list((out / "staging").glob(".kustomization.yaml.old-*"))
+    assert len(aside) == 1 and f"{out / 'staging'}: injected failure 11, what it held before is in " in raised.value.strerror
+    assert str(aside[0]) in raised.value.strerror
+    assert not os.path.lexists(out / "staging" / "kustomization.yaml")
+    assert aside[0].read_bytes() == b"staging k\n"
     for env in ("dev", "prod", "qa"):
-        assert (out / env / "kustomization.yaml").read_bytes() == OLD[env]["kustomization.yaml"]
+        assert _files(out / env) == OLD[env]
     assert not [p for p in out.iterdir() if p.name.startswith((".dev.", ".prod.", ".qa."))], "the rest is cleaned up"
 
 
