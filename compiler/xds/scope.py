@@ -42,12 +42,20 @@ class Scopes:
     scoped kinds built so far."""
 
     def __init__(self, egress: Mapping[str, tuple[str, ...]], services: Mapping[str, dict],
-                 previous: "Scopes | None" = None) -> None:
+                 previous: "Scopes | None" = None, changed: Mapping[str, frozenset[str]] | None = None) -> None:
+        """`changed`: per kind, the names whose resource is not the previous snapshot's."""
         self.egress = egress
         self.services = services
         self._built: dict[tuple[str, str], TypeSnapshot] = {}
+        self._callees: dict[str, list[tuple[str, dict]]] = {}
+        self._by_namespace: dict[str, list[str]] | None = None
+        # What the previous snapshot's scopes built, and from what: plain data, so a chain of
+        # snapshots does not keep every older one alive.
         self._previous = previous._built if previous is not None else {}
-        self._routes = previous._routes if previous is not None else {}  # (name, hosts key) → Resource
+        self._previous_callees = previous._callees if previous is not None else {}
+        self._changed = changed
+        self._routes = previous._routes if previous is not None else {}  # (name, top, hosts) → Resource
+        self._layout: dict[bytes, tuple[dict[str, int], str]] = {}  # a route configuration's hosts by name, its top
 
     def scoped(self, service: str) -> bool:
         return service in self.egress
@@ -61,22 +69,51 @@ class Scopes:
             built = self._built[(service, kind)] = self._build(service, kind, full)
         return built
 
-    def callees(self, service: str) -> list[str]:
-        """The services `service` calls that this snapshot's scopes describe, in name order."""
-        entries = self.egress[service]
-        namespaces = {e[:-2] for e in entries if e.endswith("/*")}
-        return sorted(k for k in self.services if k in entries or k.split("/")[0] in namespaces)
+    def callees(self, service: str) -> list[tuple[str, dict]]:
+        """What `service` calls, each with what `services` says of it, in name order."""
+        found = self._callees.get(service)
+        if found is None:
+            if self._by_namespace is None:
+                self._by_namespace = {}
+                for key in self.services:
+                    self._by_namespace.setdefault(key.split("/")[0], []).append(key)
+            keys = set()
+            for entry in self.egress[service]:
+                if entry.endswith("/*"):
+                    keys.update(self._by_namespace.get(entry[:-2], ()))
+                elif entry in self.services:
+                    keys.add(entry)
+            found = self._callees[service] = [(k, self.services[k]) for k in sorted(keys)]
+        return found
+
+    def _unchanged(self, service: str, kind: str) -> TypeSnapshot | None:
+        """The previous snapshot's build, when nothing it was made of changed: the same callees,
+        described alike, and none of their resources of `kind` new (every other kind but routes,
+        whose one configuration per port changes with any service's virtual hosts)."""
+        before = self._previous.get((service, kind))
+        if before is None or self._changed is None or kind == "routes":
+            return None
+        callees = self.callees(service)
+        if self._previous_callees.get(service) != callees:
+            return None
+        changed = self._changed.get(kind, frozenset())
+        if any(n in changed for _, callee in callees for n in callee[kind]):
+            return None
+        return before
 
     def _build(self, service: str, kind: str, full: TypeSnapshot) -> TypeSnapshot:
-        callees = [self.services[k] for k in self.callees(service)]
+        reused = self._unchanged(service, kind)
+        if reused is not None:
+            return reused
+        callees = self.callees(service)
         if kind == "routes":
             hosts: dict[str, set[str]] = {}
-            for callee in callees:
+            for _, callee in callees:
                 for name, names in callee["routes"].items():
                     hosts.setdefault(name, set()).update(names)
             chosen = {n: self._route(full.resources[n], frozenset(h)) for n, h in hosts.items() if n in full.resources}
         else:
-            chosen = {n: full.resources[n] for callee in callees for n in callee[kind] if n in full.resources}
+            chosen = {n: full.resources[n] for _, callee in callees for n in callee[kind] if n in full.resources}
         version = hashlib.sha256("".join(f"{n}\0{chosen[n].version}\n" for n in sorted(chosen)).encode()).hexdigest()
         before = self._previous.get((service, kind))
         if before is not None and before.version == version:
@@ -85,10 +122,19 @@ class Scopes:
 
     def _route(self, config: Resource, hosts: frozenset[str]) -> Resource:
         """`config` with only the virtual hosts named `hosts`, built once per choice."""
-        keep = [i for i, host in enumerate(config.json.get("virtual_hosts", ())) if host.get("name") in hosts]
+        layout = self._layout.get(config.source)
+        if layout is None:
+            top = {k: v for k, v in config.json.items() if k not in ("@type", "virtual_hosts")}
+            layout = self._layout[config.source] = (
+                {host.get("name"): i for i, host in enumerate(config.json.get("virtual_hosts", ()))},
+                json.dumps(top, sort_keys=True))
+        positions, top_key = layout
+        keep = sorted(positions[n] for n in hosts if n in positions)
         if len(keep) == len(config.parts):
             return config
-        key = (config.name, config.source, tuple(config.parts[i][0] for i in keep))
+        # Not keyed on the whole configuration: another service's virtual host changing leaves
+        # this choice, and so the proxies that make it, as they were.
+        key = (config.name, top_key, tuple(config.parts[i][0] for i in keep))
         trimmed = self._routes.get(key)
         if trimmed is None:
             top = {k: v for k, v in config.json.items() if k not in ("@type", "virtual_hosts")}
@@ -106,14 +152,27 @@ class Scopes:
 def attach(snapshot: Snapshot, data: bytes | None, previous: Snapshot | None = None) -> Snapshot:
     """`snapshot` with the scopes of its `envoy/scopes.json` bytes (None: the file is not
     there); SnapshotError when they do not parse, so the environment keeps what it served."""
+    before = previous.scopes if previous is not None else None
+    changed = None
+    if before is not None:
+        changed = {kind: _changed(previous.kinds[kind], snapshot.kinds[kind]) for kind in _KINDS}
     try:
-        scopes = load_scopes(data, previous.scopes if previous is not None else None)
+        scopes = load_scopes(data, before, changed)
     except ScopeError as exc:
         raise SnapshotError(snapshot.env, [f"{FILE}.json: {exc}"]) from None
     return replace(snapshot, scopes=scopes)
 
 
-def load_scopes(data: bytes | None, previous: Scopes | None = None) -> Scopes | None:
+def _changed(before: TypeSnapshot, after: TypeSnapshot) -> frozenset[str]:
+    """Names whose resource is not the same object (a reload reuses what it did not change)."""
+    if before is after:
+        return frozenset()
+    a, b = before.resources, after.resources
+    return frozenset([n for n, r in b.items() if a.get(n) is not r] + [n for n in a if n not in b])
+
+
+def load_scopes(data: bytes | None, previous: Scopes | None = None,
+                changed: Mapping[str, frozenset[str]] | None = None) -> Scopes | None:
     """Parse `envoy/scopes.json` (None when the compiler wrote none: no proxy is scoped)."""
     if data is None:
         return None
@@ -133,7 +192,7 @@ def load_scopes(data: bytes | None, previous: Scopes | None = None) -> Scopes | 
         raise ScopeError("egress is not a map of service to a list of names")
     if not isinstance(services, dict) or not all(_is_entry(v) for v in services.values()):
         raise ScopeError("services is not a map of service to its clusters, endpoints, listeners and routes")
-    return Scopes({k: tuple(v) for k, v in egress.items()}, services, previous)
+    return Scopes({k: tuple(v) for k, v in egress.items()}, services, previous, changed)
 
 
 def _is_entry(value) -> bool:
