@@ -449,11 +449,7 @@ def test_diagnostics_keep_their_spans_through_json(name):
 
 
 @pytest.mark.parametrize("name", sorted(WARNED))
-def test_every_envoy_diagnostic_points_into_the_policy(name, request):
-    if name == "warn-envoy-short-name-clash/prod":
-        request.applymarker(pytest.mark.xfail(strict=True, reason=(
-            "envoy.ambiguous-short-name is located at the spec's root (span_of(service) with no path), "
-            "for which a loaded service holds no span: the warning prints without file:line:col")))
+def test_every_envoy_diagnostic_points_into_the_policy(name):
     diagnostics = _through_json(real_mesh(name)).diagnostics
     assert diagnostics and all(isinstance(d.span, Span) and d.span.path.startswith("policies/") for d in diagnostics)
 

@@ -42,7 +42,7 @@ A fragment (every list in the service's order unless said otherwise):
      "mirrored": [cluster_name],        # other services' clusters its routes mirror to, sorted
      "egress": null | [entry],          # what it calls ("ns/name" | "ns/*"), as written: see `scopes`
      "problems": [problem],             # {"code", "message", "severity", "span"}
-     "spans": {"service", "ingress_port": [path, line, col] | null}}
+     "spans": {"service", "ingress_port": [path, line, col] | null, "ports": {"PORT": [path, line, col] | null}}}
 
 Fragments share values with one another and with the files built from them:
 nothing downstream may mutate either.
@@ -104,7 +104,8 @@ def lower_service(service: Service, env: Environment) -> dict:
         "mirrored": mirrored,
         "egress": list(service.egress) if service.egress is not None else None,
         "problems": problems,
-        "spans": {"service": span_of(service), "ingress_port": span_of(service, "ingress", "port")},
+        "spans": {"service": span_of(service), "ingress_port": span_of(service, "ingress", "port"),
+                  "ports": {str(p.number): span_of(service, "ports", i, "port") for i, p in enumerate(service.ports)}},
     }
 
 

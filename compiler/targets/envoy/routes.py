@@ -101,7 +101,7 @@ def _sidecar_hosts(entries: list[tuple[dict, dict]], port: int) -> tuple[list[tu
                 "envoy.ambiguous-short-name",
                 f"{fragment['service']}: host name {name!r} on port {port} also names another "
                 f"service; route configuration '{port}' leaves it out (use the namespaced name)",
-                span(fragment["spans"]["service"]), Severity.WARNING))
+                span(fragment["spans"]["ports"].get(str(port)) or fragment["spans"]["service"]), Severity.WARNING))
         unique = [d for d in domains if counts[d] == 1]
         host = entry["virtual_host"]
         if len(unique) != len(domains):
