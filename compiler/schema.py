@@ -167,8 +167,17 @@ def _check_redirect(value) -> str | None:
     return None
 
 
+def _check_retry_on(value) -> str | None:
+    """An Envoy retry condition, or an HTTP status code (Istio's `retryOn: 5xx,503`): Envoy
+    retries on those through `retriable_status_codes`."""
+    if not isinstance(value, str) or value in RETRY_ON or re.fullmatch(r"[1-5][0-9][0-9]", value):
+        return None
+    return _not_one_of(value, RETRY_ON) + ", or an HTTP status code (100-599)"
+
+
 CHECKS: dict[str, Callable[[object], str | None]] = {
     "duration": _check_duration,
+    "retry_on": _check_retry_on,
     "load_balancer": _check_load_balancer,
     "consistent_hash": _check_consistent_hash,
     "seconds": _check_seconds,
@@ -221,7 +230,7 @@ _HTTP_POLICY = {  # what a service sets for its HTTP routes and a route may set 
         "schema": {
             "attempts": {"type": "integer", "required": True, "min": 0, "max": INT32_MAX},
             "perTryTimeout": _duration,
-            "retryOn": {"type": "list", "schema": {"type": "string", "allowed": RETRY_ON}},
+            "retryOn": {"type": "list", "schema": {"type": "string", "check_with": "retry_on"}},
         },
     },
     "fault": {
