@@ -4,7 +4,7 @@ The cache lives outside the repository, in the user's cache directory
 (`$MESHC_CACHE_DIR`, else `$XDG_CACHE_HOME/meshc`, else `~/.cache/meshc`),
 one SQLite file per repository path: nothing a commit can plant is ever read,
 and every value is JSON or the bytes meshc itself serialised (never pickle).
-Two tables:
+Three tables:
 
 - `units`: JSON values keyed by content: one service in one environment,
   compiled (each target's fragment), keyed by SHA-256 of the compiler's
@@ -17,14 +17,19 @@ Two tables:
   text, with its depth and canonical JSON) that units refer to, keyed by
   SHA-256 of all of it, so a piece shared by many units (the same cluster in
   every environment) is stored, loaded and held once.
+- `results`: what `value` computed (a pure function's JSON result, such as the
+  diagnostics of the checks between services), keyed by SHA-256 of the
+  fingerprint and a digest of everything the function read; the latest few.
 
 The fingerprint hashes the compiler's own source and the versions of the
 libraries that shape the output bytes, so any change to either starts over.
 A corrupt or unreadable cache is treated as empty.
 
-Its seam with the pipeline: `units(keys, compute, decode)` for compiled units, and
-`get_json` / `put_json` for parsed input files. `NoCache` (`--no-cache`, `validate`)
-has the same calls and knows nothing, so no stage asks which one it has.
+Its seam with the pipeline: `units(keys, compute, decode)` for compiled units,
+`get_json` / `put_json` for parsed input files, and `value(key, compute)` for a
+pure function's JSON result (the checks between services). `NoCache`
+(`--no-cache`, `validate`) has the same calls and knows nothing, so no stage
+asks which one it has.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ import compiler
 from compiler.emit import Piece
 
 PRUNE_SLACK = 1000  # unused entries tolerated beyond twice this run's
+RESULTS_KEPT = 64  # `value` results kept, the latest stored
 
 
 @lru_cache(maxsize=1)
@@ -87,6 +93,7 @@ class Cache:
         self.pieces: dict[str, Piece] = {}  # KEY (hex) → the piece, shared by every unit that has it
         self._new_units: dict[bytes, bytes] = {}
         self._new_pieces: dict[str, Piece] = {}
+        self._new_results: dict[bytes, bytes] = {}
         self._used: set[bytes] = set()
         self._open()
 
@@ -104,6 +111,7 @@ class Cache:
             self._db.execute("CREATE TABLE IF NOT EXISTS units (key BLOB PRIMARY KEY, value BLOB NOT NULL)")
             self._db.execute("CREATE TABLE IF NOT EXISTS pieces (key TEXT PRIMARY KEY, depth INTEGER NOT NULL, "
                              "many INTEGER NOT NULL, canonical BLOB, text BLOB NOT NULL)")
+            self._db.execute("CREATE TABLE IF NOT EXISTS results (key BLOB PRIMARY KEY, value BLOB NOT NULL)")
             self._db.execute("PRAGMA mmap_size=268435456")  # reads straight from the page cache
             self.records = dict(self._db.execute("SELECT key, value FROM units"))
             self.pieces = {key: Piece(text, depth, canonical, bool(many))
@@ -128,6 +136,21 @@ class Cache:
             if record is not None:
                 self.put_packed(keys[i], *record)
         return values
+
+    def value(self, key: bytes, compute):
+        """The JSON value stored under `key` by this compiler (its fingerprint is part of the
+        key), else `compute()`'s, stored: a pure function's result, looked up by a digest of
+        everything it reads. Read by key, not loaded with the rest: a run asks for one or two."""
+        key = hashlib.sha256(fingerprint() + key).digest()
+        try:
+            row = self._db.execute("SELECT value FROM results WHERE key = ?", (key,)).fetchone() if self._db else None
+            if row is not None:
+                return orjson.loads(row[0])
+        except (sqlite3.Error, orjson.JSONDecodeError):  # unreadable or damaged: computed again
+            pass
+        value = compute()
+        self._new_results[key] = orjson.dumps(value)
+        return value
 
     def get_json(self, key: bytes):
         self._used.add(key)
@@ -167,7 +190,7 @@ class Cache:
                 self.pieces[ref] = self._new_pieces[ref] = piece
 
     def save(self) -> None:
-        if self._db is None or not (self._new_units or self._new_pieces):
+        if self._db is None or not (self._new_units or self._new_pieces or self._new_results):
             return
         # Keep the cache near the size of one repo: entries this run did not use go once they
         # dominate, and with them every piece no remaining unit refers to.
@@ -177,6 +200,10 @@ class Cache:
                 self._db.executemany("INSERT OR REPLACE INTO units VALUES (?, ?)", self._new_units.items())
                 self._db.executemany("INSERT OR REPLACE INTO pieces VALUES (?, ?, ?, ?, ?)",
                                      ((k, p.depth, p.many, p.canonical, p.text) for k, p in self._new_pieces.items()))
+                if self._new_results:  # the latest RESULTS_KEPT: a result is small, and one run asks for one or two
+                    self._db.executemany("INSERT OR REPLACE INTO results VALUES (?, ?)", self._new_results.items())
+                    self._db.execute("DELETE FROM results WHERE rowid NOT IN "
+                                     "(SELECT rowid FROM results ORDER BY rowid DESC LIMIT ?)", (RESULTS_KEPT,))
                 if stale:
                     self._db.executemany("DELETE FROM units WHERE key = ?", ((k,) for k in stale))
                     for k in stale:
@@ -186,6 +213,7 @@ class Cache:
             pass  # a cache that cannot be written only costs time next run
         self._new_units.clear()
         self._new_pieces.clear()
+        self._new_results.clear()
 
     def _orphans(self) -> list[str]:
         """Pieces no unit refers to (after a prune)."""
@@ -212,6 +240,9 @@ class NoCache:
 
     def units(self, keys: list[bytes], compute, decode) -> list:
         return [value for value, _ in compute(list(range(len(keys))), False)]
+
+    def value(self, key: bytes, compute):
+        return compute()
 
     def get_json(self, key: bytes):
         return None

@@ -15,6 +15,7 @@ that read it, behind one seam each.
 from __future__ import annotations
 
 import gc
+import hashlib
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -22,7 +23,7 @@ from typing import Sequence
 from compiler import check
 from compiler import model as m
 from compiler.cache import NoCache
-from compiler.diagnostics import Diagnostic, Diagnostics, sorted_unique
+from compiler.diagnostics import Diagnostic, Diagnostics, Note, Severity, Span, sorted_unique
 from compiler.emit import file_bytes
 from compiler.errors import UnknownEnvironment
 from compiler.load import Source
@@ -69,7 +70,7 @@ def compile_source(source: Source, envs: Sequence[str] | None = None, jobs: int 
             for env_units in by_env.values():
                 for unit in env_units:
                     diags.extend(unit.diagnostics)
-            check.claims({env: [u.claims for u in us] for env, us in by_env.items()}, diags)
+            diags.extend(_claims_checked(by_env, cache))
             if not diags.has_errors:
                 result.outputs = {ctx.env.name: _emit(ctx, by_env[ctx.env.name], diags) for ctx in contexts}
             if models and not diags.has_errors:
@@ -87,6 +88,43 @@ def _selected(environments: list[EnvironmentFile], envs: Sequence[str] | None, e
     if unknown:
         raise UnknownEnvironment(f"no environment named {', '.join(unknown)} (environments: {', '.join(every) or 'none'})")
     return [e for e in environments if e.name in envs]
+
+
+def _claims_checked(by_env: dict[str, list[Unit]], cache) -> list[Diagnostic]:
+    """What `check.claims` finds between the services of each environment. A pure function of
+    the units' claims, so it is looked up by their JSON (`cache.value`): a change that leaves
+    every claim as it was (a weight, a timeout) reads none of them back into `check.Claims`."""
+    if any(u.failed for us in by_env.values() for u in us):  # what a failed unit claims is unknown
+        return _claims_found(by_env)
+    digest = hashlib.sha256()
+    for env, units in by_env.items():
+        digest.update(b"%d %s\n" % (len(units), env.encode()))
+        digest.update("\n".join(u.claims_json for u in units).encode())
+    found = cache.value(b"claims:" + digest.digest(), lambda: [_diagnostic_json(d) for d in _claims_found(by_env)])
+    return [_diagnostic(d) for d in found]
+
+
+def _claims_found(by_env: dict[str, list[Unit]]) -> list[Diagnostic]:
+    found = Diagnostics()
+    check.claims({env: [u.claims for u in us] for env, us in by_env.items()}, found)
+    return list(found)
+
+
+def _diagnostic_json(d: Diagnostic) -> list:
+    return [d.code, d.message, _span_json(d.span), d.severity.value, [[n.message, _span_json(n.span)] for n in d.notes]]
+
+
+def _diagnostic(value: list) -> Diagnostic:
+    code, message, span, severity, notes = value
+    return Diagnostic(code, message, _span(span), Severity(severity), tuple(Note(text, _span(at)) for text, at in notes))
+
+
+def _span_json(span: Span | None) -> list | None:
+    return None if span is None else list(span)
+
+
+def _span(value: list | None) -> Span | None:
+    return None if value is None else Span(*value)
 
 
 def _emit(ctx: EnvContext, units: list[Unit], diags: Diagnostics) -> dict[str, bytes]:

@@ -16,6 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 
+import orjson
+
 from compiler import build, check, schema, workers
 from compiler import model as m
 from compiler.cache import pack_record, unit_key
@@ -51,26 +53,45 @@ class Unit:
     """One service in one environment, compiled: each target's fragment and the service's claims.
 
     `fragments` is empty when the service did not compile (its `diagnostics` say why).
-    The cache stores clean units only (no diagnostics), as JSON and pieces. `model`
+    The cache stores clean units only (no diagnostics), as JSON and pieces. The claims
+    travel as their JSON text (`claims_json`): what the checks between services are
+    keyed by, read back into `check.Claims` only when those checks run. `model`
     gives the service's model: the one this run built when it kept it, else rebuilt.
     """
 
     key: str
-    claims: check.Claims
+    claims_json: str  # `check.Claims.to_json()`, serialised
     fragments: dict  # target NAME → what its `lower_service` returned (JSON-able, with pieces)
     diagnostics: tuple[Diagnostic, ...] = ()
     built: m.Service | None = field(default=None, compare=False)  # the model, when this run kept it
+    _claims: check.Claims | None = field(default=None, compare=False, repr=False)
+
+    @classmethod
+    def of(cls, key: str, claims: check.Claims, fragments: dict, diagnostics: tuple[Diagnostic, ...] = (),
+           built: m.Service | None = None) -> "Unit":
+        return cls(key, orjson.dumps(claims.to_json()).decode(), fragments, diagnostics, built, claims)
+
+    @property
+    def claims(self) -> check.Claims:
+        if self._claims is None:
+            object.__setattr__(self, "_claims", check.Claims.from_json(orjson.loads(self.claims_json)))
+        return self._claims
+
+    @property
+    def failed(self) -> bool:
+        """The service did not compile: what it would claim is unknown."""
+        return not self.fragments
 
     def model(self, ctx: EnvContext, policy: Policy) -> m.Service | None:
         """The service's model in `ctx` (None when it does not compile)."""
         return self.built or service(ctx, policy, Diagnostics())
 
     def to_json(self) -> dict:
-        return {"claims": self.claims.to_json(), "fragments": self.fragments}
+        return {"claims": self.claims_json, "fragments": self.fragments}
 
     @classmethod
     def from_json(cls, key: str, value: dict) -> "Unit":
-        return cls(key, check.Claims.from_json(value["claims"]), value["fragments"])
+        return cls(key, value["claims"], value["fragments"])
 
 
 def compile_units(contexts: list[EnvContext], policies: list[Policy], cache, jobs: int | None,
@@ -129,14 +150,14 @@ def _unit(ctx: EnvContext, policy: Policy, keep_spans: bool, keep_model: bool) -
     diags = Diagnostics()
     svc = service(ctx, policy, diags)
     if svc is None:
-        return Unit(policy.key, check.Claims(policy.key, failed=True), {}, tuple(diags))
+        return Unit.of(policy.key, check.Claims(policy.key, failed=True), {}, tuple(diags))
     fragments = {target.NAME: target.lower_service(svc, ctx.env) for target in registry()}
     claims = check.Claims.of(svc)
     if not keep_model and not diags:
-        return Unit(policy.key, claims, fragments)
+        return Unit.of(policy.key, claims, fragments)
     if not keep_spans:
         svc = replace(svc, spans=SpanMap())
-    return Unit(policy.key, claims, fragments, tuple(diags), svc)
+    return Unit.of(policy.key, claims, fragments, tuple(diags), svc)
 
 
 class EnvLayers:

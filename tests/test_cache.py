@@ -6,6 +6,7 @@ import json
 import sqlite3
 
 import compiler.cache as cache_module
+import compiler.check as check
 import compiler.units as units
 from compiler.cache import Cache, cache_root
 from compiler.load import source_from_dir
@@ -213,3 +214,52 @@ def test_a_shared_ingress_host_follows_a_change_to_one_of_its_services(tmp_path,
     storefront = "istio/shop/storefront.yaml"
     assert b"prefix: /api/search" in before.outputs["prod"][storefront]
     assert b"prefix: /api/find" in after.outputs["prod"][storefront] and b"/api/search" not in after.outputs["prod"][storefront]
+
+
+def _counting_claims(monkeypatch) -> dict[str, int]:
+    counts = {"checked": 0, "read back": 0}
+    real_check, real_read = check.claims, check.Claims.from_json
+
+    def checking(*args, **kwargs):
+        counts["checked"] += 1
+        return real_check(*args, **kwargs)
+
+    def reading(value):
+        counts["read back"] += 1
+        return real_read(value)
+
+    monkeypatch.setattr(check, "claims", checking)
+    monkeypatch.setattr(check.Claims, "from_json", staticmethod(reading))
+    return counts
+
+
+def test_a_change_that_keeps_every_claim_reads_no_claim_back(example_repo, tmp_path, monkeypatch):
+    """The checks between services are a function of the units' claims: when a change leaves
+    them all as they were, the result stored for them stands, and no cached unit's claims
+    are read back into `check.Claims`."""
+    cache_dir = tmp_path / "cache"
+    _compile(example_repo, cache_dir)
+    policy = example_repo / "policies" / "bookinfo" / "details.yaml"
+    policy.write_text(policy.read_text().replace("timeout: 2s", "timeout: 3s"))  # same lines: same spans
+    counts = _counting_claims(monkeypatch)
+    warm = _compile(example_repo, cache_dir)
+    assert counts == {"checked": 0, "read back": 0}
+    assert warm.ok and _rendered(warm) == _rendered(_compile(example_repo))
+    assert counts["checked"] == 1, "without the cache, checked"
+
+
+def test_what_the_checks_between_services_found_is_reported_again_from_the_cache(tmp_path, monkeypatch):
+    import shutil
+
+    from conftest import GOLDEN
+
+    repo = tmp_path / "repo"
+    shutil.copytree(GOLDEN / "bad-ingress-host-conflict", repo, ignore=shutil.ignore_patterns("expected*"))
+    cache_dir = tmp_path / "cache"
+    first = _compile(repo, cache_dir)
+    assert any(d.code == "ingress.host-conflict" for d in first.diagnostics)
+    counts = _counting_claims(monkeypatch)
+    again = _compile(repo, cache_dir)
+    assert counts["checked"] == 0
+    assert [d.render() for d in again.diagnostics] == [d.render() for d in first.diagnostics]
+    assert again.diagnostics == first.diagnostics, "the same values: codes, severities, spans, notes"
