@@ -393,6 +393,17 @@ class Address:
         return is_ip(self.host)
 
 
+def port_address(address: "Address", port: Port, ports: tuple[Port, ...]) -> "Address":
+    """Where `port` of a service is reached at one of its endpoints. With one port, at the
+    address as written. With several, the address is its endpoint's, and its port that of the
+    service port whose targetPort it is (else of the first port); each other port is reached
+    at the endpoint's host on its own targetPort, as a pod serves each of its ports."""
+    if len(ports) < 2:
+        return address
+    owner = next((p for p in ports if p.target_port == address.port), ports[0])
+    return address if port is owner else Address(address.host, port.target_port)
+
+
 @dataclass(frozen=True)
 class Endpoints:
     """Addresses behind a service in one environment.

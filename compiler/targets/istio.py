@@ -98,7 +98,7 @@ def kube_service(svc: m.Service) -> dict:
 
 def service_entry(svc: m.Service) -> dict:
     """A host outside the mesh (MESH_EXTERNAL): resolved by DNS, or at the environment's
-    endpoints (STATIC), each serving every port at the endpoint's own port."""
+    endpoints (STATIC), each port where `model.port_address` says."""
     spec: dict = {
         "hosts": [svc.external.host],
         "location": "MESH_EXTERNAL",
@@ -106,7 +106,7 @@ def service_entry(svc: m.Service) -> dict:
         "resolution": svc.external.resolution,
     }
     if svc.external.resolution == "STATIC":
-        spec["endpoints"] = [{"address": a.host, "ports": {p.name: a.port for p in svc.ports}}
+        spec["endpoints"] = [{"address": a.host, "ports": {p.name: m.port_address(a, p, svc.ports).port for p in svc.ports}}
                              for a in dict.fromkeys(svc.endpoints.all())]
     return {"apiVersion": NETWORKING, "kind": "ServiceEntry", "metadata": _meta(svc.name, svc.namespace), "spec": spec}
 

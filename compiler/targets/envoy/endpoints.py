@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from compiler.model import Address, Port, Service
+from compiler.model import Address, Port, Service, port_address
 from compiler.targets.envoy.common import cluster_name
 from compiler.xds.resources import ENDPOINTS
 
@@ -44,8 +44,16 @@ def upstreams(service: Service) -> tuple[Upstream, ...]:
     for version in service.versions:
         addresses = _unique(by_version.get(version.name, ()))
         subsets.append((version.name, addresses, bool(dns_names) and any(a in dns_names for a in addresses)))
-    return tuple(Upstream(port, version, cluster_name(port.number, service.fqdn, version), addresses, dns)
+    return tuple(Upstream(port, version, cluster_name(port.number, service.fqdn, version),
+                          _on_port(addresses, port, service.ports), dns)
                  for port in service.ports for version, addresses, dns in subsets)
+
+
+def _on_port(addresses: tuple[Address, ...], port: Port, ports: tuple[Port, ...]) -> tuple[Address, ...]:
+    """A service's addresses as one port's cluster dials them (`model.port_address`)."""
+    if len(ports) < 2:
+        return addresses
+    return tuple(dict.fromkeys(port_address(a, port, ports) for a in addresses))
 
 
 def lower(upstreams: tuple[Upstream, ...]) -> list[dict]:
