@@ -138,6 +138,8 @@ class Piece:
         if self._value is _UNPARSED:
             if self.canonical is not None:
                 self._value = _loads(self.canonical)
+                if self.many:
+                    _remember_yaml(self._value, self.text)
             else:
                 self._value = _loads(b"[" + self.text + b"]" if self.many else self.text)
         return self._value
@@ -165,6 +167,21 @@ def _yaml_document(document, canonical: bytes) -> bytes:
             _YAML_MEMO.clear()
         text = _YAML_MEMO[canonical] = yaml_bytes([document])
     return text
+
+
+def _remember_yaml(documents: list, text: bytes) -> None:
+    """Seed the memo with the documents of a YAML piece parsed back, so a file built from them
+    and more (an ingress's Gateway, a Sidecar, a patched copy) renders only what is new. The
+    text splits at its separators exactly: a line `---` never occurs inside a document (YAML
+    forbids it in any scalar, `c-forbidden`, and every document here is a mapping)."""
+    texts = text.split(b"\n---\n")
+    if len(texts) != len(documents):
+        return
+    last = len(texts) - 1
+    for i, (document, part) in enumerate(zip(documents, texts)):
+        if len(_YAML_MEMO) >= _YAML_MEMO_LIMIT:
+            _YAML_MEMO.clear()
+        _YAML_MEMO.setdefault(canonical_json(document), part if i == last else part + b"\n")
 
 
 _YAML_MEMO: dict[bytes, bytes] = {}
@@ -195,7 +212,10 @@ def file_bytes(file: OutputFile) -> bytes:
     """An output file's bytes: YAML documents joined by `---` lines (exactly what one
     `yaml.dump_all` writes), or JSON as `json_bytes` writes it. Pieces are spliced in."""
     if file.format == "yaml":
-        return b"---\n".join(d.text if type(d) is Piece else yaml_bytes([d]) for d in file.content)
+        content = file.content
+        if len(content) == 1 and type(content[0]) is Piece:  # a service's file: its documents' piece
+            return content[0].text
+        return b"---\n".join(d.text if type(d) is Piece else yaml_bytes([d]) for d in content)
     if file.format == "json":
         if type(file.content) is bytes:  # serialised by its target already
             return file.content

@@ -63,6 +63,30 @@ def test_a_file_of_pieces_equals_one_dump_all():
     assert Piece.yaml(docs).canonical == canonical_json(docs)
 
 
+MARKERS = {"apiVersion": "v1", "dashes": "---", "inside": "a\n---\nb", "ends": "x\n---", "dots": "...\n...",
+           "list": ["---", "--- x", {"---": "---\n"}], "long": "---\n" * 3 + "-" * 80}
+
+
+def test_a_piece_parsed_back_renders_only_the_documents_added_to_it(monkeypatch):
+    """An ingress, a Sidecar or a patch makes a file of a service's cached documents and more:
+    the cached documents' YAML is reused, split at the separators, and only the rest rendered."""
+    docs = [MARKERS, TRICKY[0], {"kind": "Service", "text": "---"}]
+    added = [{"kind": "Gateway", "spec": {"hosts": ["---", "a.example.com"]}}, TRICKY[1]]
+    cached = Piece(Piece.yaml(docs).text, 0, Piece.yaml(docs).canonical, many=True)  # as the cache gives it back
+    emit._YAML_MEMO.clear()
+    rendered = []
+    real = emit.yaml_bytes
+
+    def counting(documents):
+        rendered.extend(documents)
+        return real(documents)
+
+    monkeypatch.setattr(emit, "yaml_bytes", counting)
+    combined = Piece.yaml(cached.value + added)
+    assert rendered == added
+    assert combined.text == _reference(docs + added) and combined.canonical == canonical_json(docs + added)
+
+
 def test_a_run_of_list_items_splices_as_those_items():
     items = [{"name": "b", "x": [1, {}]}, {"name": "a"}, []]
     value = {"resources": [{"first": True}, Piece.json_items(items, 2), "last"]}
