@@ -131,7 +131,10 @@ def _gateway_configs(fragments: list[dict]) -> list[dict]:
         if ingresses[h.owner]["https_redirect"]:  # Istio's `tls.httpsRedirect` server: 301 to https, on port 80
             redirect = [{"name": "https-redirect", "match": {"prefix": "/"}, "redirect": {"https_redirect": True}}]
             by_port[REDIRECT_PORT].append((_gateway_host_name(h.host, REDIRECT_PORT), _gateway_host(h.host, REDIRECT_PORT, redirect)))
-    return [_config(gateway_route_name(port), by_port[port]) for port in sorted(by_port)]
+    # A port that is also a service port gets no gateway listener (`listeners.assemble` says
+    # why): no route configuration either, which nothing would name.
+    service_ports = {e["port"] for f in fragments for e in f["http"] + f["tcp"]}
+    return [_config(gateway_route_name(port), by_port[port]) for port in sorted(by_port) if port not in service_ports]
 
 
 def _gateway_host(host: str, port: int, routes: list[dict]) -> dict:
