@@ -373,8 +373,18 @@ def _envoy_gateway_routes(tree: Path) -> dict[tuple[str, int], list[dict]]:
 
 @pytest.mark.parametrize("tree", sorted(TREES))
 def test_every_gateway_host_routes_the_same_in_both_targets(tree):
-    """At the gateway, order is meaning: a host's routes are compared as a list."""
-    assert _istio_gateway_routes(TREES[tree]) == _envoy_gateway_routes(TREES[tree])
+    """At the gateway, order is meaning: a host's routes are compared as a list. Where the Envoy
+    target leaves a gateway port out, and warns that it does, the two differ by that port."""
+    istio, envoy = _istio_gateway_routes(TREES[tree]), _envoy_gateway_routes(TREES[tree])
+    for host, port in GATEWAY_LEFT_OUT.get(tree, ()):
+        assert (host, port) in istio and (host, port) not in envoy
+        del istio[(host, port)]
+    assert istio == envoy
+
+
+#: An ingress port that is also a service port: one listener per port, so no gateway there
+#: (`envoy.ingress-port-conflict`, a warning).
+GATEWAY_LEFT_OUT = {"warn-envoy-ingress-port-conflict/prod": [("web.example.com", 8080)]}
 
 
 def test_the_gateway_comparison_covers_https_and_its_redirect():
