@@ -45,7 +45,7 @@ class EnvContext:
     @cached_property
     def layers(self) -> "EnvLayers":
         """Split out on first use: a re-compile whose units all come from the cache never needs it."""
-        return EnvLayers(self.file.spec, self.file.spans)
+        return EnvLayers(self.file)
 
 
 @dataclass(frozen=True)
@@ -161,36 +161,25 @@ def _unit(ctx: EnvContext, policy: Policy, keep_spans: bool, keep_model: bool) -
 
 
 class EnvLayers:
-    """An environment's overlay layers and endpoint entries, with their spans, split out as
-    units ask for them: one service at a time while few ask (a re-compile), all at once after."""
+    """An environment's overlay layers and endpoint entries, with their spans (each service's
+    own entries' spans read only for the services that ask)."""
 
-    FEW = 16
-
-    def __init__(self, spec: dict, spans: SpanMap):
-        self.defaults = Layer(spec["defaults"], spans.under(("defaults",))) if "defaults" in spec else None
+    def __init__(self, env_file: EnvironmentFile):
+        spec = env_file.spec
+        self.defaults = Layer(spec["defaults"], env_file.head_spans.under(("defaults",))) if "defaults" in spec else None
         self.tcp_defaults = _without_http_only(self.defaults) if self.defaults else None  # `defaults` for TCP-only services
         # ... and for services outside the mesh, which take none of what `check._NOT_EXTERNAL` lists
         self.external_defaults = (Layer(_drop_paths(self.defaults.data, [(f,) for f in check.NOT_EXTERNAL]), self.defaults.spans)
                                   if self.defaults else None)
-        self._spec, self._spans = spec, spans
-        self._asked = 0
-        self._sections: dict[str, dict] = {}
+        self._file = env_file
 
     def override(self, key: str) -> Layer | None:
-        data = self._spec.get("overrides", {}).get(key)
-        return None if data is None else Layer(data, self._spans_of("overrides", key))
+        data = self._file.spec.get("overrides", {}).get(key)
+        return None if data is None else Layer(data, self._file.entry_spans("overrides", key))
 
     def endpoints(self, key: str) -> tuple[object, SpanMap | None]:
-        data = self._spec.get("endpoints", {}).get(key)
-        return (None, None) if data is None else (data, self._spans_of("endpoints", key))
-
-    def _spans_of(self, section: str, key: str) -> SpanMap:
-        self._asked += 1
-        if self._asked <= self.FEW:
-            return self._spans.under((section, key))
-        if section not in self._sections:
-            self._sections[section] = self._spans.children((section,))
-        return self._sections[section].get(key) or SpanMap()
+        data = self._file.spec.get("endpoints", {}).get(key)
+        return (None, None) if data is None else (data, self._file.entry_spans("endpoints", key))
 
 
 def service(ctx: EnvContext, policy: Policy, diags: Diagnostics) -> m.Service | None:

@@ -11,7 +11,7 @@ its freeze windows (`check_freeze`).
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from functools import cached_property
 from pathlib import PurePosixPath
@@ -68,21 +68,83 @@ class Policy:
         return self.document().data["metadata"]
 
 
+#: The sections of an environment's spec keyed by service (`namespace/name`): a unit reads
+#: its own entry of each, so their spans are kept one entry at a time.
+ENTRY_SECTIONS = ("overrides", "endpoints")
+
+
 @dataclass(frozen=True)
 class EnvironmentFile:
-    """A loaded, schema-valid environment file."""
+    """A loaded, schema-valid environment file.
 
-    name: str
-    doc: Document
+    Its spans come in two parts: those of each service's entry under
+    `overrides` and `endpoints` (`entry_spans`, relative to the entry), which a
+    re-compile reads for the few services it computes, and the rest
+    (`head_spans`). `spans` has them all, put together when first used (to
+    report a problem anywhere in the spec). From the cache, an entry's spans are
+    its rows' JSON text until a unit asks for them: a re-compile parses the
+    spans of the entries it reads, not of every service in the environment.
+    """
+
+    doc: Document  # the data; its spans are the head's
     file_key: bytes
+    entries: dict = field(default_factory=dict, compare=False)  # section → key → SpanMap, or its rows as JSON text
+
+    @property
+    def name(self) -> str:
+        return self.doc.data["metadata"]["name"]
 
     @property
     def spec(self) -> dict:
         return self.doc.data["spec"]
 
     @cached_property
-    def spans(self) -> SpanMap:
+    def head_spans(self) -> SpanMap:
         return self.doc.spans.under(("spec",))
+
+    def entry_spans(self, section: str, key: str) -> SpanMap:
+        entry = self.entries.get(section, {}).get(key)
+        if entry is None:
+            return SpanMap()
+        return SpanMap.from_rows(lambda: orjson.loads(entry)) if type(entry) is str else entry
+
+    @cached_property
+    def spans(self) -> SpanMap:
+        def every() -> dict:
+            out = dict(self.head_spans.items())
+            for section, by_key in self.entries.items():
+                for key in by_key:
+                    out.update({(section, key, *p): span for p, span in self.entry_spans(section, key).items()})
+            return out
+
+        return SpanMap.deferred(every)
+
+    @classmethod
+    def parsed(cls, doc: Document, file_key: bytes) -> "EnvironmentFile":
+        """From a document just parsed and checked: its spans split, in one pass."""
+        spec = doc.data["spec"]
+        keyed = {section: spec.get(section) or {} for section in ENTRY_SECTIONS}
+        head: dict = {}
+        entries: dict = {section: {} for section in ENTRY_SECTIONS}
+        for path, span in doc.spans.items():
+            if len(path) > 2 and path[0] == "spec" and path[1] in keyed and path[2] in keyed[path[1]]:
+                entries[path[1]].setdefault(path[2], {})[path[3:]] = span
+            else:
+                head[path] = span
+        return cls(Document(doc.path, doc.data, SpanMap(head), doc.sha), file_key,
+                   {section: {key: SpanMap(spans) for key, spans in by_key.items()} for section, by_key in entries.items()})
+
+    def to_json(self) -> dict:
+        """Plain JSON for the cache: the document with the head's spans as rows, and each
+        entry's rows (relative to it) as JSON text."""
+        value = self.doc.to_json()
+        value["entries"] = {section: {key: orjson.dumps([[list(p), *span] for p, span in self.entry_spans(section, key).items()]).decode()
+                                      for key in by_key} for section, by_key in self.entries.items()}
+        return value
+
+    @classmethod
+    def from_json(cls, value: dict, file_key: bytes) -> "EnvironmentFile":
+        return cls(Document.from_json(value), file_key, value["entries"])
 
 
 class PolicyLoad:
@@ -194,16 +256,18 @@ def load_environments(source: Source, diags: Diagnostics, policies: Callable[[],
     for path in source.environment_paths():
         fkey = file_key(path, source.files[path])
         known = cache.get_json(b"environment:" + fkey)
-        doc = Document.from_json(known) if known is not None else None
-        if doc is None:
+        if known is not None:
+            env = EnvironmentFile.from_json(known, fkey)
+        else:
             doc = parse(path, source.files[path], diags)
             if doc is None or not _validate_top(doc, schema.ENVIRONMENT, diags, _override_note(policies)):
                 continue
             if not check_freeze(doc.data["spec"].get("freeze") or [], doc.spans, diags):
                 continue
-            cache.put_json(b"environment:" + fkey, doc.to_json())
+            env = EnvironmentFile.parsed(doc, fkey)
+            cache.put_json(b"environment:" + fkey, env.to_json())
+        doc, name = env.doc, env.name
         stem = PurePosixPath(path).stem
-        name = doc.data["metadata"]["name"]
         if name != stem:
             diags.error("environment.name", f"environment {name!r} must live in environments/{name}.yaml, not {path}", doc.spans.at(("metadata", "name")))
             continue
@@ -216,7 +280,7 @@ def load_environments(source: Source, diags: Diagnostics, policies: Callable[[],
                 Note(f"the first file for {name!r}", first.doc.spans.at(("metadata", "name"))),
             )
             continue
-        out.append(EnvironmentFile(name, doc, fkey))
+        out.append(env)
     return out
 
 

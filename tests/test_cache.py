@@ -263,3 +263,33 @@ def test_what_the_checks_between_services_found_is_reported_again_from_the_cache
     assert counts["checked"] == 0
     assert [d.render() for d in again.diagnostics] == [d.render() for d in first.diagnostics]
     assert again.diagnostics == first.diagnostics, "the same values: codes, severities, spans, notes"
+
+
+def test_a_re_compile_reads_the_environment_spans_of_the_services_it_computes(example_repo, tmp_path, monkeypatch):
+    """A cached environment keeps each service's override and endpoints spans apart: a unit
+    computed again reads its own, and a problem found in an override is located the same as
+    without the cache (here the policy drops the canary its prod override still tunes)."""
+    from compiler import validate
+
+    cache_dir = tmp_path / "cache"
+    _compile(example_repo, cache_dir)
+    asked = []
+    real = validate.EnvironmentFile.entry_spans
+
+    def counting(self, section, key):
+        asked.append((self.name, section, key))
+        return real(self, section, key)
+
+    monkeypatch.setattr(validate.EnvironmentFile, "entry_spans", counting)
+    policy = example_repo / "policies" / "bookinfo" / "reviews.yaml"
+    text = policy.read_text()
+    start = text.index("    canary:")
+    end = text.index("\n  ", text.index("\n", start) + 1)
+    while text[end + 3] == " ":  # the rest of the canary's block
+        end = text.index("\n  ", end + 1)
+    policy.write_text(text[:start] + text[end + 1:])
+    cached = _compile(example_repo, cache_dir)
+    assert {key for _, _, key in asked} == {"bookinfo/reviews"}
+    uncached = _compile(example_repo)
+    assert not cached.ok and any(d.span.path == "environments/prod.yaml" for d in cached.diagnostics if d.span)
+    assert [d.render() for d in cached.diagnostics] == [d.render() for d in uncached.diagnostics]
