@@ -167,6 +167,15 @@ def _check_redirect(value) -> str | None:
     return None
 
 
+def _check_header_value(value) -> str | None:
+    """An HTTP field value holds no control character but a tab (RFC 9110 §5.5): Envoy refuses
+    a CR, LF or NUL in a header it writes, and no request carries one for a match to see."""
+    if not isinstance(value, str):
+        return None
+    bad = next((c for c in value if (ord(c) < 0x20 and c != "\t") or ord(c) == 0x7F), None)
+    return None if bad is None else f"a header value cannot hold the control character U+{ord(bad):04X}"
+
+
 def _check_retry_on(value) -> str | None:
     """An Envoy retry condition, or an HTTP status code (Istio's `retryOn: 5xx,503`): Envoy
     retries on those through `retriable_status_codes`."""
@@ -178,6 +187,7 @@ def _check_retry_on(value) -> str | None:
 CHECKS: dict[str, Callable[[object], str | None]] = {
     "duration": _check_duration,
     "retry_on": _check_retry_on,
+    "header_value": _check_header_value,
     "load_balancer": _check_load_balancer,
     "consistent_hash": _check_consistent_hash,
     "seconds": _check_seconds,
@@ -217,10 +227,11 @@ def _one_of(**rules) -> dict:
 
 
 _string_match = _one_of(exact={"type": "string"}, prefix={"type": "string"}, regex={"type": "string"})
+_header_value = {"type": "string", "check_with": "header_value"}
 _header_matches = {"type": "dict", "minlength": 1, "keysrules": _header_name,
-                   "valuesrules": _one_of(exact={"type": "string"}, prefix={"type": "string"}, regex={"type": "string"},
+                   "valuesrules": _one_of(exact=_header_value, prefix=_header_value, regex={"type": "string"},
                                           present={"type": "boolean", "allowed": (True,)})}
-_header_values = {"type": "dict", "keysrules": _header_name, "valuesrules": {"type": "string"}}
+_header_values = {"type": "dict", "keysrules": _header_name, "valuesrules": _header_value}
 _header_ops = {"type": "dict", "schema": {"set": _header_values, "add": _header_values,
                                           "remove": {"type": "list", "schema": _header_name}}}
 _HTTP_POLICY = {  # what a service sets for its HTTP routes and a route may set for itself

@@ -74,6 +74,7 @@ RULES = [
     ("bad-endpoints-unknown-version", "endpoints.unknown-version"),
     ("bad-endpoints-list-for-versioned", "endpoints.versions"),
     ("bad-endpoints-address", "schema.value"),
+    ("bad-header-control-character", "schema.value"),
     ("bad-split-with-stable", "traffic.shape"),
     ("bad-canary-without-stable", "traffic.shape"),
     ("bad-enum-load-balancer", "schema.value"),
