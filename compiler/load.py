@@ -93,16 +93,34 @@ def _inside(real_root: str, path: str) -> bool:
 
 def _walk(root: str, top: str) -> Iterator[tuple[str, bool]]:
     """(repo-relative POSIX path, is a symlink) of every file below `top`, sorted, hidden ones
-    left out. Symlinked directories below `top` are not walked (os.walk follows none)."""
+    left out. Symlinked directories below `top` are not walked (as os.walk follows none): a
+    symlink to a directory is neither walked nor a file, any other entry that is not a
+    directory is one. One scandir per directory, whose entries know whether they are links."""
     start = os.path.join(root, top)
     if not os.path.isdir(start):
         return
-    for dirpath, dirnames, filenames in os.walk(start):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        rel_dir = os.path.relpath(dirpath, root).replace(os.sep, "/")
-        for name in sorted(filenames):
-            if not name.startswith("."):
-                yield f"{rel_dir}/{name}", os.path.islink(os.path.join(dirpath, name))
+    yield from _walk_dir(start, top)
+
+
+def _walk_dir(path: str, rel: str) -> Iterator[tuple[str, bool]]:
+    try:
+        with os.scandir(path) as it:
+            entries = sorted((e for e in it if not e.name.startswith(".")), key=lambda e: e.name)
+    except OSError:  # as os.walk: a directory that cannot be listed holds nothing
+        return
+    dirs = []
+    for entry in entries:
+        try:
+            is_dir = entry.is_dir()
+        except OSError:
+            is_dir = False
+        if is_dir:
+            if not entry.is_symlink():
+                dirs.append(entry)
+        else:
+            yield f"{rel}/{entry.name}", entry.is_symlink()
+    for entry in dirs:
+        yield from _walk_dir(entry.path, f"{rel}/{entry.name}")
 
 
 @dataclass(frozen=True)
