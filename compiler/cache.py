@@ -112,7 +112,9 @@ class Cache:
             self._db.execute("CREATE TABLE IF NOT EXISTS pieces (key TEXT PRIMARY KEY, depth INTEGER NOT NULL, "
                              "many INTEGER NOT NULL, canonical BLOB, text BLOB NOT NULL)")
             self._db.execute("CREATE TABLE IF NOT EXISTS results (key BLOB PRIMARY KEY, value BLOB NOT NULL)")
-            self._db.execute("PRAGMA mmap_size=268435456")  # reads straight from the page cache
+            # Reads straight from the page cache, for the whole file: at 10,000 services it holds
+            # 340 MB, and a map of 256 MB left a third of the pieces to be read through (0.09 s).
+            self._db.execute("PRAGMA mmap_size=2147418112")  # SQLite's largest by default
             self.records = dict(self._db.execute("SELECT key, value FROM units"))
             self.pieces = {key: Piece(text, depth, canonical, bool(many))
                            for key, depth, many, canonical, text in self._db.execute("SELECT * FROM pieces")}
