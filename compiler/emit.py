@@ -566,6 +566,7 @@ class _Delta:
         self.staging = staging
         self.moves: list[tuple[str, Path, Path]] = []
         self._count = 0
+        self._view = memoryview(bytearray(_CHUNK))  # what old files are read into, chunk by chunk
 
     def of(self, tree: _Dir, target: Path) -> list[tuple[str, Path, Path]]:
         fd = os.open(target, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
@@ -583,7 +584,7 @@ class _Delta:
         with os.scandir(fd) as it:
             old = {e.name: e for e in it}
         if not node.dirs:
-            same = {n for n, content in node.files.items() if _same(fd, old.get(n), n, content)}
+            same = {n for n, content in node.files.items() if self._same(fd, old.get(n), n, content)}
             if len(same) < len(node.files) or len(old) > len(same):
                 self.moves.append(("put", self._rebuilt(node, fd, same), target))
             return
@@ -601,7 +602,7 @@ class _Delta:
                 _fill(str(staged), dict(sub.items()))
                 self.moves.append(("put", staged, target / name))
         for name, content in node.files.items():
-            if not _same(fd, old.get(name), name, content):
+            if not self._same(fd, old.get(name), name, content):
                 staged = self._name()
                 _write(os.fspath(staged), content, None)
                 self.moves.append(("put", staged, target / name))
@@ -625,21 +626,39 @@ class _Delta:
         return staged
 
 
-def _same(dir_fd: int, entry: os.DirEntry | None, name: str, content: bytes) -> bool:
-    """Whether the old directory's `name` is a regular file holding exactly `content` (a
-    symlink or FIFO there is never followed nor waited on: it is simply not the same)."""
-    if entry is None or not entry.is_file(follow_symlinks=False):
-        return False
-    try:
-        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=dir_fd)
-    except OSError:
-        return False
-    try:
-        return os.read(fd, len(content) + 1) == content  # a regular file gives all it has to one read
-    except OSError:
-        return False
-    finally:
-        os.close(fd)
+    def _same(self, dir_fd: int, entry: os.DirEntry | None, name: str, content: bytes) -> bool:
+        """Whether the old directory's `name` is a regular file holding exactly `content` (a
+        symlink or FIFO there is never followed nor waited on: it is simply not the same)."""
+        if entry is None or not entry.is_file(follow_symlinks=False):
+            return False
+        try:
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=dir_fd)
+        except OSError:
+            return False
+        try:
+            return self._holds(fd, content)
+        except OSError:
+            return False
+        finally:
+            os.close(fd)
+
+    def _holds(self, fd: int, content: bytes) -> bool:
+        """Whether the file open at `fd` holds `content`, read into one reused buffer and
+        compared where each chunk lands: an Envoy file of 100 MB is not copied into fresh
+        memory to compare it (whose page faults cost more than the reading). A regular file
+        gives all it has to one read, so a short read is its end."""
+        size, offset, view = len(content), 0, self._view
+        while True:
+            want = min(size + 1 - offset, len(view))
+            got = os.readv(fd, [view[:want]])
+            if not content.startswith(view[:got], offset):
+                return False
+            offset += got
+            if got < want:
+                return offset == size
+
+
+_CHUNK = 1 << 22
 
 
 def _write(name: str, content: bytes, dir_fd: int | None) -> None:

@@ -204,3 +204,23 @@ def test_a_failure_while_staging_changes_nothing(tmp_path, monkeypatch):
                              "prod": {**files, "istio/ns-1/svc-0.yaml": b"fails\n"}})
     assert _inodes(out) == before
     assert _files(out / "dev") == files and _files(out / "prod") == files
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 1 << 22], ids=["byte by byte", "in chunks", "at once"])
+def test_a_file_is_the_same_only_if_every_byte_is(tmp_path, monkeypatch, chunk):
+    """Old files are read in chunks into one buffer and compared where each chunk lands."""
+    monkeypatch.setattr(emit, "_CHUNK", chunk)
+    out = tmp_path / "rendered"
+    base = {"kustomization.yaml": b"k\n", "envoy/a.json": b"0123456789abcdef\n", "envoy/b.json": b"",
+            "istio/x/y.yaml": b"y" * 50 + b"\n"}
+    write_rendered(out, {"prod": base})
+    for rel, content in [("envoy/a.json", b"0123456789abcdef\n"), ("envoy/b.json", b"")]:
+        before = os.lstat(out / "prod" / rel).st_ino
+        write_rendered(out, {"prod": base})
+        assert os.lstat(out / "prod" / rel).st_ino == before, f"{rel} is the same"
+    for content in [b"0123456789abcdef", b"0123456789abcdef\n\n", b"0123456789abcdeF\n", b"x123456789abcdef\n", b""]:
+        files = {**base, "envoy/a.json": content}
+        write_rendered(out, {"prod": files})
+        assert _files(out / "prod") == files, content
+        write_rendered(out, {"prod": base})
+        assert _files(out / "prod") == base
