@@ -57,9 +57,6 @@ class Scopes:
         self._routes = previous._routes if previous is not None else {}  # (name, top, hosts) → Resource
         self._layout: dict[bytes, tuple[dict[str, int], str]] = {}  # a route configuration's hosts by name, its top
 
-    def scoped(self, service: str) -> bool:
-        return service in self.egress
-
     def kind(self, service: str, kind: str, full: TypeSnapshot) -> TypeSnapshot:
         """`full` as a proxy of `service` receives it (all of it without a scope)."""
         if kind not in _KINDS or service not in self.egress:
