@@ -459,3 +459,106 @@ def test_streams_asking_for_the_same_names_share_one_copy(tmp_path):
                                                          resource_names_subscribe=[V1, V2]))
     a, b, c = (s._watches["endpoints"].names for s in (*sotw, delta))
     assert a == {V1, V2} and a is b is c
+
+
+def _assignments(version: int, names) -> object:
+    """A snapshot of ClusterLoadAssignments only (enough for a Delta EDS stream), each
+    named one at a port that `version` and its name choose."""
+    from envoy.config.endpoint.v3 import endpoint_pb2
+
+    from compiler.xds.snapshot import Snapshot, resource, type_snapshot
+
+    made = {}
+    for name in names:
+        msg = endpoint_pb2.ClusterLoadAssignment(cluster_name=name)
+        msg.endpoints.add().lb_endpoints.add().endpoint.address.socket_address.port_value = (
+            1000 + (version * 7 + int(name[1:]) * 3) % 5)   # a name keeps its version some rounds, not all
+        made[name] = resource(name, msg)
+    typed = type_snapshot("endpoints", EDS, f"v{version}", made)
+    return Snapshot(env=ENV, digest=f"d{version}", kinds={"endpoints": typed})
+
+
+def test_delta_what_a_stream_holds_follows_every_response():
+    """Driven Delta streams, through publications and subscription changes in a seeded
+    random order: after each answer, what a client has been sent (applied as Envoy
+    applies it) of what it subscribes to is exactly the current snapshot's versions of
+    those names, and streams holding exactly one snapshot's resources share that
+    snapshot's mapping."""
+    import random
+
+    from compiler.xds.cache import Cache
+    from compiler.xds.metrics import Metrics
+    from compiler.xds.proxies import Proxies
+    from compiler.xds.stream import DeltaStream, Hub
+
+    rng = random.Random(13)
+    universe = [f"n{i}" for i in range(12)]
+    hub = Hub(Cache(), Proxies(), Metrics())
+    current = _assignments(0, universe[:8])
+    hub.cache.publish(current, 0.0)
+    streams, held, wanted = [], [], []
+    for i in range(4):
+        stream = DeltaStream(hub, "ads", lambda: None)
+        first = ["*"] if i == 0 else rng.sample(universe, 6)
+        answers = stream.on_request(discovery_pb2.DeltaDiscoveryRequest(
+            node={"id": f"p{i}", "cluster": ENV}, type_url=EDS, resource_names_subscribe=first))
+        streams.append(stream)
+        held.append({})
+        wanted.append(set(first))
+        _apply(held[i], answers)
+
+    def check() -> None:
+        typed = current.kinds["endpoints"].resources
+        for i, stream in enumerate(streams):
+            names = set(universe) if "*" in wanted[i] else wanted[i]
+            got = {n: held[i][n] for n in names if n in held[i]}
+            assert got == {n: typed[n].version for n in names if n in typed}, f"stream {i} after step {step}"
+
+    for step in range(200):
+        i = rng.randrange(len(streams))
+        choice = rng.random()
+        if choice < 0.4:
+            current = _assignments(step + 1, sorted(rng.sample(universe, rng.randint(5, 10))))
+            hub.cache.publish(current, 0.0)
+            for j, stream in enumerate(streams):
+                _apply(held[j], stream.on_snapshot())
+        elif choice < 0.7:
+            names = rng.sample(universe, 2) + (["*"] if rng.random() < 0.1 else [])
+            wanted[i] |= set(names)
+            _apply(held[i], streams[i].on_request(discovery_pb2.DeltaDiscoveryRequest(
+                type_url=EDS, resource_names_subscribe=names)))
+        else:
+            names = rng.sample(sorted(wanted[i] - {"*"}) or universe, 1) + (["*"] if rng.random() < 0.1 else [])
+            wanted[i] -= set(names)
+            for name in names:
+                if "*" not in wanted[i]:
+                    held[i].pop(name, None)     # Envoy drops what it no longer subscribes to
+            _apply(held[i], streams[i].on_request(discovery_pb2.DeltaDiscoveryRequest(
+                type_url=EDS, resource_names_unsubscribe=names)))
+        check()
+
+    # Streams that subscribe alike and are current hold the snapshot's own mapping, not a
+    # copy each, and hold the next one's after a push.
+    alike = []
+    for i in range(3):
+        stream = DeltaStream(hub, "ads", lambda: None)
+        stream.on_request(discovery_pb2.DeltaDiscoveryRequest(
+            node={"id": f"q{i}", "cluster": ENV}, type_url=EDS, resource_names_subscribe=universe))
+        alike.append(stream)
+    for version in (1000, 1001):
+        current = _assignments(version, universe[version % 3:])
+        hub.cache.publish(current, 0.0)
+        for stream in alike:
+            stream.on_snapshot()
+        mapping = current.kinds["endpoints"].resources
+        assert all(s._watches["endpoints"].known._base is mapping and not s._watches["endpoints"].known._own
+                   for s in alike)
+
+
+def _apply(held: dict, answers: list[bytes]) -> None:
+    for data in answers:
+        response = discovery_pb2.DeltaDiscoveryResponse.FromString(data)
+        for name in response.removed_resources:
+            held.pop(name, None)
+        for r in response.resources:
+            held[r.name] = r.version

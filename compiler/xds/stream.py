@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import grpc
@@ -43,7 +43,7 @@ from envoy.service.discovery.v3 import discovery_pb2
 from compiler.xds.cache import Cache, EnvState
 from compiler.xds.metrics import Metrics
 from compiler.xds.proxies import Nack, Proxies, ProxyStatus
-from compiler.xds.snapshot import SERVED_ORDER, TYPE_URLS, WILDCARD_KINDS, TypeSnapshot, kind_of
+from compiler.xds.snapshot import SERVED_ORDER, TYPE_URLS, WILDCARD_KINDS, Resource, TypeSnapshot, kind_of
 
 __all__ = ["DeltaStream", "Hub", "SotwStream", "StreamError", "node_service"]
 
@@ -88,13 +88,79 @@ class Hub:
         return shared
 
 
+class _Known:
+    """What a Delta client holds of one kind: name → version, as a small mapping.
+
+    A client mostly holds exactly what one snapshot's kind has of the names it subscribes
+    to. That part is the `TypeSnapshot`'s own `resources` (`rebase`), read through the
+    subscription it was taken with, and is shared by every client that holds it (a
+    thousand proxies hold one); only where a client differs from it is a dict of its own
+    (None: a name it does not hold). `get`, `in`, iteration and item assignment read as
+    on a dict.
+    """
+
+    __slots__ = ("_base", "_names", "_own", "at")
+
+    def __init__(self, initial: Mapping[str, str] | None = None) -> None:
+        self._base: Mapping[str, Resource] = {}
+        self._names: frozenset[str] | None = None      # the base's names held; None: all of them
+        self._own: dict[str, str | None] = dict(initial or {})
+        self.at = ""                                   # the version of the kind it is based on
+
+    def _from_base(self, name: str) -> str | None:
+        resource = self._base.get(name)
+        if resource is None or (self._names is not None and name not in self._names):
+            return None
+        return resource.version
+
+    def get(self, name: str) -> str | None:
+        own = self._own
+        return own[name] if name in own else self._from_base(name)
+
+    def __contains__(self, name: str) -> bool:
+        return self.get(name) is not None
+
+    def __setitem__(self, name: str, version: str) -> None:
+        if self._from_base(name) == version:
+            self._own.pop(name, None)
+        else:
+            self._own[name] = version
+
+    def discard(self, name: str) -> None:
+        if self._from_base(name) is not None:
+            self._own[name] = None
+        else:
+            self._own.pop(name, None)
+
+    def __iter__(self) -> Iterator[str]:
+        own, names, base = self._own, self._names, self._base
+        held = base if names is None or len(base) <= len(names) else (n for n in names if n in base)
+        for name in held:
+            if name not in own and (names is None or name in names):
+                yield name
+        for name, version in own.items():
+            if version is not None:
+                yield name
+
+    def among(self, names: Iterable[str]) -> set[str]:
+        return {n for n in names if n in self}
+
+    def exactly(self, version: str, names: frozenset[str] | None) -> bool:
+        """It holds exactly the resources of `names` (None: all) of the kind at `version`."""
+        return not self._own and self.at == version and self._names is names
+
+    def rebase(self, typed: TypeSnapshot, names: frozenset[str] | None) -> None:
+        """It holds exactly `typed`'s resources of `names` (None: all) now."""
+        self._base, self._names, self._own, self.at = typed.resources, names, {}, typed.version
+
+
 @dataclass
 class _Watch:
     wildcard: bool                      # every resource of the kind
     names: frozenset[str]               # explicitly named resources (besides the wildcard)
     nonce: str = ""                     # latest nonce sent for this kind
     version: str = ""                   # latest version sent for this kind
-    known: dict[str, str] = field(default_factory=dict)   # Delta: name → version client has
+    known: _Known = field(default_factory=_Known)   # Delta: name → version client has
     pushed_for: float = 0.0             # published_at of the snapshot last pushed, until ACKed
 
 
@@ -286,7 +352,7 @@ class DeltaStream(_Stream):
         if watch is None:
             wildcard = "*" in subscribe or (kind in WILDCARD_KINDS and not subscribe)
             watch = self._watches[kind] = _Watch(wildcard, self.hub.share(frozenset(subscribe - {"*"})),
-                                                 known=dict(req.initial_resource_versions))
+                                                 known=_Known(req.initial_resource_versions))
             return self._respond(kind, push=False, always=True, asked=subscribe)
         wildcard_before = watch.wildcard
         new = self._apply_subscriptions(watch, subscribe, set(req.resource_names_unsubscribe))
@@ -311,8 +377,10 @@ class DeltaStream(_Stream):
         new = (subscribe - {"*"}) - watch.names
         if new or unsubscribe & watch.names:
             watch.names = self.hub.share((watch.names | new) - unsubscribe)
-        for name in unsubscribe | new:
-            watch.known.pop(name, None)     # a re-subscribed name is sent afresh
+        # A re-subscribed name is sent afresh. One unsubscribed that the wildcard still covers
+        # is still the client's (Envoy keeps it as a wildcard resource): its removal is owed.
+        for name in new | (set() if watch.wildcard else unsubscribe):
+            watch.known.discard(name)
         return new
 
     def on_snapshot(self) -> list[bytes]:
@@ -358,8 +426,12 @@ class DeltaStream(_Stream):
         # A push looks at the publication's changes only; an answer to a request, at everything
         # the client subscribes to (its subscription may just have changed).
         pool = self._candidates(kind) if push else None
+        # A client holding exactly the snapshot before this publication holds exactly this one
+        # once it has the publication's changes (shared again, not its own copy).
+        follows = (pool is not None and watch.version != typed.version
+                   and watch.known.exactly(watch.version, None if watch.wildcard else watch.names))
         changed = [typed.resources[n] for n in self._changed(kind, resend, pool)]
-        removed = {n for n in (watch.known if pool is None else pool & watch.known.keys()) if n not in typed.resources
+        removed = {n for n in (watch.known if pool is None else watch.known.among(pool)) if n not in typed.resources
                    and (watch.wildcard or n in watch.names)}
         if kind == "secrets":
             # A secret gone from the directory stays what the proxy had (Envoy would take its
@@ -371,18 +443,33 @@ class DeltaStream(_Stream):
         # starts without it, and takes it when it comes.
         removed |= {n for n in asked if n != "*" and n not in typed.resources}
         if not (changed or removed or always):
+            self._settle(kind, watch, typed, follows, pool)
             return []
         nonce = self._next_nonce()
-        body = discovery_pb2.DeltaDiscoveryResponse(
+        head = discovery_pb2.DeltaDiscoveryResponse(
             system_version_info=typed.version, type_url=typed.type_url, nonce=nonce,
             removed_resources=sorted(removed)).SerializeToString()
-        body += b"".join(r.delta_field for r in changed)
+        body = b"".join([head, *(r.delta_field for r in changed)])
         for resource in changed:
             watch.known[resource.name] = resource.version
         for name in removed:
-            watch.known.pop(name, None)
+            watch.known.discard(name)
+        self._settle(kind, watch, typed, follows, pool)
         self._sent(kind, watch, nonce, typed.version, push, len(changed))
         return [body]
+
+    def _settle(self, kind: str, watch: _Watch, typed: TypeSnapshot, follows: bool,
+                pool: frozenset[str] | None) -> None:
+        """After an answer: when the client now holds exactly `typed`'s resources of what it
+        subscribes to, that is what it knows (the snapshot's mapping, not a copy). Known
+        without looking when it followed a publication; after a full comparison, when it
+        holds nothing outside its subscription. Secrets are never removed from a client, so
+        what it holds of them stays its own."""
+        if kind == "secrets":
+            return
+        names = None if watch.wildcard else watch.names
+        if follows or (pool is None and (watch.wildcard or all(n in names for n in watch.known))):
+            watch.known.rebase(typed, names)
 
 
 def _wanted(watch: _Watch, resources: Mapping[str, object]) -> set[str]:
