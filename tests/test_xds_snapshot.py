@@ -366,3 +366,123 @@ def test_a_file_laid_out_otherwise_is_checked_by_its_content(tmp_path, res):
     path.write_text(json.dumps(doc))
     with pytest.raises(SnapshotError, match="is not the SHA-256 of the rest of the file"):
         load_snapshot(ENV, read_files(tmp_path / ENV / "envoy"))
+
+
+# --- the fast path of the strict parse agrees with json_format -------------------------------
+
+GOLDEN = Path(__file__).parent / "golden"
+
+
+def _golden_documents():
+    """Every resource (and virtual host) of the golden cases' expected Envoy files."""
+    from compiler.xds import protos
+    from compiler.xds.snapshot import TYPE_URLS
+
+    vhost = protos.message_class("type.googleapis.com/envoy.config.route.v3.VirtualHost")
+    for path in sorted(GOLDEN.glob("*/expected/*/envoy/*.json")):
+        kind = path.stem
+        if kind not in TYPE_URLS:
+            continue
+        cls = protos.message_class(TYPE_URLS[kind])
+        for item in json.loads(path.read_bytes())["resources"]:
+            yield {k: v for k, v in item.items() if k not in ("@type", "virtual_hosts")}, cls
+            for host in item.get("virtual_hosts", []) if kind == "routes" else ():
+                yield host, vhost
+
+
+def _both_ways(document, cls):
+    """What the fast path makes of `document` (None where it gives up) and what
+    json_format makes of it, each as wire bytes or the error's text."""
+    from compiler.xds import protos, snapshot
+
+    def outcome(parse):
+        try:
+            return parse().SerializeToString(deterministic=True)
+        except Exception as exc:    # noqa: BLE001 - ParseError, or whatever json_format's path raises
+            return f"{type(exc).__name__}: {exc}"
+
+    fast = cls()
+    try:
+        snapshot._fast(copy.deepcopy(document), fast, 0)
+    except Exception:   # noqa: BLE001 - gave up: json_format decides
+        fast = None
+    return (fast.SerializeToString(deterministic=True) if fast is not None else None,
+            outcome(lambda: snapshot._parse_strict(copy.deepcopy(document), cls)),
+            outcome(lambda: protos.parse_strict(copy.deepcopy(document), cls)))
+
+
+def test_the_fast_parse_takes_everything_meshc_emits_and_makes_json_formats_messages():
+    documents = list(_golden_documents())
+    assert len(documents) > 500
+    for document, cls in documents:
+        fast, chosen, reference = _both_ways(document, cls)
+        assert fast is not None, document          # meshc's own output never needs json_format
+        assert fast == chosen == reference, document
+
+
+def _cluster(**fields) -> dict:
+    return {"name": "c", "type": "EDS", **fields}
+
+
+CLUSTER_URL = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
+TLS = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext"
+HTTP_OPTIONS = "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+
+
+@pytest.mark.parametrize("document", [
+    _cluster(connect_timeout="0.250s", lb_policy="LEAST_REQUEST"),
+    _cluster(lb_policy=2),                                         # an enum by its number
+    _cluster(lb_policy=99),                                        # an enum number it does not have
+    _cluster(lb_policy="FASTEST"),
+    _cluster(per_connection_buffer_limit_bytes={"value": 5}),      # a wrapper as an object: refused
+    _cluster(per_connection_buffer_limit_bytes=5),
+    _cluster(per_connection_buffer_limit_bytes="5"),
+    _cluster(per_connection_buffer_limit_bytes=-5),
+    _cluster(per_connection_buffer_limit_bytes=5.0),
+    _cluster(per_connection_buffer_limit_bytes=5.5),
+    _cluster(circuit_breakers={"thresholds": [{"max_requests": 4294967295, "track_remaining": True}]}),
+    _cluster(circuit_breakers={"thresholds": [{"max_requests": 4294967296}]}),   # out of range
+    _cluster(circuit_breakers={"thresholds": [None]}),
+    _cluster(circuit_breakers={"thresholds": {"max_requests": 1}}),
+    _cluster(common_lb_config={"healthy_panic_threshold": {"value": 0}}),
+    _cluster(common_lb_config={"healthy_panic_threshold": {"value": float("nan")}}),
+    _cluster(common_lb_config={"healthy_panic_threshold": {"value": "NaN"}}),
+    _cluster(outlier_detection={"interval": "10s", "consecutive_5xx": 5}),
+    _cluster(outlier_detection={"interval": 10}),
+    _cluster(outlier_detection={"interval": "ten seconds"}),
+    _cluster(connectTimeout="1s"),                                 # a JSON name: json_format takes it
+    _cluster(connect_timeout=None),
+    _cluster(name=5),
+    _cluster(name="\ud800"),                                       # an unpaired surrogate
+    _cluster(respect_dns_ttl="true"),
+    _cluster(respect_dns_ttl=True),
+    _cluster(type="EDS", cluster_type={"name": "x"}),              # two fields of one oneof
+    _cluster(metadata={"filter_metadata": {"a": {"k": [1, "x", None, {"n": True}]}}}),   # Struct
+    _cluster(typed_extension_protocol_options={"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+        "@type": HTTP_OPTIONS, "explicit_http_config": {"http2_protocol_options": {}},
+        "common_http_protocol_options": {"idle_timeout": "3600s"}}}),
+    _cluster(typed_extension_protocol_options={"x": {"@type": "type.googleapis.com/no.such.Type"}}),
+    _cluster(typed_extension_protocol_options={"x": {}}),
+    _cluster(transport_socket={"name": "tls", "typed_config": {
+        "@type": TLS, "sni": "a", "common_tls_context": {"alpn_protocols": ["h2"]}}}),
+    _cluster(transport_socket={"name": "tls", "typed_config": {"@type": TLS, "sni": "a", "bogus": 1}}),
+    _cluster(transport_socket={"name": "tls", "typed_config": {
+        "@type": TLS, "common_tls_context": {"tls_params": {"tls_minimum_protocol_version": 77}}}}),
+    _cluster(transport_socket={"name": "tls", "typed_config": {
+        "@type": "type.googleapis.com/google.protobuf.Duration", "value": "1s"}}),
+    _cluster(load_assignment={"cluster_name": "c", "endpoints": [{"lb_endpoints": [{"endpoint": {
+        "address": {"socket_address": {"address": "10.0.0.1", "port_value": 8080}}},
+        "load_balancing_weight": 3}]}]}),
+    _cluster(dns_lookup_family="V4_ONLY", upstream_bind_config={"source_address": {"address": "1.2.3.4",
+                                                                                  "port_value": 70000}}),
+], ids=lambda d: json.dumps({k: v for k, v in d.items() if k not in ("name", "type")} or d)[:60])
+def test_the_fast_parse_makes_json_formats_message_or_error(document):
+    """Where the fast path takes a document, the message is json_format's; where it gives
+    up or fails, json_format's own answer (message or error) is what comes out."""
+    from compiler.xds import protos
+
+    cls = protos.message_class(CLUSTER_URL)
+    fast, chosen, reference = _both_ways(document, cls)
+    assert chosen == reference
+    if fast is not None:
+        assert fast == reference
