@@ -486,3 +486,21 @@ def test_the_fast_parse_makes_json_formats_message_or_error(document):
     assert chosen == reference
     if fast is not None:
         assert fast == reference
+
+
+def test_an_environment_reuses_what_another_holds(tmp_path, res):
+    """Two environments with the same clusters: the second's identical file is the first's
+    kind, and a changed file reuses the first's unchanged resources; either way the same
+    snapshot as a load from nothing."""
+    sample.write_snapshot(tmp_path, "a", res)
+    res["endpoints"][0]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"][
+        "socket_address"]["port_value"] = 9001     # one assignment differs
+    sample.write_snapshot(tmp_path, "b", res)
+    a = load_snapshot("a", read_files(tmp_path / "a" / "envoy"))
+    files = read_files(tmp_path / "b" / "envoy")
+    b = load_snapshot("b", files, others=[a])
+    assert b == load_snapshot("b", files)
+    assert b.kinds["clusters"] is a.kinds["clusters"] and b.kinds["routes"] is a.kinds["routes"]
+    first, second = sorted(b.kinds["endpoints"].resources)
+    assert b.kinds["endpoints"].resources[first] is not a.kinds["endpoints"].resources[first]
+    assert b.kinds["endpoints"].resources[second] is a.kinds["endpoints"].resources[second]

@@ -69,7 +69,7 @@ class _Loaded:
     env: str
     digest: str
     snapshot: object = None
-    rest: RestView | None = None
+    rest: "_LazyRest | None" = None
     seconds: float = 0.0
     errors: tuple[str, ...] = ()
     restored: bool = False      # the served snapshot's files again, after a refused load
@@ -99,6 +99,7 @@ class Server:
         self._reloading = False
         self._reload_again = False
         self._rest_source = rest_config_source(options.rest_xds_cluster, options.rest_refresh_delay)
+        self._rest_used = threading.Event()     # a REST view was asked for: build later ones ahead of polls
         self._secrets, _ = secrets.load(None)
         self._secrets_seen = b""
         self._secrets_task: asyncio.Task | None = None
@@ -264,7 +265,13 @@ class Server:
         Files whose digest is the served snapshot's are not parsed again; if the
         environment's last load was refused they come back as `restored` (the bad
         files were reverted), so the error state clears without a publication.
+        A load reuses what the environment's served snapshot and the other
+        environments' snapshots hold (`load_snapshot`'s `others`). REST views are
+        built after every environment is delivered, and only once REST is in use.
         """
+        # What other environments hold is reused: the ones just loaded first, then those served.
+        others = [s.snapshot for s in seen.values() if s.snapshot is not None]
+        views: list[_LazyRest] = []
         for envoy_dir in environment_dirs(self.options.rendered):
             env = envoy_dir.parent.name
             started = time.perf_counter()
@@ -285,12 +292,17 @@ class Server:
                 continue
             try:
                 previous = known.snapshot if known is not None else None
-                snapshot = scope.attach(load_snapshot(env, files, previous), files.get(scope.FILE), previous)
-                rest = RestView.build(snapshot, self._rest_source)
+                snapshot = scope.attach(load_snapshot(env, files, previous, others), files.get(scope.FILE), previous)
             except SnapshotError as exc:
                 deliver(_Loaded(env, digest, errors=exc.problems))
                 continue
+            others.insert(0, snapshot)
+            rest = _LazyRest(snapshot, self._rest_source, self._rest_used)
             deliver(_Loaded(env, digest, snapshot, rest, time.perf_counter() - started))
+            views.append(rest)
+        if self._rest_used.is_set():    # REST clients poll this server: build their next answers now
+            for rest in views:
+                rest.view()
 
     def _apply(self, loaded: _Loaded) -> None:
         cache = self.hub.cache
@@ -361,6 +373,33 @@ class Server:
             "meshc_xds_snapshot_load_timestamp_seconds", lambda s: round(s.loaded_at_unix, 3)))
         hub.metrics.gauge("meshc_xds_snapshot_load_duration_seconds", per_env(
             "meshc_xds_snapshot_load_duration_seconds", lambda s: s.load_seconds))
+
+
+class _LazyRest:
+    """An environment's `RestView`, built on first use rather than at every load: a server
+    whose proxies are all on gRPC never needs one, and building it costs a third of what
+    parsing the snapshot does. Built once, under a lock (the event loop answering a poll and
+    the loader thread may both ask); the first build marks REST as in use (`used`), so the
+    loader builds the views of later loads before a poll waits for them."""
+
+    def __init__(self, snapshot, source: dict, used: threading.Event) -> None:
+        self._snapshot, self._source, self._used = snapshot, source, used
+        self._view: RestView | None = None
+        self._lock = threading.Lock()
+
+    def view(self) -> RestView:
+        with self._lock:
+            if self._view is None:
+                self._view = RestView.build(self._snapshot, self._source)
+                self._used.set()
+            return self._view
+
+    def kind_for(self, service: str, kind: str):
+        return self.view().kind_for(service, kind)
+
+    @property
+    def kinds(self):
+        return self.view().kinds
 
 
 def _read_settled(envoy_dir: Path, attempts: int = 3) -> dict[str, bytes]:

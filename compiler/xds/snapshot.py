@@ -215,18 +215,21 @@ def files_digest(files: Mapping[str, bytes]) -> str:
     return sha.hexdigest()
 
 
-def load_snapshot(env: str, files: Mapping[str, bytes], previous: Snapshot | None = None) -> Snapshot:
+def load_snapshot(env: str, files: Mapping[str, bytes], previous: Snapshot | None = None,
+                  others: Sequence[Snapshot] = ()) -> Snapshot:
     """Parse and check the four files' bytes; SnapshotError lists every problem.
 
     With `previous` (the environment's served snapshot), a file whose bytes are unchanged
     is its kind again, and inside a changed file a resource whose canonical JSON is
     unchanged is its resource again: only what changed is parsed strictly and serialised.
+    `others` (other environments' snapshots) are reused the same way: environments mostly
+    differ in their endpoints, and a resource is the same whatever environment holds it.
     The consistency check still runs over the whole snapshot.
     """
     problems: list[str] = []
     kinds: dict[str, TypeSnapshot] = {}
     for kind in PUSH_ORDER:
-        before = previous.kinds.get(kind) if previous is not None else None
+        before = [s.kinds[kind] for s in (previous, *others) if s is not None and kind in s.kinds]
         try:
             kinds[kind] = _load_kind(kind, files[kind], before)
         except _FileProblems as exc:
@@ -247,11 +250,14 @@ class _FileProblems(Exception):
         self.problems = tuple(problems)
 
 
-def _load_kind(kind: str, data: bytes, before: TypeSnapshot | None = None) -> TypeSnapshot:
+def _load_kind(kind: str, data: bytes, before: Sequence[TypeSnapshot] = ()) -> TypeSnapshot:
+    """One file: the first of `before` loaded from the same bytes, else parsed, reusing the
+    resources (and virtual hosts) of `before` whose canonical JSON is unchanged."""
     where = f"{kind}.json"
     digest = hashlib.sha256(data).digest()
-    if before is not None and before.file_digest == digest:
-        return before
+    for typed in before:
+        if typed.file_digest == digest:
+            return typed
 
     def fail(message: str) -> _FileProblems:
         return _FileProblems([f"{where}: {message}"])
@@ -277,8 +283,8 @@ def _load_kind(kind: str, data: bytes, before: TypeSnapshot | None = None) -> Ty
     if version != _written_version(data) and version != content_version(type_url, items):
         raise fail(f"version_info {version[:12]}… is not the SHA-256 of the rest of "
                    f"the file: edited by hand, or not written by meshc compile")
-    known = {r.source: r for r in before.resources.values()} if before is not None else {}
-    parts = {h: data for r in before.resources.values() for h, data in r.parts} if before is not None else {}
+    known = {r.source: r for typed in before for r in typed.resources.values()}
+    parts = {h: data for typed in before for r in typed.resources.values() for h, data in r.parts}
     problems, resources = [], {}
     cls = protos.message_class(type_url)
     for index, item in enumerate(items):
