@@ -81,10 +81,16 @@ def _read(path: str, rel: str) -> bytes:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # opening a FIFO does not wait for a writer
     except OSError as exc:
         raise OSError(exc.errno, f"{rel}: {exc.strerror}") from exc
-    with open(fd, "rb") as f:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
             raise OSError(errno.EINVAL, f"{rel}: not a regular file")
-        return f.read()
+        parts = [os.read(fd, st.st_size + 1)]  # all of it, but for a file still growing
+        while parts[-1]:
+            parts.append(os.read(fd, 1 << 16))
+        return b"".join(parts)
+    finally:
+        os.close(fd)
 
 
 def _inside(real_root: str, path: str) -> bool:
