@@ -562,3 +562,35 @@ def _apply(held: dict, answers: list[bytes]) -> None:
             held.pop(name, None)
         for r in response.resources:
             held[r.name] = r.version
+
+
+def test_streams_in_step_share_one_response_and_each_gets_its_own_nonce():
+    """Proxies that subscribed alike count their nonces alike: a push to them is one response
+    object. One out of step (a request more) gets the same resources under its own nonce."""
+    from compiler.xds.cache import Cache
+    from compiler.xds.metrics import Metrics
+    from compiler.xds.proxies import Proxies
+    from compiler.xds.stream import DeltaStream, Hub, SotwStream
+
+    names = [f"n{i}" for i in range(4)]
+    hub = Hub(Cache(), Proxies(), Metrics())
+    hub.cache.publish(_assignments(0, names), 0.0)
+    streams = {}
+    for cls in (SotwStream, DeltaStream):
+        for i in range(3):
+            s = streams[(cls, i)] = cls(hub, "ads", lambda: None)
+            node = {"id": f"{cls.__name__}{i}", "cluster": ENV}
+            s.on_request(discovery_pb2.DiscoveryRequest(node=node, type_url=EDS, resource_names=names)
+                         if cls is SotwStream else
+                         discovery_pb2.DeltaDiscoveryRequest(node=node, type_url=EDS, resource_names_subscribe=names))
+        if cls is DeltaStream:   # one Delta stream asks for a name more: a response more, its nonces one ahead
+            streams[(cls, 2)].on_request(discovery_pb2.DeltaDiscoveryRequest(
+                type_url=EDS, resource_names_subscribe=["missing"]))
+    hub.cache.publish(_assignments(1, names), 0.0)
+    pushed = {key: s.on_snapshot() for key, s in streams.items()}
+    assert pushed[(SotwStream, 0)][0] is pushed[(SotwStream, 1)][0] is pushed[(SotwStream, 2)][0]
+    assert pushed[(DeltaStream, 0)][0] is pushed[(DeltaStream, 1)][0]
+    a, c = (discovery_pb2.DeltaDiscoveryResponse.FromString(pushed[(DeltaStream, i)][0]) for i in (0, 2))
+    assert (a.nonce, c.nonce) == ("2", "3")
+    assert [r.name for r in a.resources] == [r.name for r in c.resources] and a.resources
+    assert discovery_pb2.DiscoveryResponse.FromString(pushed[(SotwStream, 0)][0]).nonce == "2"

@@ -32,7 +32,8 @@ from compiler.xds.consistency import consistency_errors
 from compiler.xds.resources import SECRET, TYPE_URLS, content_version
 
 __all__ = [
-    "KINDS", "NAMED_BODIES_LIMIT", "PUSH_ORDER", "TYPE_URLS", "WILDCARD_KINDS", "NamedBodies",
+    "KINDS", "NAMED_BODIES_LIMIT", "PUSH_ORDER", "SHARED_RESPONSE_BYTES", "TYPE_URLS", "WILDCARD_KINDS",
+    "NamedBodies", "SharedResponses",
     "Resource", "Snapshot",
     "SERVED_ORDER", "SnapshotError", "TypeSnapshot", "consistency_errors", "content_version", "environment_dirs",
     "OPTIONAL_FILES", "files_digest",
@@ -55,6 +56,8 @@ WILDCARD_KINDS = frozenset({"clusters", "listeners"})
 _MAX_FILE_BYTES = 64 * 1024 * 1024
 #: Distinct named subscriptions whose bodies one kind of one snapshot remembers.
 NAMED_BODIES_LIMIT = 256
+#: Bytes of whole responses one kind of one snapshot keeps for the streams in step (`SharedResponses`).
+SHARED_RESPONSE_BYTES = 16 * 1024 * 1024
 
 
 def kind_of(type_url: str) -> str | None:
@@ -117,6 +120,37 @@ class NamedBodies:
         return len(self._bodies)
 
 
+class SharedResponses:
+    """Whole responses, nonce included, that streams in step share.
+
+    A stream's nonces count its responses, so proxies that subscribed alike count alike,
+    and one push to a thousand of them is one response: one bytes object, not a thousand
+    copies of a 770 KB route configuration each made and freed again (what a push spent
+    most of its time on). Bounded by `limit` bytes; past it the oldest go first (a
+    response dropped is built again). Event loop only; dies with its snapshot.
+    """
+
+    __slots__ = ("_bodies", "_size", "limit")
+
+    def __init__(self, limit: int = SHARED_RESPONSE_BYTES) -> None:
+        self._bodies: dict[object, bytes] = {}
+        self._size = 0
+        self.limit = limit
+
+    def get(self, key, build: Callable[[], bytes]) -> bytes:
+        """The response for `key` (everything that makes it: nonce, names), from `build()`
+        the first time."""
+        body = self._bodies.get(key)
+        if body is None:
+            body = build()
+            while self._bodies and self._size + len(body) > self.limit:
+                self._size -= len(self._bodies.pop(next(iter(self._bodies))))
+            if len(body) <= self.limit:
+                self._bodies[key] = body
+                self._size += len(body)
+        return body
+
+
 @dataclass(frozen=True, slots=True)
 class TypeSnapshot:
     """All resources of one kind; `version` is the file's `version_info` (a content hash)."""
@@ -129,6 +163,7 @@ class TypeSnapshot:
     full_body: bytes                    # header + every resource's sotw_field, in name order
     named: NamedBodies = field(default_factory=NamedBodies, compare=False, repr=False)
     file_digest: bytes = b""            # SHA-256 of the file it was loaded from
+    shared: SharedResponses = field(default_factory=SharedResponses, compare=False, repr=False)
 
     def sotw_body(self, names: frozenset[str] | None) -> bytes:
         """`header` plus the resources named (all of them for None), without a nonce.

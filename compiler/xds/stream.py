@@ -331,8 +331,9 @@ class SotwStream(_Stream):
             if not watch.names & typed.resources.keys():
                 return []       # none of them: Envoy would refuse an answer without its secret
         nonce = self._next_nonce()
-        body = typed.sotw_body(None if watch.wildcard else watch.names) + discovery_pb2.DiscoveryResponse(
-            nonce=nonce).SerializeToString()
+        names = None if watch.wildcard else watch.names
+        body = typed.shared.get((nonce, names), lambda: typed.sotw_body(names) + discovery_pb2.DiscoveryResponse(
+            nonce=nonce).SerializeToString())
         count = len(typed.resources) if watch.wildcard else len(watch.names & typed.resources.keys())
         self._sent(kind, watch, nonce, typed.version, push, count)
         return [body]
@@ -446,10 +447,11 @@ class DeltaStream(_Stream):
             self._settle(kind, watch, typed, follows, pool)
             return []
         nonce = self._next_nonce()
-        head = discovery_pb2.DeltaDiscoveryResponse(
-            system_version_info=typed.version, type_url=typed.type_url, nonce=nonce,
-            removed_resources=sorted(removed)).SerializeToString()
-        body = b"".join([head, *(r.delta_field for r in changed)])
+        removed_names = tuple(sorted(removed))
+        body = typed.shared.get((nonce, removed_names, tuple(r.name for r in changed)), lambda: b"".join([
+            discovery_pb2.DeltaDiscoveryResponse(system_version_info=typed.version, type_url=typed.type_url,
+                                                 nonce=nonce, removed_resources=removed_names).SerializeToString(),
+            *(r.delta_field for r in changed)]))
         for resource in changed:
             watch.known[resource.name] = resource.version
         for name in removed:
