@@ -9,6 +9,7 @@ proxies serialises nothing a thousand times.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 
 import grpc
@@ -32,6 +33,31 @@ _SERVICES = {
 _WAKE = object()
 
 
+class _Inbox:
+    """A stream's events in arrival order, for its one reader: a deque and a future, not an
+    asyncio.Queue (four deques and an Event: 2.9 KB a stream, a thousand streams held)."""
+
+    __slots__ = ("_items", "_waiter")
+
+    def __init__(self) -> None:
+        self._items: collections.deque = collections.deque()
+        self._waiter: asyncio.Future | None = None
+
+    def put_nowait(self, item) -> None:
+        self._items.append(item)
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    async def get(self):
+        while not self._items:
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        return self._items.popleft()
+
+
 def _identity(data: bytes) -> bytes:
     return data
 
@@ -43,7 +69,7 @@ async def _serve(hub: Hub, stream_cls, protocol: str, kind: str | None,
     Nothing waits holding the last request or response: a suspended stream keeps its
     protocol state only (a route configuration pushed to a thousand proxies is 770 KB
     each, which a loop variable would keep alive until the stream's next event)."""
-    queue: asyncio.Queue = asyncio.Queue()
+    queue = _Inbox()
     woken = False
 
     def wake() -> None:
