@@ -3,8 +3,26 @@
 Not a timed test. Run:  .venv/bin/python bench/serve.py [--clients 1000] [--envoys 10]
                         [--sovereign 127.0.0.1:18080]   (a Sovereign started by
                         ../shared/peers/sovereign/run.sh up, measured with the same load)
+                        [--services 1000] [--proxies 1000] [--only sample|scale]
 
-Method (all on this machine; the load generator shares the CPUs with the server):
+Two parts, in one run: the built-in 41-cluster sample (below), then bench/compile.py's
+repository at scale (`--services` × 3 environments, its generator imported), compiled by
+`meshc compile --repo R --out R/rendered` in a subprocess:
+A. Time to ready: `python -m compiler.xds` started `--ready-repeat` times; from the
+   process's start to /readyz 200 (polled every 10 ms), every environment valid.
+B. `--proxies` Delta and `--proxies` SotW simulated proxies (two load processes, one HTTP/2
+   connection per proxy unless `--connections`), all in `dev`, subscribed as Envoy does
+   (wildcard CDS and LDS, every assignment and route configuration by name; SotW ACKs
+   repeat the names). At most `--connecting` wait for their first responses at once.
+   Memory per proxy = (server RSS after a protocol's proxies connected − RSS before) /
+   proxies; the Python part alone by tracemalloc over an in-process server.
+C. Each of `--scale-rounds` rounds changes one policy's canary weight (routes, every
+   environment) and then one endpoint in `dev` (endpoints), recompiles, and times from the
+   swap of the new `rendered/dev` output (inotify on the rename) to each proxy's receipt
+   of the changed type's new version; server CPU from /proc/<pid> from before the compile
+   to a second after the last receipt; reload time per environment from /debug/snapshots.
+
+Method of the sample part (all on this machine; the load generator shares the CPUs with the server):
 1. `meshc serve` runs as its own process (`python -m compiler.xds`) so its CPU
    time and RSS come from /proc/<pid>.
 2. A load process opens `--clients` ADS streams (grpc.aio, 10 channels) that
@@ -41,8 +59,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "bench")]
 
+import compile as compile_bench  # noqa: E402  bench/compile.py: the repository generator
 from compiler.xds import sample  # noqa: E402
 from compiler.xds.snapshot import TYPE_URLS  # noqa: E402
 
@@ -279,6 +298,362 @@ def _fs_floor(workdir: Path, listen, rounds: int) -> list[float]:
     return out
 
 
+# --- at scale: bench/compile.py's repository, Delta and SotW proxies side by side -----
+
+SCALE_ENV = "dev"       # every simulated proxy's environment; the server loads all three
+_ORDER = ("clusters", "endpoints", "listeners", "routes")
+
+
+def _scale_subscriptions(envoy_dir: Path) -> dict[str, list[str]]:
+    """What a proxy subscribes to, as Envoy does: CDS and LDS wildcard, every assignment
+    and route configuration the clusters and listeners name (here: all of them)."""
+    def names(kind: str, key: str) -> list[str]:
+        return sorted(r[key] for r in json.loads((envoy_dir / f"{kind}.json").read_bytes())["resources"])
+    return {"clusters": [], "endpoints": names("endpoints", "cluster_name"), "listeners": [],
+            "routes": names("routes", "name")}
+
+
+def _scale_load_worker(address: str, delta: bool, clients: int, connecting: int,
+                       subs: dict, conn, connections: int = 0) -> None:
+    asyncio.run(_scale_load_main(address, delta, clients, connecting, subs, conn, connections))
+
+
+async def _scale_load_main(address: str, delta: bool, clients: int, connecting: int,
+                           subs: dict, conn, connections: int = 0) -> None:
+    """`clients` proxies of one protocol, each on its own HTTP/2 connection as Envoys are
+    (or sharing `connections` of them);
+    at most `connecting` at once wait for their first four responses. Each ACKs every
+    response (a SotW ACK repeats its names, as Envoy's do) and notes when it first
+    receives each version of each type."""
+    import grpc
+    from envoy.config.core.v3 import base_pb2
+    from envoy.service.discovery.v3 import discovery_pb2 as d
+
+    method = "/envoy.service.discovery.v3.AggregatedDiscoveryService/" + (
+        "DeltaAggregatedResources" if delta else "StreamAggregatedResources")
+    parse = (d.DeltaDiscoveryResponse if delta else d.DiscoveryResponse).FromString
+    urls = {kind: TYPE_URLS[kind] for kind in _ORDER}
+    if delta:
+        ack_head = {urls[k]: d.DeltaDiscoveryRequest(type_url=urls[k]).SerializeToString() for k in _ORDER}
+    else:   # the names an ACK repeats, serialised once (concatenated messages merge)
+        ack_head = {urls[k]: d.DiscoveryRequest(type_url=urls[k], resource_names=subs[k]).SerializeToString()
+                    for k in _ORDER}
+
+    def first(i: int) -> list[bytes]:
+        node = base_pb2.Node(id=f"{'delta' if delta else 'sotw'}-{i}", cluster=SCALE_ENV)
+        out = []
+        for k in _ORDER:
+            if delta:
+                out.append(d.DeltaDiscoveryRequest(node=node, type_url=urls[k],
+                                                   resource_names_subscribe=subs[k]).SerializeToString())
+            else:
+                out.append(d.DiscoveryRequest(node=node, type_url=urls[k],
+                                              resource_names=subs[k]).SerializeToString())
+        return out
+
+    def ack(response) -> bytes:
+        if delta:
+            return ack_head[response.type_url] + d.DeltaDiscoveryRequest(
+                response_nonce=response.nonce).SerializeToString()
+        return ack_head[response.type_url] + d.DiscoveryRequest(
+            version_info=response.version_info, response_nonce=response.nonce).SerializeToString()
+
+    seen: list[dict[tuple, float]] = [{} for _ in range(clients)]   # (type URL, version) → first receipt
+    gate = asyncio.Semaphore(connecting)
+    done = asyncio.Event()
+    count = 0
+    options = [("grpc.use_local_subchannel_pool", 1), ("grpc.max_receive_message_length", 256 << 20)]
+    channels = [grpc.aio.insecure_channel(address, options=options) for _ in range(connections)]
+
+    async def client(i: int) -> None:
+        nonlocal count
+        await gate.acquire()
+        if connections:
+            channel = channels[i % connections]
+        else:
+            channel = grpc.aio.insecure_channel(address, options=options)
+            channels.append(channel)
+        call = channel.stream_stream(method, request_serializer=None, response_deserializer=None)
+        queue: asyncio.Queue = asyncio.Queue()
+        for request in first(i):
+            queue.put_nowait(request)
+
+        async def requests():
+            while True:
+                yield await queue.get()
+
+        kinds: set[str] = set()
+        async for data in call(requests()):
+            response = parse(data)
+            queue.put_nowait(ack(response))
+            version = response.system_version_info if delta else response.version_info
+            seen[i].setdefault((response.type_url, version), time.time())
+            if len(kinds) < 4:
+                kinds.add(response.type_url)
+                if len(kinds) == 4:
+                    gate.release()
+                    count += 1
+                    if count == clients:
+                        done.set()
+
+    started = time.monotonic()
+    tasks = [asyncio.create_task(client(i)) for i in range(clients)]
+    await done.wait()
+    conn.send(("connected", time.monotonic() - started))
+    loop = asyncio.get_running_loop()
+    while True:
+        command = await loop.run_in_executor(None, conn.recv)
+        if command[0] == "stop":
+            break
+        _, key, timeout = command
+        deadline = time.monotonic() + timeout
+        while sum(key in s for s in seen) < clients and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        conn.send(("seen", [s[key] for s in seen if key in s]))
+    for task in tasks:
+        task.cancel()
+    for channel in channels:
+        await channel.close()
+
+
+class _RenameClock:
+    """When `meshc compile` swaps the new output in: the first IN_MOVED_TO (a rename or
+    exchange) of `rendered/<env>` or of `rendered/<env>/envoy` (a compile swaps only the
+    directories that changed), taken as the start of a push."""
+
+    IN_MOVED_TO = 0x80
+
+    def __init__(self, rendered: Path, env: str) -> None:
+        import ctypes
+        import select
+        self._select = select
+        libc = ctypes.CDLL(None, use_errno=True)
+        self._fd = libc.inotify_init1(os.O_CLOEXEC | os.O_NONBLOCK)
+        self._wanted = {}
+        for directory, name in ((rendered, env), (rendered / env, "envoy")):
+            wd = libc.inotify_add_watch(self._fd, os.fsencode(directory), self.IN_MOVED_TO)
+            if wd < 0:
+                raise OSError(ctypes.get_errno(), f"inotify on {directory}")
+            self._wanted[wd] = name
+        self.at: float | None = None
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        import struct
+        while not self._stop:
+            if not self._select.select([self._fd], [], [], 0.1)[0]:
+                continue
+            now = time.time()
+            data, at = os.read(self._fd, 65536), 0
+            while at < len(data):
+                wd, mask, _, length = struct.unpack_from("iIII", data, at)
+                name = data[at + 16:at + 16 + length].rstrip(b"\0").decode()
+                at += 16 + length
+                if mask & self.IN_MOVED_TO and self._wanted.get(wd) == name and self.at is None:
+                    self.at = now
+
+    def close(self) -> None:
+        self._stop = True
+        self._thread.join(1)
+        os.close(self._fd)
+
+
+def _meshc_compile(repo: Path, rendered: Path) -> None:
+    subprocess.run([sys.executable, "-m", "compiler", "compile", "--repo", str(repo), "--out", str(rendered),
+                    "--no-cache"], check=True, capture_output=True, cwd=ROOT)
+
+
+def _set_weight(repo: Path, weight: int) -> None:
+    """The touched policy's canary weight (bench/compile.py's `touch`, to a chosen value)."""
+    import re
+    path = repo / "policies" / compile_bench.TOUCHED[0] / f"{compile_bench.TOUCHED[1]}.yaml"
+    path.write_text(re.sub(r"weight: \d+", f"weight: {weight}", path.read_text()))
+
+
+def _start_scale_server(rendered: Path) -> tuple[subprocess.Popen, str, str, float]:
+    """`python -m compiler.xds` on `rendered`: (process, gRPC address, HTTP URL, seconds from
+    the process's start to /readyz 200, polled every 10 ms)."""
+    from support.backends import free_port
+    import requests
+
+    grpc_port, http_port = free_port(), free_port()
+    started = time.monotonic()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "compiler.xds", "--rendered", str(rendered),
+         "--grpc", f"127.0.0.1:{grpc_port}", "--http", f"127.0.0.1:{http_port}", "--log-level", "error"],
+        cwd=ROOT)
+    url = f"http://127.0.0.1:{http_port}"
+    _wait(lambda: requests.get(url + "/readyz", timeout=1).status_code == 200, timeout=60, interval=0.01)
+    return server, f"127.0.0.1:{grpc_port}", url, time.monotonic() - started
+
+
+def _snapshots(url: str) -> dict:
+    import requests
+    return requests.get(url + "/debug/snapshots", timeout=10).json()
+
+
+def _stop(server: subprocess.Popen) -> None:
+    server.terminate()
+    server.wait(20)
+
+
+def _scale_run(args) -> dict:
+    """bench/compile.py's repository compiled by `meshc compile`; time to ready, memory per
+    proxy, and pushes of one policy change to Delta and SotW proxies at once."""
+    out: dict = {"services": args.services, "proxies_per_protocol": args.proxies}
+    with tempfile.TemporaryDirectory(prefix="meshc-bench-scale-") as tmp:
+        repo = Path(tmp) / "repo"
+        rendered = repo / "rendered"
+        compile_bench.generate(repo, args.services)
+        _meshc_compile(repo, rendered)
+        envoy_dir = rendered / SCALE_ENV / "envoy"
+        subs = _scale_subscriptions(envoy_dir)
+        out["snapshot"] = {"resources": {k: len(json.loads((envoy_dir / f"{k}.json").read_bytes())["resources"])
+                                         for k in _ORDER},
+                           "json_bytes_per_env": sum((envoy_dir / f"{k}.json").stat().st_size for k in _ORDER),
+                           "environments": sorted(p.name for p in rendered.iterdir() if not p.name.startswith("."))}
+        ready = []
+        for attempt in range(args.ready_repeat):
+            server, address, url, seconds = _start_scale_server(rendered)
+            status = _snapshots(url)
+            assert all(s["valid"] for s in status.values()) and len(status) == len(compile_bench.ENVS), status
+            ready.append({"seconds": round(seconds, 3), "rss_mb": round(_proc_stats(server.pid)[1] / 2**20, 1),
+                          "cpu_s": round(_proc_stats(server.pid)[0], 2),
+                          "load_ms": {env: round(s["load_seconds"] * 1000, 1) for env, s in status.items()}})
+            print("ready", ready[-1], flush=True)
+            if attempt < args.ready_repeat - 1:
+                _stop(server)
+        out["ready"] = ready
+        try:
+            out.update(_scale_proxies(args, server, address, url, repo, rendered, subs))
+            out["python_state_kb_per_stream"] = {label: _stream_state_kb(args, rendered, subs, label == "delta")
+                                                 for label in args.protocols.split(",")}
+            print("python state", out["python_state_kb_per_stream"], flush=True)
+        finally:
+            _stop(server)
+    return out
+
+
+def _change(repo: Path, change: str, i: int) -> None:
+    """One policy's canary weight (routes: every environment's route configuration of its
+    port), or one endpoint's port in `dev` (endpoints: one assignment, in one environment)."""
+    if change == "routes":
+        _set_weight(repo, 60 + i)       # a weight the generator never chose (it picks 0-50)
+        return
+    import re
+    path = repo / "environments" / f"{SCALE_ENV}.yaml"
+    path.write_text(re.sub(r'(team-07/svc-0007: \{v1: \["[0-9.]+):\d+', rf"\g<1>:{9000 + i}", path.read_text()))
+
+
+def _scale_round(args, server, url: str, repo: Path, rendered: Path, loads: dict, change: str, i: int) -> dict:
+    """Change the repository, compile it, and time from the swap of `rendered/dev`'s new
+    output to each proxy's receipt of the changed type's new version."""
+    _change(repo, change, i)
+    clock = _RenameClock(rendered, SCALE_ENV)
+    cpu_before, _ = _proc_stats(server.pid)
+    load_cpu = {label: _proc_stats(process.pid)[0] for label, (process, _) in loads.items()}
+    try:
+        _meshc_compile(repo, rendered)
+    finally:
+        clock.close()
+    t0 = clock.at
+    document = json.loads((rendered / SCALE_ENV / "envoy" / f"{change}.json").read_bytes())
+    for _, parent in loads.values():
+        parent.send(("wait", (TYPE_URLS[change], document["version_info"]), 120))
+    seen = {label: parent.recv()[1] for label, (_, parent) in loads.items()}
+    time.sleep(1)   # the ACKs
+    cpu_after, rss = _proc_stats(server.pid)
+    status = _snapshots(url)
+    row = {"change": change,
+           "reload_ms": {env: round(s["load_seconds"] * 1000, 1) for env, s in status.items()
+                         if s["loaded_unix"] >= t0 - 0.5},
+           "server_cpu_s": round(cpu_after - cpu_before, 2),
+           "server_cpu_ms_per_proxy": round((cpu_after - cpu_before) * 1000 / (len(loads) * args.proxies), 2),
+           "server_rss_mb": round(rss / 2**20, 1)}
+    for label, times in seen.items():
+        lat = [t - t0 for t in times]
+        row[label] = {"received": len(lat), "p50_s": round(_pct(lat, 0.5), 3),
+                      "p99_s": round(_pct(lat, 0.99), 3), "max_s": round(max(lat), 3) if lat else None,
+                      # the simulated proxies' own process: receiving and parsing is work too
+                      "load_generator_cpu_s": round(_proc_stats(loads[label][0].pid)[0] - load_cpu[label], 2)}
+    return row
+
+
+def _stream_state_kb(args, rendered: Path, subs: dict, delta: bool) -> float:
+    """The Python memory the server holds per connected stream: tracemalloc over a server in
+    this process (a ServerThread) while a load worker connects `--trace-proxies` proxies,
+    without the snapshot's memoised responses (shared by all; snapshot.py's allocations)."""
+    import gc
+    import tracemalloc
+    from compiler.xds.server import Options, ServerThread
+
+    n = args.trace_proxies
+    with ServerThread(Options(rendered=rendered, grpc_port=0, http_port=0)) as server:
+        server.call(gc.collect)
+        tracemalloc.start(16)
+        before = tracemalloc.take_snapshot()
+        spawn = multiprocessing.get_context("spawn")    # not a fork of a process running gRPC
+        parent, child = spawn.Pipe()
+        process = spawn.Process(target=_scale_load_worker, args=(
+            server.grpc_address, delta, n, args.connecting, subs, child, args.connections))
+        process.start()
+        assert parent.recv()[0] == "connected"
+        time.sleep(2)
+        server.call(gc.collect)
+        after = tracemalloc.take_snapshot()
+        tracemalloc.stop()
+        parent.send(("stop",))
+        process.join(30)
+    shared = [tracemalloc.Filter(False, "*/compiler/xds/snapshot.py", all_frames=True)]
+    grown = sum(d.size_diff for d in after.filter_traces(shared).compare_to(before.filter_traces(shared), "filename"))
+    return round(grown / n / 1024, 1)
+
+
+def _scale_proxies(args, server, address: str, url: str, repo: Path, rendered: Path, subs: dict) -> dict:
+    out: dict = {}
+    time.sleep(1)
+    cpu0, rss0 = _proc_stats(server.pid)
+    out["server_rss_idle_mb"] = round(rss0 / 2**20, 1)
+    loads = {}
+    memory, before = {}, rss0
+    for label, delta in (("delta", True), ("sotw", False)):
+        if label not in args.protocols.split(","):
+            continue
+        parent, child = multiprocessing.Pipe()
+        process = multiprocessing.Process(target=_scale_load_worker,
+                                          args=(address, delta, args.proxies, args.connecting, subs, child,
+                                                args.connections))
+        cpu_before, _ = _proc_stats(server.pid)
+        process.start()
+        message, seconds = parent.recv()
+        assert message == "connected"
+        time.sleep(2)           # ACKs processed, buffers drained
+        cpu_after, rss = _proc_stats(server.pid)
+        memory[label] = {"seconds_to_connect_all": round(seconds, 2),
+                         "server_cpu_ms_per_proxy": round((cpu_after - cpu_before) * 1000 / args.proxies, 2),
+                         "server_rss_after_mb": round(rss / 2**20, 1),
+                         "memory_kb_per_proxy": round((rss - before) / 1024 / args.proxies, 1)}
+        print("connected", label, memory[label], flush=True)
+        before = rss
+        loads[label] = (process, parent)
+    out["connect"] = memory
+    rounds = []
+    try:
+        for i in range(args.scale_rounds):
+            for change in ("routes", "endpoints"):
+                row = _scale_round(args, server, url, repo, rendered, loads, change, i)
+                rounds.append(row)
+                print("scale round", i, row, flush=True)
+    finally:
+        for process, parent in loads.values():
+            parent.send(("stop",))
+            process.join(30)
+    out["push_rounds"] = rounds
+    return out
+
+
 # --- the run --------------------------------------------------------------------
 
 def main() -> int:
@@ -289,13 +664,44 @@ def main() -> int:
     parser.add_argument("--rest-seconds", type=float, default=8)
     parser.add_argument("--sovereign", metavar="HOST:PORT",
                         help="also measure this Sovereign's REST throughput with the same load")
+    parser.add_argument("--only", choices=("sample", "scale"),
+                        help="run one part: the 41-cluster sample, or the compiled repository at scale")
+    parser.add_argument("--services", type=int, default=1000,
+                        help="at scale: bench/compile.py's repository of this many services × 3 environments")
+    parser.add_argument("--proxies", type=int, default=1000,
+                        help="at scale: simulated proxies of each protocol (Delta and SotW)")
+    parser.add_argument("--scale-rounds", type=int, default=3,
+                        help="at scale: rounds, each a canary weight change and an endpoint change")
+    parser.add_argument("--trace-proxies", type=int, default=300,
+                        help="at scale: proxies of each protocol for the tracemalloc figure (in-process server)")
+    parser.add_argument("--connections", type=int, default=0,
+                        help="at scale: HTTP/2 connections each protocol's proxies share (0: one per proxy)")
+    parser.add_argument("--protocols", default="delta,sotw",
+                        help="at scale: the simulated proxies, each --proxies strong, connected side by side")
+    parser.add_argument("--ready-repeat", type=int, default=3, help="at scale: server starts timed")
+    parser.add_argument("--connecting", type=int, default=50,
+                        help="at scale: proxies at once waiting for their first responses")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "serve.json")
     args = parser.parse_args()
+    results: dict = {"cpus": os.cpu_count(), "load_average_start": os.getloadavg()}
+    if args.only != "scale":
+        results.update(_sample_run(args))
+    if args.only != "sample":
+        results["scale"] = _scale_run(args)
+    results["load_average_end"] = os.getloadavg()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    print(json.dumps(results, indent=2))
+    return 0
+
+
+def _sample_run(args) -> dict:
+    """The 41-cluster sample: push rounds with simulated proxies and real Envoys, REST, the floor."""
     from support.backends import free_port
     from support.envoy import Envoy
     import requests
 
-    results: dict = {"clients": args.clients, "envoys": args.envoys, "cpus": os.cpu_count()}
+    results: dict = {"clients": args.clients, "envoys": args.envoys}
     with tempfile.TemporaryDirectory(prefix="meshc-bench-") as tmp:
         workdir = Path(tmp)
         rendered = workdir / "rendered"
@@ -402,10 +808,7 @@ def main() -> int:
         floor = _fs_floor(workdir, ("127.0.0.1", free_port()), args.rounds)
         results["envoy_filesystem_floor_s"] = {"p50": round(_pct(floor, 0.5), 3),
                                                "max": round(max(floor), 3)}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
-    print(json.dumps(results, indent=2))
-    return 0
+    return results
 
 
 def _watch_envoys(envoys, want: str, t0: float) -> list[float]:
@@ -423,7 +826,7 @@ def _watch_envoys(envoys, want: str, t0: float) -> list[float]:
     return list(seen.values())
 
 
-def _wait(predicate, timeout: float = 20) -> None:
+def _wait(predicate, timeout: float = 20, interval: float = 0.05) -> None:
     deadline = time.monotonic() + timeout
     while True:
         try:
@@ -433,7 +836,7 @@ def _wait(predicate, timeout: float = 20) -> None:
             pass
         if time.monotonic() > deadline:
             raise TimeoutError("server not ready")
-        time.sleep(0.05)
+        time.sleep(interval)
 
 
 if __name__ == "__main__":
