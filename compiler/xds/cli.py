@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import re
 import signal
@@ -116,6 +117,12 @@ async def _serve(options) -> None:
 
     server = Server(options)
     await server.start()
+    # What the first load built (every environment's resources: millions of objects) lives
+    # as long as it is served, and most of it longer (a reload reuses what did not change).
+    # Out of the collector's sight it is not traversed by every full collection: one came
+    # with each push at 1,000 services, 0.2-0.25 s of the event loop (0.1 s frozen).
+    gc.collect()
+    gc.freeze()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
