@@ -504,3 +504,10 @@ def test_an_environment_reuses_what_another_holds(tmp_path, res):
     first, second = sorted(b.kinds["endpoints"].resources)
     assert b.kinds["endpoints"].resources[first] is not a.kinds["endpoints"].resources[first]
     assert b.kinds["endpoints"].resources[second] is a.kinds["endpoints"].resources[second]
+
+
+def test_an_any_without_a_type_is_a_problem_not_a_traceback(tmp_path, res):
+    """`typed_config: {}` parses as an empty Any; it is refused with where it is."""
+    hcm(res).clear()
+    [problem] = problems(tmp_path, res)
+    assert problem.startswith("listeners.json: resources[0]: ") and "has no known @type" in problem

@@ -121,7 +121,10 @@ def unknown_enum_paths(msg: message.Message, path: str = "") -> Iterator[str]:
     Descends into `google.protobuf.Any` by unpacking it with the default pool.
     """
     if msg.DESCRIPTOR.full_name == "google.protobuf.Any":
-        inner = message_class(msg.type_url)()
+        try:
+            inner = message_class(msg.type_url)()
+        except KeyError:  # `{}` parses as an Any with no type: Envoy refuses it, and so do we
+            raise ParseError(f"{path or 'an Any'} has no known @type ({msg.type_url!r})") from None
         msg.Unpack(inner)
         yield from unknown_enum_paths(inner, path)
         return
