@@ -727,7 +727,7 @@ def _credential_callers(units: list[Claims]):
             continue
         name, span = target.credential
         namespace = target.key.split("/")[0]
-        callers = [u.key for u in units if u.key != target.key and any(e in (target.key, f"{namespace}/*") for e, _ in u.egress)]
+        callers = [u.key for u in units if u.key != target.key and m.calls([e for e, _ in u.egress], target.key)]
         if not callers:
             yield ("tls.credential-callers",
                    f"credentialName {name!r}: Istio's sidecars use it only through a DestinationRule with their "

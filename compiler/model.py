@@ -393,6 +393,11 @@ class Address:
         return is_ip(self.host)
 
 
+def calls(egress: tuple[str, ...] | list[str], key: str) -> bool:
+    """Whether an `egress` list names the service `key` ("ns/name"), or its namespace ("ns/*")."""
+    return key in egress or f"{key.split('/')[0]}/*" in egress
+
+
 def port_address(address: "Address", port: Port, ports: tuple[Port, ...]) -> "Address":
     """Where `port` of a service is reached at one of its endpoints. With one port, at the
     address as written. With several, the address is its endpoint's, and its port that of the

@@ -421,7 +421,7 @@ def _add_sidecars(objects: dict[str, dict]) -> None:
         docs = [{"apiVersion": NETWORKING, "kind": "Sidecar", "metadata": _meta(name, namespace),
                  "spec": {"workloadSelector": {"labels": dict(scope["selector"])}, "egress": [{"hosts": hosts}]}}]
         for target in credentialed:
-            if target != key and any(e in (target, f"{target.split('/')[0]}/*") for e in scope["egress"]):
+            if target != key and m.calls(scope["egress"], target):
                 docs.append(_callers_rule(objects[target], key, scope["selector"]))
         objects[key] = {**fragment, "identities": fragment["identities"] + [list(_identity(d)) for d in docs],
                         "documents": Piece.yaml(fragment["documents"].value + docs)}
