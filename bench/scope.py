@@ -120,7 +120,8 @@ def main() -> None:
                       for i in range(args.services) for kind in ("clusters", "endpoints", "listeners", "routes"))
         second_views = time.perf_counter() - started
         del probe
-        callers = sum(compile_bench.TOUCHED[1] in "".join(first.scopes.egress[key(i)]) for i in range(args.proxies))
+        touched = "/".join(compile_bench.TOUCHED)
+        callers = sum(touched in first.scopes.egress[key(i)] for i in range(args.proxies))
         print(f"{args.services} services, each calling {args.calls}; {args.proxies} proxies of each kind, proxy i "
               f"running service i; one policy's canary weight changed ({callers} of the proxies' services call it)")
         print(f"  first views of every service (4 kinds each): {first_views:.3f} s; after the change, "

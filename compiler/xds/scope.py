@@ -55,7 +55,7 @@ class Scopes:
         self._previous_callees = previous._callees if previous is not None else {}
         self._changed = changed
         self._routes = previous._routes if previous is not None else {}  # (name, top, hosts) → Resource
-        self._layout: dict[bytes, tuple[dict[str, int], str]] = {}  # a route configuration's hosts by name, its top
+        self._layout: dict[bytes, tuple[dict[str, int], dict, str]] = {}  # a configuration's hosts by name, its top
 
     def kind(self, service: str, kind: str, full: TypeSnapshot) -> TypeSnapshot:
         """`full` as a proxy of `service` receives it (all of it without a scope)."""
@@ -124,8 +124,8 @@ class Scopes:
             top = {k: v for k, v in config.json.items() if k not in ("@type", "virtual_hosts")}
             layout = self._layout[config.source] = (
                 {host.get("name"): i for i, host in enumerate(config.json.get("virtual_hosts", ()))},
-                json.dumps(top, sort_keys=True))
-        positions, top_key = layout
+                top, json.dumps(top, sort_keys=True))
+        positions, top, top_key = layout
         keep = sorted(positions[n] for n in hosts if n in positions)
         if len(keep) == len(config.parts):
             return config
@@ -134,7 +134,6 @@ class Scopes:
         key = (config.name, top_key, tuple(config.parts[i][0] for i in keep))
         trimmed = self._routes.get(key)
         if trimmed is None:
-            top = {k: v for k, v in config.json.items() if k not in ("@type", "virtual_hosts")}
             msg = protos.parse_strict(top, protos.message_class(ROUTES))
             for i in keep:
                 msg.virtual_hosts.add().MergeFromString(config.parts[i][1])
