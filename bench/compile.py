@@ -118,12 +118,27 @@ def environment(env: str, n: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-def generate(root: Path, n: int) -> None:
+def service(i: int) -> str:
+    """Service i's `namespace/name`."""
+    return f"team-{i % 25:02d}/svc-{i:04d}"
+
+
+def egress(n: int, calls: int) -> list[str]:
+    """Each service's egress line: `calls` others of the `n`, drawn with a fixed seed."""
+    rng = random.Random(7)
+    return [f"  egress: [{', '.join(sorted(service(j) for j in rng.sample([j for j in range(n) if j != i], calls)))}]\n"
+            for i in range(n)]
+
+
+def generate(root: Path, n: int, calls: int = 0) -> None:
+    """The repository of `n` services × 3 environments at `root`; with `calls`, every service
+    also lists that many others in its egress (the serve benchmarks' scoped proxies)."""
     rng = random.Random(42)
+    lines = egress(n, calls) if calls else [""] * n
     for i in range(n):
         path = root / "policies" / f"team-{i % 25:02d}" / f"svc-{i:04d}.yaml"
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(policy(i, rng))
+        path.write_text(policy(i, rng) + lines[i])
     (root / "environments").mkdir(parents=True, exist_ok=True)
     for env in ENVS:
         (root / "environments" / f"{env}.yaml").write_text(environment(env, n))

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import random
 import sys
 import tempfile
 import time
@@ -46,16 +45,7 @@ from google.protobuf import struct_pb2  # noqa: E402
 ENV = "dev"
 
 
-def key(i: int) -> str:
-    return f"team-{i % 25:02d}/svc-{i:04d}"
-
-
-def add_egress(repo: Path, n: int, calls: int) -> None:
-    rng = random.Random(7)
-    for i in range(n):
-        path = repo / "policies" / f"team-{i % 25:02d}" / f"svc-{i:04d}.yaml"
-        callees = sorted(key(j) for j in rng.sample([j for j in range(n) if j != i], calls))
-        path.write_text(path.read_text() + f"  egress: [{', '.join(callees)}]\n")
+key = compile_bench.service
 
 
 def load(repo: Path, previous=None):
@@ -103,8 +93,7 @@ def main() -> None:
     assert args.proxies <= args.services, "one proxy per service"
     with tempfile.TemporaryDirectory(prefix="meshc-scope-") as tmp:
         repo = Path(tmp) / "repo"
-        compile_bench.generate(repo, args.services)
-        add_egress(repo, args.services, args.calls)
+        compile_bench.generate(repo, args.services, args.calls)
         compile_bench.recompile(repo, ENV)
         first = load(repo)
         started = time.perf_counter()
