@@ -4,7 +4,7 @@ The cache lives outside the repository, in the user's cache directory
 (`$MESHC_CACHE_DIR`, else `$XDG_CACHE_HOME/meshc`, else `~/.cache/meshc`),
 one SQLite file per repository path: nothing a commit can plant is ever read,
 and every value is JSON or the bytes meshc itself serialised (never pickle).
-Three tables:
+Four tables:
 
 - `units`: JSON values keyed by content: one service in one environment,
   compiled (each target's fragment), keyed by SHA-256 of the compiler's
@@ -20,14 +20,20 @@ Three tables:
 - `results`: what `value` computed (a pure function's JSON result, such as the
   diagnostics of the checks between services), keyed by SHA-256 of the
   fingerprint and a digest of everything the function read; the latest few.
+- `written`: what the last `meshc compile` left in an output directory, keyed
+  by SHA-256 of the fingerprint and the directory's path: each file's content
+  key (`emit.content_key`) and its inode, size and modification time, so the
+  next write can tell a file it would write again unchanged by its stat alone
+  (`emit.write_rendered`'s `known`).
 
 The fingerprint hashes the compiler's own source and the versions of the
 libraries that shape the output bytes, so any change to either starts over.
 A corrupt or unreadable cache is treated as empty.
 
 Its seam with the pipeline: `units(keys, compute, decode)` for compiled units,
-`get_json` / `put_json` for parsed input files, and `value(key, compute)` for a
-pure function's JSON result (the checks between services). `NoCache`
+`get_json` / `put_json` for parsed input files, `value(key, compute)` for a
+pure function's JSON result (the checks between services), and `written` /
+`put_written` for the CLI's record of what it wrote. `NoCache`
 (`--no-cache`, `validate`) has the same calls and knows nothing, so no stage
 asks which one it has.
 """
@@ -48,6 +54,7 @@ from compiler.emit import Piece
 
 PRUNE_SLACK = 1000  # unused entries tolerated beyond twice this run's
 RESULTS_KEPT = 64  # `value` results kept, the latest stored
+WRITTEN_KEPT = 4  # output directories whose last write is remembered
 
 
 @lru_cache(maxsize=1)
@@ -63,6 +70,11 @@ def fingerprint() -> bytes:
 
 def file_key(path: str, content: bytes) -> bytes:
     return hashlib.sha256(fingerprint() + path.encode() + b"\0" + content).digest()
+
+
+def _written_key(out_dir: Path) -> bytes:
+    """A record of what was written is this compiler's: another one's content keys mean other bytes."""
+    return hashlib.sha256(fingerprint() + b"written\0" + os.fsencode(Path(out_dir).resolve())).digest()
 
 
 def unit_key(policy_key: bytes, env_key: bytes) -> bytes:
@@ -94,6 +106,7 @@ class Cache:
         self._new_units: dict[bytes, bytes] = {}
         self._new_pieces: dict[str, Piece] = {}
         self._new_results: dict[bytes, bytes] = {}
+        self._new_written: dict[bytes, bytes] = {}
         self._used: set[bytes] = set()
         self._open()
 
@@ -116,7 +129,8 @@ class Cache:
             # 340 MB, and a map of 256 MB left a third of the pieces to be read through (0.09 s).
             self._db.execute("PRAGMA mmap_size=2147418112")  # SQLite's largest by default
             self.records = dict(self._db.execute("SELECT key, value FROM units"))
-            self.pieces = {key: Piece(text, depth, canonical, bool(many))
+            self._db.execute("CREATE TABLE IF NOT EXISTS written (key BLOB PRIMARY KEY, value BLOB NOT NULL)")
+            self.pieces = {key: Piece(text, depth, canonical, bool(many), key=key)
                            for key, depth, many, canonical, text in self._db.execute("SELECT * FROM pieces")}
         except (OSError, sqlite3.Error):
             self._db, self.records, self.pieces = None, {}, {}
@@ -154,6 +168,22 @@ class Cache:
         self._new_results[key] = orjson.dumps(value)
         return value
 
+    def written(self, out_dir: Path) -> dict[str, dict[str, list]]:
+        """What this compiler last wrote to `out_dir` (`put_written`'s record), {} when unknown."""
+        try:
+            row = (self._db.execute("SELECT value FROM written WHERE key = ?", (_written_key(out_dir),)).fetchone()
+                   if self._db else None)
+            value = orjson.loads(row[0]) if row is not None else {}
+        except (sqlite3.Error, orjson.JSONDecodeError):
+            return {}
+        return value if isinstance(value, dict) else {}
+
+    def put_written(self, out_dir: Path, files: dict[str, dict[str, list]]) -> None:
+        """Record what `out_dir` holds after a write: environment → path → [content key (hex),
+        inode, size, mtime in ns], replacing the record `written` gave (stored at `save`;
+        nothing here touches the database, which a saving thread may be using)."""
+        self._new_written[_written_key(out_dir)] = orjson.dumps(files)
+
     def get_json(self, key: bytes):
         self._used.add(key)
         raw = self.records.get(key)
@@ -188,24 +218,33 @@ class Cache:
         self._used.add(key)
         self.records[key] = self._new_units[key] = record
         for ref, piece in pieces:
+            piece._key = ref  # hashed where it was packed: a file's content key needs it
             if ref not in self.pieces:
                 self.pieces[ref] = self._new_pieces[ref] = piece
 
     def save(self) -> None:
-        if self._db is None or not (self._new_units or self._new_pieces or self._new_results):
+        """Store what this run added so far. Safe while another thread adds more (the CLI
+        records what it wrote while this runs): that is kept for the next `save`."""
+        if self._db is None or not (self._new_units or self._new_pieces or self._new_results or self._new_written):
             return
+        units, pieces, results, written = self._new_units, self._new_pieces, self._new_results, self._new_written
+        self._new_units, self._new_pieces, self._new_results, self._new_written = {}, {}, {}, {}
         # Keep the cache near the size of one repo: entries this run did not use go once they
         # dominate, and with them every piece no remaining unit refers to.
         stale = [k for k in self.records if k not in self._used] if len(self.records) > 2 * len(self._used) + PRUNE_SLACK else []
         try:
             with self._db:
-                self._db.executemany("INSERT OR REPLACE INTO units VALUES (?, ?)", self._new_units.items())
+                self._db.executemany("INSERT OR REPLACE INTO units VALUES (?, ?)", units.items())
                 self._db.executemany("INSERT OR REPLACE INTO pieces VALUES (?, ?, ?, ?, ?)",
-                                     ((k, p.depth, p.many, p.canonical, p.text) for k, p in self._new_pieces.items()))
-                if self._new_results:  # the latest RESULTS_KEPT: a result is small, and one run asks for one or two
-                    self._db.executemany("INSERT OR REPLACE INTO results VALUES (?, ?)", self._new_results.items())
+                                     ((k, p.depth, p.many, p.canonical, p.text) for k, p in pieces.items()))
+                if results:  # the latest RESULTS_KEPT: a result is small, and one run asks for one or two
+                    self._db.executemany("INSERT OR REPLACE INTO results VALUES (?, ?)", results.items())
                     self._db.execute("DELETE FROM results WHERE rowid NOT IN "
                                      "(SELECT rowid FROM results ORDER BY rowid DESC LIMIT ?)", (RESULTS_KEPT,))
+                if written:  # one row per output directory; the latest WRITTEN_KEPT
+                    self._db.executemany("INSERT OR REPLACE INTO written VALUES (?, ?)", written.items())
+                    self._db.execute("DELETE FROM written WHERE rowid NOT IN "
+                                     "(SELECT rowid FROM written ORDER BY rowid DESC LIMIT ?)", (WRITTEN_KEPT,))
                 if stale:
                     self._db.executemany("DELETE FROM units WHERE key = ?", ((k,) for k in stale))
                     for k in stale:
@@ -213,9 +252,6 @@ class Cache:
                     self._db.executemany("DELETE FROM pieces WHERE key = ?", ((k,) for k in self._orphans()))
         except sqlite3.Error:
             pass  # a cache that cannot be written only costs time next run
-        self._new_units.clear()
-        self._new_pieces.clear()
-        self._new_results.clear()
 
     def _orphans(self) -> list[str]:
         """Pieces no unit refers to (after a prune)."""
@@ -252,6 +288,15 @@ class NoCache:
     def put_json(self, key: bytes, value) -> None:
         pass
 
+    def written(self, out_dir: Path) -> None:
+        return None  # unknown: every file is compared, and no content key is computed
+
+    def put_written(self, out_dir: Path, files) -> None:
+        pass
+
+    def save(self) -> None:
+        pass
+
     def close(self) -> None:
         pass
 
@@ -279,11 +324,7 @@ def _pack(value) -> tuple[dict, list[tuple[str, Piece]]]:
 
 def piece_key(piece: Piece) -> str:
     """SHA-256 (hex) of everything a piece is: the same key is the same piece."""
-    h = hashlib.sha256(b"%d %d\n" % (piece.depth, piece.many))
-    h.update(piece.canonical or b"")
-    h.update(b"\n")  # canonical JSON never holds a raw newline
-    h.update(piece.text)
-    return h.hexdigest()
+    return piece.key
 
 
 def _strip(value, path: list, found: list):

@@ -112,8 +112,10 @@ def _repo_and_envs(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-cache", action="store_true", help="ignore and do not update the re-compile cache (kept under ~/.cache/meshc, or $MESHC_CACHE_DIR)")
 
 
-def _compile(args) -> tuple[CompileResult, threading.Thread]:
-    """Compile; → the result, and the thread saving the re-compile cache (join it before exiting)."""
+def _compile(args, out: Path | None = None) -> tuple[CompileResult, threading.Thread, Cache | NoCache, dict | None]:
+    """Compile; → the result, the thread saving the re-compile cache (join it, then close the
+    cache, before exiting), the cache, and its record of what the last write left in `out`
+    (None without a cache), read before the saving thread starts."""
     repo: Path = args.repo
     if not repo.is_dir():
         raise UsageError(f"--repo {repo}: not a directory")
@@ -130,12 +132,13 @@ def _compile(args) -> tuple[CompileResult, threading.Thread]:
     except UsageError:  # --env named no environment
         cache.close()
         raise
+    record = cache.written(out) if out is not None and result.ok else None
     # SQLite writes without the GIL: the cache saves while rendered/ is written
-    saving = threading.Thread(target=cache.close, name="meshc-cache-save")
+    saving = threading.Thread(target=cache.save, name="meshc-cache-save")
     saving.start()
     for d in result.diagnostics:
         print(d.render(), file=sys.stderr)
-    return result, saving
+    return result, saving, cache, record
 
 
 def _summary(result: CompileResult) -> str:
@@ -143,8 +146,9 @@ def _summary(result: CompileResult) -> str:
 
 
 def run_validate(args) -> int:
-    result, saving = _compile(args)
+    result, saving, cache, _ = _compile(args)
     saving.join()  # NoCache: nothing to save
+    cache.close()
     if not result.ok:
         return EXIT_INVALID
     print(f"meshc: valid: {_summary(result)}", file=sys.stderr)
@@ -152,19 +156,20 @@ def run_validate(args) -> int:
 
 
 def run_compile(args) -> int:
-    result, saving = _compile(args)
+    out: Path = args.out or args.repo / "rendered"
+    result, saving, cache, record = _compile(args, None if args.check else out)
     try:
-        return _write_or_check(args, result)
+        return _write_or_check(args, result, cache, out, record)
     finally:
         saving.join()
+        cache.close()  # saves what the write recorded
 
 
-def _write_or_check(args, result: CompileResult) -> int:
+def _write_or_check(args, result: CompileResult, cache, out: Path, record: dict | None) -> int:
     if not result.ok:
         errors = sum(1 for d in result.diagnostics if d.is_error)
         print(f"meshc: {errors} error{'s' * (errors != 1)}; nothing written", file=sys.stderr)
         return EXIT_INVALID
-    out: Path = args.out or args.repo / "rendered"
     every_env = not args.envs
     if args.check:
         stale = stale_files(out, result.outputs, every_env)
@@ -175,13 +180,31 @@ def _write_or_check(args, result: CompileResult) -> int:
             return EXIT_INVALID
         print(f"meshc: {out} is current: {_summary(result)}", file=sys.stderr)
         return EXIT_OK
-    try:
-        write_rendered(out, result.outputs, prune=every_env)
+    try:  # record None: no cache, so nothing is recorded and no content key computed
+        stats = write_rendered(out, result.outputs, prune=every_env, known=_known(record, result.outputs))
     except OSError as exc:
         print(f"meshc: error: cannot write {out}: {exc.strerror or exc}", file=sys.stderr)
         return EXIT_INVALID
+    if record is not None:
+        written = {env: {rel: [files.key(rel).hex(), *stats[env][rel]] for rel in files}
+                   for env, files in result.outputs.items()}
+        cache.put_written(out, written if every_env else {**record, **written})  # else the others are as they were
     print(f"meshc: compiled {_summary(result)} into {out}", file=sys.stderr)
     return EXIT_OK
+
+
+def _known(record: dict | None, outputs) -> dict[str, dict[str, tuple]] | None:
+    """From the cache's record of the last write, each file whose content key is the one
+    compiled now: its stat then, for `write_rendered` to trust while the file still has it."""
+    if not record:
+        return None
+    known = {}
+    for env, files in outputs.items():
+        last = record.get(env)
+        if isinstance(last, dict):
+            known[env] = {rel: tuple(entry[1:]) for rel, entry in last.items()
+                          if rel in files and isinstance(entry, list) and len(entry) == 4 and entry[0] == files.key(rel).hex()}
+    return known
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import hashlib
 import io
 import json
 import os
@@ -33,7 +34,7 @@ import time
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Mapping
+from typing import Callable, Iterator, Mapping
 
 import orjson
 import yaml
@@ -103,14 +104,27 @@ class Piece:
     change a value.
     """
 
-    __slots__ = ("text", "depth", "canonical", "many", "_value")
+    __slots__ = ("text", "depth", "canonical", "many", "_value", "_key")
 
-    def __init__(self, text: bytes, depth: int = 0, canonical: bytes | None = None, many: bool = False, value=_UNPARSED):
+    def __init__(self, text: bytes, depth: int = 0, canonical: bytes | None = None, many: bool = False, value=_UNPARSED,
+                 key: str | None = None):
         self.text = text
         self.depth = depth
         self.canonical = canonical
         self.many = many
         self._value = value
+        self._key = key  # `key`, when whoever made the piece knew it already (the cache does)
+
+    @property
+    def key(self) -> str:
+        """SHA-256 (hex) of everything the piece is: the same key is the same piece."""
+        if self._key is None:
+            h = hashlib.sha256(b"%d %d\n" % (self.depth, self.many))
+            h.update(self.canonical or b"")
+            h.update(b"\n")  # canonical JSON never holds a raw newline
+            h.update(self.text)
+            self._key = h.hexdigest()
+        return self._key
 
     @classmethod
     def json(cls, value, depth: int) -> "Piece":
@@ -219,8 +233,126 @@ def file_bytes(file: OutputFile) -> bytes:
     if file.format == "json":
         if type(file.content) is bytes:  # serialised by its target already
             return file.content
+        if type(file.content) is Deferred:  # serialised by its target's rule, when asked
+            return file.content()
         return json_bytes(file.content)
     raise ValueError(f"unknown output format {file.format!r}")
+
+
+class Deferred:
+    """A file's bytes as `render(*args)`, made only when something reads them: a re-compile
+    that knows the file did not change (`content_key`) never pays for a 70 MB splice and
+    its hash. `render` must be a pure, module-level function of `args` (its name is part
+    of the key), and `args` plain data and pieces."""
+
+    __slots__ = ("render", "args")
+
+    def __init__(self, render: Callable[..., bytes], *args):
+        self.render, self.args = render, args
+
+    def __call__(self) -> bytes:
+        return self.render(*self.args)
+
+
+def content_key(file: OutputFile) -> bytes:
+    """SHA-256 of everything `file_bytes(file)` reads, pieces by their keys: two files with one
+    key have the same bytes (under one compiler: the caller keys it with the fingerprint).
+    Computed without serialising a piece; raises TypeError for a value `file_bytes` could not
+    write either."""
+    h = hashlib.sha256(b"%s\0%s\0" % (file.path.encode(), file.format.encode()))
+    content = file.content
+    if type(content) is list and len(content) == 1 and type(content[0]) is Piece:  # a service's file: as orjson spells it
+        h.update(b"[\0P" + content[0].key.encode() + b"]")
+        return h.digest()
+    try:
+        h.update(orjson.dumps(content, default=_marked, option=orjson.OPT_SORT_KEYS))
+    except orjson.JSONEncodeError:  # an integer beyond 64 bits: the slower walk has no limit
+        h.update(b"\0slow")
+        _feed(h.update, file.content)
+    return h.digest()
+
+
+def _marked(value) -> orjson.Fragment:
+    """A piece (or a deferred file) in `content_key`'s JSON: a NUL and a tag, which no JSON
+    orjson writes can hold (it escapes NUL in strings), then its key."""
+    if type(value) is Piece:
+        return orjson.Fragment(b"\0P" + value.key.encode())
+    if type(value) is Deferred:
+        return orjson.Fragment(b"\0D" + _render_name(value) + b"\0" + orjson.dumps(value.args, default=_marked,
+                                                                                   option=orjson.OPT_SORT_KEYS))
+    raise TypeError(f"no content key for {type(value).__name__}")
+
+
+def _render_name(value: "Deferred") -> bytes:
+    return f"{value.render.__module__}.{value.render.__qualname__}".encode()
+
+
+def _feed(update, value) -> None:
+    """`value` into the hash, each kind tagged and each length given, so no two values feed alike."""
+    kind = type(value)
+    if kind is Piece:
+        update(b"P" + value.key.encode())
+    elif kind is dict:
+        update(b"{%d:" % len(value))
+        for k in sorted(value):
+            _feed(update, k)
+            _feed(update, value[k])
+    elif kind is list or kind is tuple:
+        update(b"[%d:" % len(value))
+        for v in value:
+            _feed(update, v)
+    elif kind is str:
+        data = value.encode()
+        update(b"s%d:" % len(data) + data)
+    elif kind is bool:
+        update(b"T" if value else b"F")
+    elif kind is int:
+        update(b"i%d;" % value)
+    elif value is None:
+        update(b"N")
+    elif kind is float:
+        update(b"f" + repr(value).encode() + b";")
+    elif kind is bytes:
+        update(b"b%d:" % len(value))
+        update(value)
+    elif kind is Deferred:
+        name = _render_name(value)
+        update(b"D%d:" % len(name) + name)
+        _feed(update, value.args)
+    else:
+        raise TypeError(f"no content key for {kind.__name__}")
+
+
+class Rendered(Mapping):
+    """One environment's files, path → bytes in path order, each serialised when first read
+    (then kept): a write that knows a file is unchanged never serialises it. `key(path)` is
+    its `content_key`."""
+
+    def __init__(self, files: Mapping[str, OutputFile]):
+        self._files = dict(sorted(files.items()))
+        self._bytes: dict[str, bytes] = {}
+        self._keys: dict[str, bytes] = {}
+
+    def __getitem__(self, path: str) -> bytes:
+        data = self._bytes.get(path)
+        if data is None:
+            data = self._bytes[path] = file_bytes(self._files[path])
+        return data
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._files)
+
+    def __len__(self) -> int:
+        return len(self._files)
+
+    def __contains__(self, path) -> bool:
+        return path in self._files
+
+    def key(self, path: str) -> bytes:
+        key = self._keys.get(path)
+        if key is None:
+            key = self._keys[path] = content_key(self._files[path])
+        return key
 
 
 def yaml_bytes(documents: list) -> bytes:
@@ -324,8 +456,25 @@ def _loads(data: bytes):
 Outputs = Mapping[str, Mapping[str, bytes]]  # environment → (path inside rendered/<env>/ → bytes)
 
 
-def write_rendered(out_dir: Path, outputs: Outputs, prune: bool = False) -> None:
+FileStat = tuple[int, int, int]  # (inode, size, mtime in ns): what a file written here still has if untouched
+
+
+def file_stat(st: os.stat_result) -> FileStat:
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def write_rendered(out_dir: Path, outputs: Outputs, prune: bool = False,
+                   known: Mapping[str, Mapping[str, FileStat]] | None = None) -> dict[str, dict[str, FileStat]]:
     """Replace `out_dir/<env>` for each environment in `outputs`: all of them, or none.
+    → each written environment's files, path → `file_stat` as this write leaves them.
+
+    `known` (environment → path → `file_stat`) is what the caller knows the directory
+    holds already: files this module wrote (the stats it returned then) with the bytes
+    `outputs` has for them now. A file whose stat is still the one known is taken as the
+    same without reading it (or serialising what `outputs` holds for it, when that is a
+    `Rendered`); any other is compared byte by byte. A file changed in place keeping its
+    inode, size and modification time to the nanosecond would go unnoticed; `--check`
+    (`stale_files`) never uses `known`.
 
     Everything new is staged first, in a hidden `.<env>.new-*` directory beside
     the environments (a failure there changes nothing). An environment seen for
@@ -368,10 +517,13 @@ def write_rendered(out_dir: Path, outputs: Outputs, prune: bool = False) -> None
     _remove_leftovers(out_dir)
     staged: dict[str, str] = {}
     journal: list[_Step] = []
+    stats: dict[str, dict[str, FileStat]] = {env: {} for env in outputs}
+    known = known or {}
     try:
         for env in outputs:
             staged[env] = tempfile.mkdtemp(prefix=f".{env}.new-", dir=out_dir)
-        moves = [_stage(Path(staged[env]), out_dir / env, files) for env, files in outputs.items()]
+        moves = [_stage(Path(staged[env]), out_dir / env, files, known.get(env) or {}, stats[env])
+                 for env, files in outputs.items()]
         for env, env_moves in zip(outputs, moves):
             for kind, src, dst in env_moves:
                 if kind == "put":
@@ -398,6 +550,7 @@ def write_rendered(out_dir: Path, outputs: Outputs, prune: bool = False) -> None
             _discard(step.old)
     for staging in staged.values():
         _discard(Path(staging))
+    return stats
 
 
 class RollbackError(OSError):
@@ -487,14 +640,16 @@ def _discard(path: Path) -> None:
             os.unlink(path)
 
 
-def _stage(staging: Path, target: Path, files: Mapping[str, bytes]) -> list[tuple[str, Path, Path]]:
-    """Stage what replacing `target` with `files` needs, under `staging`. → the moves that
-    apply it, in order: ("put", staged, target entry) or ("drop", target entry, aside)."""
+def _stage(staging: Path, target: Path, files: Mapping[str, bytes], known: Mapping[str, FileStat],
+           stats: dict[str, FileStat]) -> list[tuple[str, Path, Path]]:
+    """Stage what replacing `target` with `files` needs, under `staging`, each file's stat into
+    `stats`. → the moves that apply it, in order: ("put", staged, target entry) or ("drop",
+    target entry, aside)."""
     tree = _Dir.of(files)
     if not _is_ours(target):
-        _fill(str(staging), files)
+        _fill(str(staging), tree.items(), files, stats)
         return [("put", staging, target)]
-    return _Delta(staging).of(tree, target)
+    return _Delta(staging, files, known, stats).of(tree, target)
 
 
 def _is_ours(path: Path) -> bool:
@@ -510,25 +665,25 @@ _DIR_MODE = 0o755
 
 
 class _Dir:
-    """The tree `files` make: each directory's files (name → bytes) and subdirectories."""
+    """The tree `files` make: each directory's files (name → path in `files`) and subdirectories."""
 
     __slots__ = ("files", "dirs")
 
     def __init__(self):
-        self.files: dict[str, bytes] = {}
+        self.files: dict[str, str] = {}
         self.dirs: dict[str, _Dir] = {}
 
     @classmethod
     def of(cls, files: Mapping[str, bytes]) -> "_Dir":
-        """Raises FileExistsError where one name is both a file and a directory."""
+        """Raises FileExistsError where one name is both a file and a directory. Reads no bytes."""
         root = cls()
         nodes = {"": root}
-        for rel, content in files.items():
+        for rel in files:
             parent, _, name = rel.rpartition("/")
             node = nodes.get(parent)
             if node is None:
                 node = cls._at(parent, nodes)
-            node.files[name] = content
+            node.files[name] = rel
         for rel, node in nodes.items():
             for name in node.files.keys() & node.dirs.keys():
                 raise FileExistsError(errno.EEXIST, "both a file and a directory", f"{rel}/{name}".lstrip("/"))
@@ -542,9 +697,9 @@ class _Dir:
         return node
 
     def items(self, prefix: str = ""):
-        """(path relative to this directory, bytes) of every file below it."""
-        for name, content in self.files.items():
-            yield prefix + name, content
+        """(path relative to this directory, path in `files`) of every file below it."""
+        for name, rel in self.files.items():
+            yield prefix + name, rel
         for name, sub in self.dirs.items():
             yield from sub.items(f"{prefix}{name}/")
 
@@ -562,8 +717,9 @@ class _Delta:
     directory that holds directories, each changed file is staged alone.
     """
 
-    def __init__(self, staging: Path):
+    def __init__(self, staging: Path, files: Mapping[str, bytes], known: Mapping[str, FileStat], stats: dict[str, FileStat]):
         self.staging = staging
+        self.files, self.known, self.stats = files, known, stats
         self.moves: list[tuple[str, Path, Path]] = []
         self._count = 0
         self._view = memoryview(bytearray(_CHUNK))  # what old files are read into, chunk by chunk
@@ -584,7 +740,7 @@ class _Delta:
         with os.scandir(fd) as it:
             old = {e.name: e for e in it}
         if not node.dirs:
-            same = {n for n, content in node.files.items() if self._same(fd, old.get(n), n, content)}
+            same = {n for n, rel in node.files.items() if self._same(fd, old.get(n), n, rel)}
             if len(same) < len(node.files) or len(old) > len(same):
                 self.moves.append(("put", self._rebuilt(node, fd, same), target))
             return
@@ -599,12 +755,12 @@ class _Delta:
             else:
                 staged = self._name()
                 os.mkdir(staged, _DIR_MODE)
-                _fill(str(staged), dict(sub.items()))
+                _fill(str(staged), sub.items(), self.files, self.stats)
                 self.moves.append(("put", staged, target / name))
-        for name, content in node.files.items():
-            if not self._same(fd, old.get(name), name, content):
+        for name, rel in node.files.items():
+            if not self._same(fd, old.get(name), name, rel):
                 staged = self._name()
-                _write(os.fspath(staged), content, None)
+                self.stats[rel] = _write(os.fspath(staged), self.files[rel], None)
                 self.moves.append(("put", staged, target / name))
         for name in sorted(old.keys() - node.files.keys() - node.dirs.keys()):
             self.moves.append(("drop", target / name, self._name()))
@@ -616,27 +772,40 @@ class _Delta:
         os.chmod(staged, _DIR_MODE)
         fd = os.open(staged, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
         try:
-            for name, content in node.files.items():
-                if name in same:
+            for name, rel in node.files.items():
+                if name in same:  # its stat is in `stats` already: a link keeps inode, size and mtime
                     os.link(name, name, src_dir_fd=old_fd, dst_dir_fd=fd, follow_symlinks=False)
                 else:
-                    _write(name, content, fd)
+                    self.stats[rel] = _write(name, self.files[rel], fd)
         finally:
             os.close(fd)
         return staged
 
 
-    def _same(self, dir_fd: int, entry: os.DirEntry | None, name: str, content: bytes) -> bool:
-        """Whether the old directory's `name` is a regular file holding exactly `content` (a
-        symlink or FIFO there is never followed nor waited on: it is simply not the same)."""
+    def _same(self, dir_fd: int, entry: os.DirEntry | None, name: str, rel: str) -> bool:
+        """Whether the old directory's `name` is a regular file holding exactly what `rel` should
+        (a symlink or FIFO there is never followed nor waited on: it is simply not the same):
+        known by its stat where `known` has it, else read and compared. Its stat goes into `stats`."""
         if entry is None or not entry.is_file(follow_symlinks=False):
             return False
+        expected = self.known.get(rel)
+        if expected is not None:
+            try:
+                now = file_stat(entry.stat(follow_symlinks=False))
+            except OSError:
+                return False
+            if now == expected:
+                self.stats[rel] = now
+                return True
         try:
             fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=dir_fd)
         except OSError:
             return False
         try:
-            return self._holds(fd, content)
+            if not self._holds(fd, self.files[rel]):
+                return False
+            self.stats[rel] = file_stat(os.fstat(fd))
+            return True
         except OSError:
             return False
         finally:
@@ -661,20 +830,23 @@ class _Delta:
 _CHUNK = 1 << 22
 
 
-def _write(name: str, content: bytes, dir_fd: int | None) -> None:
+def _write(name: str, content: bytes, dir_fd: int | None) -> FileStat:
     with open(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666, dir_fd=dir_fd), "wb") as f:
         f.write(content)
+        f.flush()
+        return file_stat(os.fstat(f.fileno()))
 
 
-def _fill(staging: str, files: Mapping[str, bytes]) -> None:
-    """Write `files` under the empty directory `staging` (directories 0755)."""
+def _fill(staging: str, entries, files: Mapping[str, bytes], stats: dict[str, FileStat]) -> None:
+    """Write under the empty directory `staging` (directories 0755) each (path under it, path
+    in `files`) of `entries`, its stat into `stats`."""
     new_dirs = {"": os.open(staging, os.O_RDONLY | os.O_DIRECTORY)}
     try:
-        for rel, content in files.items():
-            parent, _, name = rel.rpartition("/")
+        for where, rel in entries:
+            parent, _, name = where.rpartition("/")
             if parent not in new_dirs:
                 _make_dirs(parent, new_dirs)
-            _write(name, content, new_dirs[parent])
+            stats[rel] = _write(name, files[rel], new_dirs[parent])
         os.chmod(staging, _DIR_MODE)
     finally:
         for fd in new_dirs.values():

@@ -24,7 +24,7 @@ from compiler import check
 from compiler import model as m
 from compiler.cache import NoCache
 from compiler.diagnostics import Diagnostic, Diagnostics, Note, Severity, Span, sorted_unique
-from compiler.emit import file_bytes
+from compiler.emit import Rendered
 from compiler.errors import UnknownEnvironment
 from compiler.load import Source
 from compiler.targets import registry
@@ -37,7 +37,7 @@ __all__ = ["CompileResult", "UnknownEnvironment", "compile_source"]
 @dataclass
 class CompileResult:
     diagnostics: list[Diagnostic] = field(default_factory=list)
-    outputs: dict[str, dict[str, bytes]] = field(default_factory=dict)  # env → rendered/<env>/ path → bytes
+    outputs: dict[str, Rendered] = field(default_factory=dict)  # env → rendered/<env>/ path → bytes
     meshes: dict[str, m.Mesh] = field(default_factory=dict)
     environments: tuple[str, ...] = ()  # every environment the source defines
     services: int = 0  # valid policies
@@ -127,16 +127,17 @@ def _span(value: list | None) -> Span | None:
     return None if value is None else Span(*value)
 
 
-def _emit(ctx: EnvContext, units: list[Unit], diags: Diagnostics) -> dict[str, bytes]:
-    """The environment's files, by path, from its units (in mesh order): each target's assembly, serialised."""
+def _emit(ctx: EnvContext, units: list[Unit], diags: Diagnostics) -> Rendered:
+    """The environment's files, by path, from its units (in mesh order): each target's assembly,
+    each file serialised when first read (a write that knows it unchanged never does)."""
     fragments = [u.fragments for u in units if u.fragments]
-    files: dict[str, bytes] = {}
+    files = {}
     for target in registry():
         lowered = target.assemble(ctx.env, [f[target.NAME] for f in fragments])
         diags.extend(lowered.diagnostics)
         for f in lowered.files:
-            files[f.path] = file_bytes(f)
-    return dict(sorted(files.items()))
+            files[f.path] = f
+    return Rendered(files)
 
 
 def _mesh(ctx: EnvContext, policies: list[Policy], units: list[Unit]) -> m.Mesh:

@@ -54,7 +54,7 @@ from collections import Counter
 from operator import itemgetter
 
 from compiler.diagnostics import Diagnostics
-from compiler.emit import Lowered, OutputFile, Piece
+from compiler.emit import Deferred, Lowered, OutputFile, Piece
 from compiler.errors import InconsistentSnapshot
 from compiler.model import Environment, Mesh, Service
 from compiler.targets.envoy import clusters, endpoints, listeners, patches, routes, scopes
@@ -162,7 +162,7 @@ def assemble(env: Environment, fragments: list[dict]) -> Lowered:
     }
     patch_problems = Diagnostics()
     resources = patches.apply(env.patches, resources, RESOURCE_DEPTH, patch_problems)
-    files = tuple(OutputFile(f"envoy/{kind}.json", discovery_response(TYPE_URLS[kind], items), "json")
+    files = tuple(OutputFile(f"envoy/{kind}.json", Deferred(discovery_response, TYPE_URLS[kind], items), "json")
                   for kind, items in sorted(resources.items()))
     if any(f["egress"] is not None for f in fragments):
         files += (OutputFile(scopes.PATH, scopes.scopes_file(env.envoy.listener_address, fragments), "json"),)
