@@ -22,9 +22,9 @@ from google.protobuf import struct_pb2
 
 from compiler.load import Source
 from compiler.pipeline import compile_source
-from compiler.xds import sample
+from compiler.xds import sample, scope
 from compiler.xds.server import Options, ServerThread
-from compiler.xds.snapshot import TYPE_URLS
+from compiler.xds.snapshot import TYPE_URLS, SnapshotError, load_snapshot, read_files
 from support.backends import Backend, unique_loopback
 from support.envoy import Envoy
 from test_xds_protocol import Client, DeltaClient
@@ -181,6 +181,25 @@ def test_an_egress_change_moves_what_a_scoped_proxy_holds(served):
     pushed = delta.recv()
     assert ([r.name for r in pushed.resources], list(pushed.removed_resources)) == ([OTHER], [API])
     assert _names(sotw.recv(), cluster_pb2.Cluster) == [OTHER]
+
+
+def test_scopes_json_is_checked_when_its_bytes_change_and_reused_when_they_do_not(tmp_path):
+    """A reload whose scopes.json is the served one's bytes takes the parsed file as it is;
+    one whose bytes differ is read and checked again, so a hand edit after a good load is
+    refused, not served."""
+    rendered = tmp_path / "rendered"
+    _render(rendered, "0.0.0.0", ADDRESSES, ["shop/api"])
+    files = read_files(rendered / ENV / "envoy")
+    first = scope.attach(load_snapshot(ENV, files), files[scope.FILE])
+    again = scope.attach(load_snapshot(ENV, files, first), files[scope.FILE], first)
+    assert again.scopes.services is first.scopes.services
+    assert [r.name for r in again.kind_for("shop/web", "clusters").resources.values()] == [API]
+    edited = files[scope.FILE].replace(b'"shop/api"', b'"shop/db"', 1)
+    assert edited != files[scope.FILE]
+    with pytest.raises(SnapshotError, match="scopes.json: version_info .* is not the SHA-256"):
+        scope.attach(load_snapshot(ENV, files, first), edited, first)
+    with pytest.raises(SnapshotError, match="scopes.json: not JSON"):
+        scope.attach(load_snapshot(ENV, files, first), files[scope.FILE][:-2], first)
 
 
 def test_a_scoped_envoy_reaches_what_its_service_calls_and_nothing_else(tmp_path):

@@ -42,12 +42,16 @@ class Scopes:
     scoped kinds built so far."""
 
     def __init__(self, egress: Mapping[str, tuple[str, ...]], services: Mapping[str, dict],
-                 previous: "Scopes | None" = None, changed: Mapping[str, frozenset[str]] | None = None) -> None:
-        """`changed`: per kind, the names whose resource is not the previous snapshot's."""
+                 previous: "Scopes | None" = None, changed: Mapping[str, frozenset[str]] | None = None,
+                 data: bytes = b"") -> None:
+        """`changed`: per kind, the names whose resource is not the previous snapshot's;
+        `data`: the file's bytes, so a reload of the same bytes is not parsed again."""
         self.egress = egress
         self.services = services
+        self.data = data
         self._built: dict[tuple[str, str], TypeSnapshot] = {}
         self._callees: dict[str, list[tuple[str, dict]]] = {}
+        self._callee_names: dict[tuple[str, str], frozenset[str]] = {}
         self._by_namespace: dict[str, list[str]] | None = None
         # What the previous snapshot's scopes built, and from what: plain data, so a chain of
         # snapshots does not keep every older one alive.
@@ -55,6 +59,8 @@ class Scopes:
         self._previous_callees = previous._callees if previous is not None else {}
         self._changed = changed
         self._routes = previous._routes if previous is not None else {}  # (name, top, hosts) → Resource
+        if previous is not None and previous.services is services and previous.egress is egress:
+            self._callees, self._callee_names = previous._callees, previous._callee_names   # the same file
         self._layout: dict[bytes, tuple[dict[str, int], dict, str]] = {}  # a configuration's hosts by name, its top
 
     def kind(self, service: str, kind: str, full: TypeSnapshot) -> TypeSnapshot:
@@ -93,10 +99,18 @@ class Scopes:
         callees = self.callees(service)
         if self._previous_callees.get(service) != callees:
             return None
-        changed = self._changed.get(kind, frozenset())
-        if any(n in changed for _, callee in callees for n in callee[kind]):
+        changed = self._changed.get(kind)
+        if changed and not changed.isdisjoint(self._names(service, kind)):
             return None
         return before
+
+    def _names(self, service: str, kind: str) -> frozenset[str]:
+        """The names of `kind` (not routes) that `service`'s callees bring."""
+        key = (service, kind)
+        found = self._callee_names.get(key)
+        if found is None:
+            found = self._callee_names[key] = frozenset(n for _, callee in self.callees(service) for n in callee[kind])
+        return found
 
     def _build(self, service: str, kind: str, full: TypeSnapshot) -> TypeSnapshot:
         reused = self._unchanged(service, kind)
@@ -172,6 +186,8 @@ def load_scopes(data: bytes | None, previous: Scopes | None = None,
     """Parse `envoy/scopes.json` (None when the compiler wrote none: no proxy is scoped)."""
     if data is None:
         return None
+    if previous is not None and previous.data == data:     # checked when it was first read
+        return Scopes(previous.egress, previous.services, previous, changed, data)
     try:
         document = json.loads(data)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -188,7 +204,7 @@ def load_scopes(data: bytes | None, previous: Scopes | None = None,
         raise ScopeError("egress is not a map of service to a list of names")
     if not isinstance(services, dict) or not all(_is_entry(v) for v in services.values()):
         raise ScopeError("services is not a map of service to its clusters, endpoints, listeners and routes")
-    return Scopes({k: tuple(v) for k, v in egress.items()}, services, previous, changed)
+    return Scopes({k: tuple(v) for k, v in egress.items()}, services, previous, changed, data)
 
 
 def _is_entry(value) -> bool:
