@@ -38,10 +38,13 @@ def _policy(name: str, port: int, **spec) -> dict:
             "spec": {"selector": {"app": name}, "ports": [{"name": "http", "port": port, "protocol": "HTTP"}], **spec}}
 
 
-def _render(root, address: str, backends: dict[str, str], web_egress, other_timeout: str = "5s") -> None:
-    """web calls what `web_egress` says; api and other share port 8080, db has 9090 alone."""
+def _render(root, address: str, backends: dict[str, str], web_egress, other_timeout: str = "5s",
+            other_egress=None) -> None:
+    """web calls what `web_egress` says (other what `other_egress` does, if given); api and
+    other share port 8080, db has 9090 alone."""
+    other = _policy("other", 8080, timeout=other_timeout, **({"egress": other_egress} if other_egress else {}))
     policies = {"web": _policy("web", 8080, egress=web_egress), "api": _policy("api", 8080),
-                "other": _policy("other", 8080, timeout=other_timeout), "db": _policy("db", 9090)}
+                "other": other, "db": _policy("db", 9090)}
     files = {f"policies/shop/{n}.yaml": yaml.safe_dump(p).encode() for n, p in policies.items()}
     files[f"environments/{ENV}.yaml"] = yaml.safe_dump({
         "apiVersion": "meshc.dev/v1", "kind": "Environment", "metadata": {"name": ENV},
@@ -126,6 +129,25 @@ def test_a_scoped_proxy_receives_only_what_its_service_calls(served):
                                                      "web.shop.svc.cluster.local:8080"]}
     proxies = requests.get(f"{server.http_url}/debug/proxies", timeout=5).json()
     assert {p["service"] for p in proxies} == {"shop/web", ""}
+
+
+def test_proxies_of_two_scoped_services_in_step_each_get_their_own(tmp_path):
+    """Scoped kinds share one memo of whole responses per snapshot and kind: two services'
+    proxies whose streams count alike (the same nonces) still get each their own scope."""
+    rendered = tmp_path / "rendered"
+    _render(rendered, "0.0.0.0", ADDRESSES, ["shop/api"], other_egress=["shop/db"])
+    with ServerThread(Options(rendered=rendered, grpc_port=0, http_port=0)) as server:
+        with grpc.insecure_channel(server.grpc_address) as channel:
+            sotw_names = lambda response: _names(response, cluster_pb2.Cluster)  # noqa: E731
+            delta_names = lambda response: sorted(r.name for r in response.resources)  # noqa: E731
+            for client_class, names, extra in ((Client, sotw_names, {}),
+                                               (DeltaClient, delta_names, {"resource_names_subscribe": ["*"]})):
+                web, other = client_class(channel), client_class(channel)
+                web.send(node=_node("shop/web"), type_url=CDS, **extra)
+                other.send(node=_node("shop/other"), type_url=CDS, **extra)
+                first_web, first_other = web.recv(), other.recv()
+                assert first_web.nonce == first_other.nonce
+                assert (names(first_web), names(first_other)) == ([API], [DB]), client_class
 
 
 def test_a_scoped_rest_poll_is_cut_the_same_way(served):

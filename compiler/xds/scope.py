@@ -25,7 +25,8 @@ from dataclasses import replace
 
 from compiler.xds import protos
 from compiler.xds.resources import ROUTES, file_version
-from compiler.xds.snapshot import Resource, Snapshot, SnapshotError, TypeSnapshot, resource, type_snapshot
+from compiler.xds.snapshot import (SCOPED_RESPONSE_BYTES, NamedBodies, Resource, SharedResponses, Snapshot,
+                                   SnapshotError, TypeSnapshot, resource, type_snapshot)
 
 __all__ = ["FILE", "Scopes", "ScopeError", "attach", "load_scopes"]
 
@@ -50,6 +51,7 @@ class Scopes:
         self.services = services
         self.data = data
         self._built: dict[tuple[str, str], TypeSnapshot] = {}
+        self._shared: dict[str, SharedResponses] = {}
         self._callees: dict[str, list[tuple[str, dict]]] = {}
         self._callee_names: dict[tuple[str, str], frozenset[str]] = {}
         self._by_namespace: dict[str, list[str]] | None = None
@@ -129,7 +131,10 @@ class Scopes:
         before = self._previous.get((service, kind))
         if before is not None and before.version == version:
             return before
-        return type_snapshot(kind, full.type_url, version, chosen)
+        # Most services have a proxy or a few: a body of their own would be kept for one
+        # stream. Their responses share one bounded memo per kind instead.
+        return type_snapshot(kind, full.type_url, version, chosen, named=NamedBodies(limit=0),
+                             shared=self._shared.setdefault(kind, SharedResponses(SCOPED_RESPONSE_BYTES)))
 
     def _route(self, config: Resource, hosts: frozenset[str]) -> Resource:
         """`config` with only the virtual hosts named `hosts`, built once per choice."""

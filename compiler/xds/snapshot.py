@@ -32,7 +32,7 @@ from compiler.xds.consistency import consistency_errors
 from compiler.xds.resources import SECRET, TYPE_URLS, content_version
 
 __all__ = [
-    "KINDS", "NAMED_BODIES_LIMIT", "PUSH_ORDER", "SHARED_RESPONSE_BYTES", "TYPE_URLS", "WILDCARD_KINDS",
+    "KINDS", "NAMED_BODIES_LIMIT", "PUSH_ORDER", "SCOPED_RESPONSE_BYTES", "SHARED_RESPONSE_BYTES", "TYPE_URLS", "WILDCARD_KINDS",
     "NamedBodies", "SharedResponses",
     "Resource", "Snapshot",
     "SERVED_ORDER", "SnapshotError", "TypeSnapshot", "consistency_errors", "content_version", "environment_dirs",
@@ -58,6 +58,8 @@ _MAX_FILE_BYTES = 64 * 1024 * 1024
 NAMED_BODIES_LIMIT = 256
 #: Bytes of whole responses one kind of one snapshot keeps for the streams in step (`SharedResponses`).
 SHARED_RESPONSE_BYTES = 16 * 1024 * 1024
+#: The same for all proxy scopes of one snapshot together, per kind (compiler.xds.scope).
+SCOPED_RESPONSE_BYTES = 1024 * 1024
 
 
 def kind_of(type_url: str) -> str | None:
@@ -107,13 +109,15 @@ class NamedBodies:
         self._bodies: dict[frozenset[str], bytes] = {}
         self.limit = limit
 
-    def get(self, names: frozenset[str], build: Callable[[frozenset[str]], bytes]) -> bytes:
-        """The body for `names`, from `build(names)` the first time."""
+    def get(self, names: frozenset[str] | None, build: Callable[[frozenset[str] | None], bytes]) -> bytes:
+        """The body for `names` (None: every resource), from `build(names)` the first time."""
         body = self._bodies.get(names)
         if body is None:
-            if len(self._bodies) >= self.limit:
-                del self._bodies[next(iter(self._bodies))]
-            body = self._bodies[names] = build(names)
+            body = build(names)
+            if self.limit:
+                if len(self._bodies) >= self.limit:
+                    del self._bodies[next(iter(self._bodies))]
+                self._bodies[names] = body
         return body
 
     def __len__(self) -> int:
@@ -160,20 +164,21 @@ class TypeSnapshot:
     version: str
     resources: Mapping[str, Resource]   # sorted by name
     header: bytes                       # DiscoveryResponse{version_info, type_url}
-    full_body: bytes                    # header + every resource's sotw_field, in name order
     named: NamedBodies = field(default_factory=NamedBodies, compare=False, repr=False)
     file_digest: bytes = b""            # SHA-256 of the file it was loaded from
+    # Whole responses for streams in step, keyed by everything that makes them (this kind's
+    # version among it: a proxy scope's kinds share one per snapshot and kind).
     shared: SharedResponses = field(default_factory=SharedResponses, compare=False, repr=False)
 
     def sotw_body(self, names: frozenset[str] | None) -> bytes:
         """`header` plus the resources named (all of them for None), without a nonce.
 
         The body of a name set is built once per snapshot (see `NamedBodies`)."""
-        if names is None:
-            return self.full_body
-        return self.named.get(names, self._named_body)
+        return self.named.get(names, self._body)
 
-    def _named_body(self, names: frozenset[str]) -> bytes:
+    def _body(self, names: frozenset[str] | None) -> bytes:
+        if names is None:
+            return self.header + b"".join(r.sotw_field for r in self.resources.values())
         return self.header + b"".join(self.resources[n].sotw_field
                                       for n in sorted(names) if n in self.resources)
 
@@ -578,12 +583,13 @@ def _written_version(data: bytes) -> str:
     return digest.hexdigest()
 
 
-def type_snapshot(kind: str, type_url: str, version: str, resources: Mapping[str, Resource]) -> TypeSnapshot:
-    """One kind's resources (sorted by name here) with its response header and full body."""
+def type_snapshot(kind: str, type_url: str, version: str, resources: Mapping[str, Resource],
+                  **memos) -> TypeSnapshot:
+    """One kind's resources (sorted by name here) with its response header; `memos`: its
+    `named` and `shared`, when not its own."""
     ordered = {name: resources[name] for name in sorted(resources)}
     header = discovery_pb2.DiscoveryResponse(version_info=version, type_url=type_url).SerializeToString()
-    return TypeSnapshot(kind=kind, type_url=type_url, version=version, resources=ordered, header=header,
-                        full_body=header + b"".join(r.sotw_field for r in ordered.values()))
+    return TypeSnapshot(kind=kind, type_url=type_url, version=version, resources=ordered, header=header, **memos)
 
 
 def resource(name: str, msg, shown: dict | None = None) -> Resource:

@@ -332,7 +332,7 @@ class SotwStream(_Stream):
                 return []       # none of them: Envoy would refuse an answer without its secret
         nonce = self._next_nonce()
         names = None if watch.wildcard else watch.names
-        body = typed.shared.get((nonce, names), lambda: typed.sotw_body(names) + discovery_pb2.DiscoveryResponse(
+        body = typed.shared.get((typed.version, nonce, names), lambda: typed.sotw_body(names) + discovery_pb2.DiscoveryResponse(
             nonce=nonce).SerializeToString())
         count = len(typed.resources) if watch.wildcard else len(watch.names & typed.resources.keys())
         self._sent(kind, watch, nonce, typed.version, push, count)
@@ -448,7 +448,8 @@ class DeltaStream(_Stream):
             return []
         nonce = self._next_nonce()
         removed_names = tuple(sorted(removed))
-        body = typed.shared.get((nonce, removed_names, tuple(r.name for r in changed)), lambda: b"".join([
+        key = (typed.version, nonce, removed_names, tuple(r.name for r in changed))
+        body = typed.shared.get(key, lambda: b"".join([
             discovery_pb2.DeltaDiscoveryResponse(system_version_info=typed.version, type_url=typed.type_url,
                                                  nonce=nonce, removed_resources=removed_names).SerializeToString(),
             *(r.delta_field for r in changed)]))
