@@ -50,7 +50,8 @@ import orjson
 import yaml
 
 import compiler
-from compiler.emit import Piece
+from compiler.emit import Piece, PieceStore
+from compiler.errors import CacheDamaged
 
 PRUNE_SLACK = 1000  # unused entries tolerated beyond twice this run's
 RESULTS_KEPT = 64  # `value` results kept, the latest stored
@@ -101,6 +102,7 @@ class Cache:
     def __init__(self, directory: Path):
         self.directory = Path(directory)
         self._db: sqlite3.Connection | None = None
+        self._store: _Store | None = None
         self.records: dict[bytes, bytes] = {}
         self.pieces: dict[str, Piece] = {}  # KEY (hex) → the piece, shared by every unit that has it
         self._new_units: dict[bytes, bytes] = {}
@@ -130,8 +132,11 @@ class Cache:
             self._db.execute("PRAGMA mmap_size=2147418112")  # SQLite's largest by default
             self.records = dict(self._db.execute("SELECT key, value FROM units"))
             self._db.execute("CREATE TABLE IF NOT EXISTS written (key BLOB PRIMARY KEY, value BLOB NOT NULL)")
-            self.pieces = {key: Piece(text, depth, canonical, bool(many), key=key)
-                           for key, depth, many, canonical, text in self._db.execute("SELECT * FROM pieces")}
+            # Each piece's bytes stay in the file until something serialises or reads it: a
+            # re-compile at 10,000 services lists 64,000 pieces (190 MB) and needs a few of them.
+            store = self._store = _Store(self.directory / "cache.sqlite")
+            self.pieces = {key: Piece(None, depth, None, bool(many), key=key, store=store)
+                           for key, depth, many in self._db.execute("SELECT key, depth, many FROM pieces")}
         except (OSError, sqlite3.Error):
             self._db, self.records, self.pieces = None, {}, {}
 
@@ -268,6 +273,48 @@ class Cache:
     def close(self) -> None:
         """Save what this run added, then close."""
         self.save()
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+        if self._store is not None:
+            self._store.close()
+
+
+class _Store(PieceStore):
+    """The pieces' bytes, read on demand through a connection of their own (the first use
+    opens it): they are read while another thread saves through the cache's."""
+
+    BATCH = 500  # keys per query, well under SQLite's limit on parameters
+
+    def __init__(self, path: Path):
+        self._path = path
+        self._db: sqlite3.Connection | None = None
+
+    def _connection(self) -> sqlite3.Connection:
+        if self._db is None:
+            self._db = sqlite3.connect(f"file:{self._path}?mode=ro", uri=True, timeout=5, check_same_thread=False)
+            self._db.execute("PRAGMA mmap_size=2147418112")
+        return self._db
+
+    def one(self, key: str) -> tuple[bytes | None, bytes]:
+        return self.many([key])[key]
+
+    def many(self, keys: list[str]) -> dict[str, tuple[bytes | None, bytes]]:
+        found = {}
+        try:
+            db = self._connection()
+            for i in range(0, len(keys), self.BATCH):
+                batch = keys[i:i + self.BATCH]
+                query = f"SELECT key, canonical, text FROM pieces WHERE key IN ({','.join('?' * len(batch))})"
+                found.update((key, (canonical, text)) for key, canonical, text in db.execute(query, batch))
+        except sqlite3.Error as exc:
+            raise CacheDamaged(f"{self._path}: {exc}") from exc
+        missing = [k for k in keys if k not in found]
+        if missing:
+            raise CacheDamaged(f"{self._path}: {len(missing)} pieces listed are gone (first {missing[0]})")
+        return found
+
+    def close(self) -> None:
         if self._db is not None:
             self._db.close()
             self._db = None

@@ -17,7 +17,7 @@ from pathlib import Path
 from compiler import __version__
 from compiler.cache import Cache, NoCache
 from compiler.emit import stale_files, write_rendered
-from compiler.errors import UsageError
+from compiler.errors import CacheDamaged, UsageError
 from compiler.load import source_from_dir
 from compiler.pipeline import CompileResult, compile_source
 
@@ -112,7 +112,7 @@ def _repo_and_envs(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-cache", action="store_true", help="ignore and do not update the re-compile cache (kept under ~/.cache/meshc, or $MESHC_CACHE_DIR)")
 
 
-def _compile(args, out: Path | None = None) -> tuple[CompileResult, threading.Thread, Cache | NoCache, dict | None]:
+def _compile(args, out: Path | None = None, use_cache: bool = True) -> tuple[CompileResult, threading.Thread, Cache | NoCache, dict | None]:
     """Compile; → the result, the thread saving the re-compile cache (join it, then close the
     cache, before exiting), the cache, and its record of what the last write left in `out`
     (None without a cache), read before the saving thread starts."""
@@ -126,7 +126,7 @@ def _compile(args, out: Path | None = None) -> tuple[CompileResult, threading.Th
     if not source.environment_paths():
         raise UsageError(f"{repo}: no environments/*.yaml to compile")
     # validate writes nothing, not even the cache
-    cache = NoCache() if args.no_cache or args.func is run_validate else Cache.for_repo(repo)
+    cache = NoCache() if args.no_cache or args.func is run_validate or not use_cache else Cache.for_repo(repo)
     try:
         result = compile_source(source, args.envs, jobs=getattr(args, "jobs", None), cache=cache, models=False)
     except UsageError:  # --env named no environment
@@ -156,8 +156,16 @@ def run_validate(args) -> int:
 
 
 def run_compile(args) -> int:
+    try:
+        return _run_compile(args, use_cache=True)
+    except CacheDamaged as exc:  # raised before anything was written, or after it was all undone
+        print(f"meshc: warning: the re-compile cache is damaged ({exc}); compiling without it", file=sys.stderr)
+        return _run_compile(args, use_cache=False)
+
+
+def _run_compile(args, use_cache: bool) -> int:
     out: Path = args.out or args.repo / "rendered"
-    result, saving, cache, record = _compile(args, None if args.check else out)
+    result, saving, cache, record = _compile(args, None if args.check else out, use_cache)
     try:
         return _write_or_check(args, result, cache, out, record)
     finally:

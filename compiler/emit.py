@@ -104,16 +104,32 @@ class Piece:
     change a value.
     """
 
-    __slots__ = ("text", "depth", "canonical", "many", "_value", "_key")
+    __slots__ = ("_text", "depth", "_canonical", "many", "_value", "_key", "_store")
 
-    def __init__(self, text: bytes, depth: int = 0, canonical: bytes | None = None, many: bool = False, value=_UNPARSED,
-                 key: str | None = None):
-        self.text = text
+    def __init__(self, text: bytes | None, depth: int = 0, canonical: bytes | None = None, many: bool = False,
+                 value=_UNPARSED, key: str | None = None, store: "PieceStore | None" = None):
+        self._text = text  # None: still in `store`, under `key`
         self.depth = depth
-        self.canonical = canonical
+        self._canonical = canonical
         self.many = many
         self._value = value
         self._key = key  # `key`, when whoever made the piece knew it already (the cache does)
+        self._store = store
+
+    @property
+    def text(self) -> bytes:
+        if self._text is None:
+            self._fetch()
+        return self._text
+
+    @property
+    def canonical(self) -> bytes | None:
+        if self._text is None:
+            self._fetch()
+        return self._canonical
+
+    def _fetch(self) -> None:
+        self._canonical, self._text = self._store.one(self._key)
 
     @property
     def key(self) -> str:
@@ -170,6 +186,49 @@ class Piece:
 
     def __repr__(self) -> str:
         return f"Piece({self.text[:60]!r}..., depth={self.depth})"
+
+
+class PieceStore:
+    """Where a piece made without its bytes (`Piece(None, ..., key=, store=)`) reads them:
+    the re-compile cache, which loads a piece's bytes only when a file that holds it is
+    serialised or its value is read. Both calls raise `errors.CacheDamaged` when a piece
+    is not there."""
+
+    def one(self, key: str) -> tuple[bytes | None, bytes]:
+        """(canonical, text) of the piece stored under `key`."""
+        raise NotImplementedError
+
+    def many(self, keys: list[str]) -> dict[str, tuple[bytes | None, bytes]]:
+        """The same for several, in one read."""
+        raise NotImplementedError
+
+
+def fetch_pieces(value) -> None:
+    """Read, store by store in one go each, the bytes of every piece in `value` not yet read
+    (what serialising `value` would otherwise read one by one)."""
+    waiting: dict[int, tuple[PieceStore, list[Piece]]] = {}
+    _waiting(value, waiting)
+    for store, pieces in waiting.values():
+        found = store.many([p._key for p in pieces])
+        for p in pieces:
+            p._canonical, p._text = found[p._key]
+
+
+def _waiting(value, into: dict) -> None:
+    kind = type(value)
+    if kind is Piece:
+        if value._text is None:
+            into.setdefault(id(value._store), (value._store, []))[1].append(value)
+    elif kind is dict:
+        for v in value.values():
+            if type(v) in _CONTAINERS:
+                _waiting(v, into)
+    elif kind is list or kind is tuple:
+        for v in value:
+            if type(v) in _CONTAINERS:
+                _waiting(v, into)
+    elif kind is Deferred:
+        _waiting(value.args, into)
 
 
 def _yaml_document(document, canonical: bytes) -> bytes:
@@ -323,6 +382,9 @@ def _feed(update, value) -> None:
         raise TypeError(f"no content key for {kind.__name__}")
 
 
+_CONTAINERS = frozenset((Piece, dict, list, tuple, Deferred))
+
+
 class Rendered(Mapping):
     """One environment's files, path → bytes in path order, each serialised when first read
     (then kept): a write that knows a file is unchanged never serialises it. `key(path)` is
@@ -336,7 +398,9 @@ class Rendered(Mapping):
     def __getitem__(self, path: str) -> bytes:
         data = self._bytes.get(path)
         if data is None:
-            data = self._bytes[path] = file_bytes(self._files[path])
+            file = self._files[path]
+            fetch_pieces(file.content)
+            data = self._bytes[path] = file_bytes(file)
         return data
 
     def __iter__(self) -> Iterator[str]:

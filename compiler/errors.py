@@ -11,6 +11,8 @@ git, and for bugs.
                                     `meshc serve` keeps serving the last good one
     ├── ParseError (xds.protos)     one resource failing the strict proto3-JSON parse
     StreamError (xds.stream)        ends one xDS stream with a gRPC status
+    CacheDamaged                    the re-compile cache lost what it listed: the CLI compiles
+                                    again without it
     AssertionError
     └── InconsistentSnapshot        a compiler bug: lowered resources name what is not there
 
@@ -19,7 +21,7 @@ The CLI catches `MeshcError` only; anything else is a bug and keeps its tracebac
 
 from __future__ import annotations
 
-__all__ = ["InconsistentSnapshot", "MeshcError", "UnknownEnvironment", "UsageError"]
+__all__ = ["CacheDamaged", "InconsistentSnapshot", "MeshcError", "UnknownEnvironment", "UsageError"]
 
 
 class MeshcError(Exception):
@@ -32,6 +34,11 @@ class UsageError(MeshcError):
 
 class UnknownEnvironment(UsageError):
     """`--env` named an environment that has no file."""
+
+
+class CacheDamaged(Exception):
+    """A piece the re-compile cache listed could not be read back (its file damaged, or
+    changed by another process): nothing it gave can be trusted for this run."""
 
 
 class InconsistentSnapshot(AssertionError):

@@ -147,3 +147,18 @@ def test_a_file_whose_stat_changed_is_compared_not_trusted(repo, tmp_path, monke
     _compile(repo)
     assert seen["read"] == [len(listeners.read_bytes())]
     assert read_tree(repo / "rendered") == _cold(repo, tmp_path)
+
+
+def test_a_piece_gone_from_the_cache_mid_run_means_a_compile_without_it(repo, tmp_path, monkeypatch):
+    """Pieces' bytes are read from the cache only when a file needs them; one that is gone by
+    then (the file damaged, or another process pruned it) is no traceback: the CLI compiles
+    again without the cache."""
+    _edit(repo / "policies" / "bookinfo" / "ratings.yaml", "split: {v1: 80, v2: 20}", "split: {v1: 60, v2: 40}")
+
+    def gone(self, keys):
+        raise cache_module.CacheDamaged("pieces gone")
+
+    monkeypatch.setattr(cache_module._Store, "many", gone)
+    code, err = run_cli(["compile", "--repo", str(repo)])
+    assert code == 0 and "the re-compile cache is damaged" in err, err
+    assert read_tree(repo / "rendered") == _cold(repo, tmp_path)

@@ -54,7 +54,9 @@ def assemble(env: m.Environment, fragments: list[dict]) -> Lowered:
     for patch in env.patches:
         if patch.target.kind not in m.ENVOY_PATCH_KINDS:  # those are the Envoy target's
             _apply_patch(patch, objects, diags)
-    files = [OutputFile(f"istio/{key}.yaml", [f["documents"]], "yaml") for key, f in objects.items()]
+    # A file's documents: the service's own piece, then what assembly added (plain documents,
+    # rendered only if the file is serialised: a re-compile that knows it unchanged does not).
+    files = [OutputFile(f"istio/{key}.yaml", [f["documents"], *f.get("added", ())], "yaml") for key, f in objects.items()]
     files.append(OutputFile("kustomization.yaml", [kustomization(f.path for f in files)], "yaml"))
     return Lowered(tuple(files), tuple(diags))
 
@@ -399,7 +401,7 @@ def _add_ingress_objects(env: m.Environment, objects: dict[str, dict]) -> None:
             docs.append({"apiVersion": NETWORKING, "kind": "VirtualService", "metadata": _meta(name, ing["namespace"]),
                          "spec": {"hosts": [h.host for h in group], "gateways": [f"{ing['name']}-gateway"], "http": routes}})
         objects[key] = {**fragment, "identities": fragment["identities"] + [list(_identity(d)) for d in docs],
-                        "documents": Piece.yaml(fragment["documents"].value + docs)}
+                        "added": fragment.get("added", []) + docs}
 
 
 def _add_sidecars(objects: dict[str, dict]) -> None:
@@ -424,7 +426,7 @@ def _add_sidecars(objects: dict[str, dict]) -> None:
             if target != key and m.calls(scope["egress"], target):
                 docs.append(_callers_rule(objects[target], key, scope["selector"]))
         objects[key] = {**fragment, "identities": fragment["identities"] + [list(_identity(d)) for d in docs],
-                        "documents": Piece.yaml(fragment["documents"].value + docs)}
+                        "added": fragment.get("added", []) + docs}
 
 
 def _callers_rule(target: dict, caller: str, selector: dict) -> dict:
@@ -485,7 +487,7 @@ def _apply_patch(patch: m.Patch, objects: dict[str, dict], diags: Diagnostics) -
         return
     key, i = hits[0]
     fragment = objects[key]
-    docs = list(fragment["documents"].value)  # fragments may be shared (cached); patch a copy
+    docs = list(fragment["documents"].value) + fragment.get("added", [])  # fragments may be shared (cached); patch a copy
     doc, identity = docs[i], fragment["identities"][i]
     for n, op in enumerate(patch.ops):
         try:
@@ -499,7 +501,7 @@ def _apply_patch(patch: m.Patch, objects: dict[str, dict], diags: Diagnostics) -
             diags.error("patch.op-failed", f"patch {patch.index + 1}, op {n + 1} ({op['op']} {op['path']}) on {where} {problem}", patch.spans.at(("ops", n)))
             return
     docs[i] = doc
-    objects[key] = {**fragment, "documents": Piece.yaml(docs)}
+    objects[key] = {**fragment, "documents": Piece.yaml(docs), "added": []}
 
 
 def _identity(doc) -> tuple | None:
