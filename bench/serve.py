@@ -4,23 +4,36 @@ Not a timed test. Run:  .venv/bin/python bench/serve.py [--clients 1000] [--envo
                         [--sovereign 127.0.0.1:18080]   (a Sovereign started by
                         ../shared/peers/sovereign/run.sh up, measured with the same load)
                         [--services 1000] [--proxies 1000] [--only sample|scale]
+                        [--protocols "delta,sotw;delta-scoped,sotw-scoped"] [--calls 10]
 
 Two parts, in one run: the built-in 41-cluster sample (below), then bench/compile.py's
-repository at scale (`--services` × 3 environments, its generator imported), compiled by
+repository at scale (`--services` × 3 environments, every service's egress listing
+`--calls` others, its generator imported), compiled by
 `meshc compile --repo R --out R/rendered` in a subprocess:
 A. Time to ready: `python -m compiler.xds` started `--ready-repeat` times; from the
    process's start to /readyz 200 (polled every 10 ms), every environment valid.
-B. `--proxies` Delta and `--proxies` SotW simulated proxies (two load processes, one HTTP/2
-   connection per proxy unless `--connections`), all in `dev`, subscribed as Envoy does
-   (wildcard CDS and LDS, every assignment and route configuration by name; SotW ACKs
-   repeat the names). At most `--connecting` wait for their first responses at once.
-   Memory per proxy = (server RSS after a protocol's proxies connected − RSS before) /
-   proxies; the Python part alone by tracemalloc over an in-process server.
-C. Each of `--scale-rounds` rounds changes one policy's canary weight (routes, every
-   environment) and then one endpoint in `dev` (endpoints), recompiles, and times from the
-   swap of the new `rendered/dev` output (inotify on the rename) to each proxy's receipt
-   of the changed type's new version; server CPU from /proc/<pid> from before the compile
-   to a second after the last receipt; reload time per environment from /debug/snapshots.
+B. For each group of `--protocols` (`;` between groups), against a server started for it:
+   `--proxies` simulated proxies of each protocol in the group (a load process each, one
+   HTTP/2 connection per proxy unless `--connections`), all in `dev`, subscribed as Envoy
+   does (wildcard CDS and LDS, every assignment and route configuration the first
+   responses name; SotW ACKs repeat the names). Unscoped proxies (`delta`, `sotw`) name no
+   service and hold the whole environment; scoped ones (`delta-scoped`, `sotw-scoped`)
+   say they run service i (node metadata `service`) and hold what its egress calls. At
+   most `--connecting` wait for their first responses at once. Memory per proxy =
+   (server RSS after a protocol's proxies connected − RSS before) / proxies; the Python
+   part alone by tracemalloc over an in-process server.
+C. Each of `--scale-rounds` rounds makes each of `--changes`: one policy's canary weight
+   (routes, every environment), one endpoint in `dev` (endpoints), a request header
+   `dev`'s defaults set (defaults: every virtual host); recompiles, and times from the swap
+   of the new `rendered/dev` output (inotify on the rename) to the receipt of the changed
+   type's new version by each proxy that holds what changed (scoped: the callers of the
+   changed service; for defaults, all), and counts the others that were sent it (none
+   should be); server CPU from /proc/<pid> from before the compile to a second after the
+   last receipt; reload time per environment from /debug/snapshots.
+D. The floor (`--floor-rounds`): a bare grpc.aio ADS server that only sends meshc's own
+   bytes (each type's whole response on first request; on a push, what meshc sends for a
+   one-route change), with the first group's unscoped proxies: what gRPC and the load
+   generator cost on this machine with no reload, no protocol state, no debounce.
 
 Method of the sample part (all on this machine; the load generator shares the CPUs with the server):
 1. `meshc serve` runs as its own process (`python -m compiler.xds`) so its CPU
@@ -313,49 +326,73 @@ def _scale_subscriptions(envoy_dir: Path) -> dict[str, list[str]]:
             "routes": names("routes", "name")}
 
 
-def _scale_load_worker(address: str, delta: bool, clients: int, connecting: int,
-                       subs: dict, conn, connections: int = 0) -> None:
-    asyncio.run(_scale_load_main(address, delta, clients, connecting, subs, conn, connections))
+def _scoped_subscriptions(envoy_dir: Path, n: int) -> list[dict]:
+    """What proxy i, running service i (of as many as there are: i modulo their number),
+    subscribes to: CDS and LDS wildcard, the assignments and route configurations its egress
+    needs (envoy/scopes.json: what the server sends it); and under "service", its service."""
+    scopes = json.loads((envoy_dir / "scopes.json").read_bytes())
+    services = sorted(scopes["egress"], key=lambda key: key.rsplit("-", 1)[1])    # by i
+    out: dict[str, dict] = {}
+    for key in services[:n]:
+        callees = [scopes["services"][callee] for callee in scopes["egress"][key]]
+        out[key] = {"service": key, "clusters": [], "listeners": [],
+                    "endpoints": sorted({name for c in callees for name in c["endpoints"]}),
+                    "routes": sorted({port for c in callees for port in c["routes"]})}
+    return [out[services[i % len(services)]] for i in range(n)]
 
 
-async def _scale_load_main(address: str, delta: bool, clients: int, connecting: int,
-                           subs: dict, conn, connections: int = 0) -> None:
-    """`clients` proxies of one protocol, each on its own HTTP/2 connection as Envoys are
-    (or sharing `connections` of them);
-    at most `connecting` at once wait for their first four responses. Each ACKs every
-    response (a SotW ACK repeats its names, as Envoy's do) and notes when it first
-    receives each version of each type."""
+def _scale_load_worker(address: str, delta: bool, scoped: bool, connecting: int,
+                       subs: list[dict], conn, connections: int = 0) -> None:
+    asyncio.run(_scale_load_main(address, delta, scoped, connecting, subs, conn, connections))
+
+
+async def _scale_load_main(address: str, delta: bool, scoped: bool, connecting: int,
+                           subs: list[dict], conn, connections: int = 0) -> None:
+    """One proxy per entry of `subs` (its subscriptions), all of one protocol, each on its
+    own HTTP/2 connection as Envoys are (or sharing `connections` of them); a scoped proxy
+    says which service it runs (node metadata `service`: its subscriptions' "service"). At most `connecting` at once wait
+    for their first four responses. Each ACKs every response (a SotW ACK repeats its
+    names, as Envoy's do) and notes when it first receives each version of each type."""
     import grpc
     from envoy.config.core.v3 import base_pb2
     from envoy.service.discovery.v3 import discovery_pb2 as d
+    from google.protobuf import struct_pb2
 
+    clients = len(subs)
     method = "/envoy.service.discovery.v3.AggregatedDiscoveryService/" + (
         "DeltaAggregatedResources" if delta else "StreamAggregatedResources")
     parse = (d.DeltaDiscoveryResponse if delta else d.DiscoveryResponse).FromString
     urls = {kind: TYPE_URLS[kind] for kind in _ORDER}
-    if delta:
-        ack_head = {urls[k]: d.DeltaDiscoveryRequest(type_url=urls[k]).SerializeToString() for k in _ORDER}
-    else:   # the names an ACK repeats, serialised once (concatenated messages merge)
-        ack_head = {urls[k]: d.DiscoveryRequest(type_url=urls[k], resource_names=subs[k]).SerializeToString()
-                    for k in _ORDER}
+    heads: dict[int, dict[str, bytes]] = {}     # id(subscriptions) → the names an ACK repeats, serialised once
+
+    def ack_head(i: int) -> dict[str, bytes]:
+        if id(subs[i]) not in heads:
+            heads[id(subs[i])] = {
+                urls[k]: (d.DeltaDiscoveryRequest(type_url=urls[k]) if delta else
+                          d.DiscoveryRequest(type_url=urls[k], resource_names=subs[i][k])).SerializeToString()
+                for k in _ORDER}
+        return heads[id(subs[i])]
 
     def first(i: int) -> list[bytes]:
         node = base_pb2.Node(id=f"{'delta' if delta else 'sotw'}-{i}", cluster=SCALE_ENV)
+        if scoped:
+            node.metadata.CopyFrom(struct_pb2.Struct(
+                fields={"service": struct_pb2.Value(string_value=subs[i]["service"])}))
         out = []
         for k in _ORDER:
             if delta:
                 out.append(d.DeltaDiscoveryRequest(node=node, type_url=urls[k],
-                                                   resource_names_subscribe=subs[k]).SerializeToString())
+                                                   resource_names_subscribe=subs[i][k]).SerializeToString())
             else:
                 out.append(d.DiscoveryRequest(node=node, type_url=urls[k],
-                                              resource_names=subs[k]).SerializeToString())
+                                              resource_names=subs[i][k]).SerializeToString())
         return out
 
-    def ack(response) -> bytes:
+    def ack(i: int, response) -> bytes:     # concatenated messages merge
         if delta:
-            return ack_head[response.type_url] + d.DeltaDiscoveryRequest(
+            return ack_head(i)[response.type_url] + d.DeltaDiscoveryRequest(
                 response_nonce=response.nonce).SerializeToString()
-        return ack_head[response.type_url] + d.DiscoveryRequest(
+        return ack_head(i)[response.type_url] + d.DiscoveryRequest(
             version_info=response.version_info, response_nonce=response.nonce).SerializeToString()
 
     seen: list[dict[tuple, float]] = [{} for _ in range(clients)]   # (type URL, version) → first receipt
@@ -385,7 +422,7 @@ async def _scale_load_main(address: str, delta: bool, clients: int, connecting: 
         kinds: set[str] = set()
         async for data in call(requests()):
             response = parse(data)
-            queue.put_nowait(ack(response))
+            queue.put_nowait(ack(i, response))
             version = response.system_version_info if delta else response.version_info
             seen[i].setdefault((response.type_url, version), time.time())
             if len(kinds) < 4:
@@ -396,6 +433,9 @@ async def _scale_load_main(address: str, delta: bool, clients: int, connecting: 
                     if count == clients:
                         done.set()
 
+    def since(i: int, url: str, t0: float) -> list[tuple[float, str]]:
+        return sorted((t, version) for (u, version), t in seen[i].items() if u == url and t >= t0)
+
     started = time.monotonic()
     tasks = [asyncio.create_task(client(i)) for i in range(clients)]
     await done.wait()
@@ -405,11 +445,16 @@ async def _scale_load_main(address: str, delta: bool, clients: int, connecting: 
         command = await loop.run_in_executor(None, conn.recv)
         if command[0] == "stop":
             break
-        _, key, timeout = command
+        # ("wait", type URL, t0, the proxies that should receive it, timeout): for each, its
+        # first receipt of that type at or after t0 (time, version); and how many of the
+        # others received one too
+        _, url, t0, expected, timeout = command
         deadline = time.monotonic() + timeout
-        while sum(key in s for s in seen) < clients and time.monotonic() < deadline:
+        while not all(since(i, url, t0) for i in expected) and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
-        conn.send(("seen", [s[key] for s in seen if key in s]))
+        others = set(range(clients)) - set(expected)
+        conn.send(("seen", [since(i, url, t0)[0] for i in expected if since(i, url, t0)],
+                   sum(bool(since(i, url, t0)) for i in others)))
     for task in tasks:
         task.cancel()
     for channel in channels:
@@ -500,20 +545,24 @@ def _stop(server: subprocess.Popen) -> None:
 
 
 def _scale_run(args) -> dict:
-    """bench/compile.py's repository compiled by `meshc compile`; time to ready, memory per
-    proxy, and pushes of one policy change to Delta and SotW proxies at once."""
-    out: dict = {"services": args.services, "proxies_per_protocol": args.proxies}
+    """bench/compile.py's repository (every service calling `--calls` others) compiled by
+    `meshc compile`; time to ready, memory per proxy, and pushes of one policy change, for
+    each group of `--protocols` against a server of its own (RSS per proxy would otherwise
+    be flattered by what the group before freed)."""
+    groups = [group.split(",") for group in args.protocols.split(";")]
+    out: dict = {"services": args.services, "calls": args.calls, "proxies_per_protocol": args.proxies,
+                 "groups": []}
     with tempfile.TemporaryDirectory(prefix="meshc-bench-scale-") as tmp:
         repo = Path(tmp) / "repo"
         rendered = repo / "rendered"
-        compile_bench.generate(repo, args.services)
+        compile_bench.generate(repo, args.services, args.calls)
         _meshc_compile(repo, rendered)
         envoy_dir = rendered / SCALE_ENV / "envoy"
-        subs = _scale_subscriptions(envoy_dir)
         out["snapshot"] = {"resources": {k: len(json.loads((envoy_dir / f"{k}.json").read_bytes())["resources"])
                                          for k in _ORDER},
                            "json_bytes_per_env": sum((envoy_dir / f"{k}.json").stat().st_size for k in _ORDER),
                            "environments": sorted(p.name for p in rendered.iterdir() if not p.name.startswith("."))}
+        proxies = _Proxies(envoy_dir, args.proxies, args.calls)
         ready = []
         for attempt in range(args.ready_repeat):
             server, address, url, seconds = _start_scale_server(rendered)
@@ -526,31 +575,73 @@ def _scale_run(args) -> dict:
             if attempt < args.ready_repeat - 1:
                 _stop(server)
         out["ready"] = ready
-        try:
-            out.update(_scale_proxies(args, server, address, url, repo, rendered, subs))
-            out["python_state_kb_per_stream"] = {label: _stream_state_kb(args, rendered, subs, label == "delta")
-                                                 for label in args.protocols.split(",")}
-            print("python state", out["python_state_kb_per_stream"], flush=True)
-        finally:
-            _stop(server)
+        for n, labels in enumerate(groups):
+            if n:
+                server, address, url, _ = _start_scale_server(rendered)
+            try:
+                group = {"protocols": labels}
+                group.update(_scale_proxies(args, server, address, url, repo, rendered, proxies, labels,
+                                            first_round=n * args.scale_rounds))
+            finally:
+                _stop(server)
+            group["python_state_kb_per_stream"] = {label: _stream_state_kb(args, rendered, proxies, label)
+                                                   for label in labels}
+            print("python state", group["python_state_kb_per_stream"], flush=True)
+            out["groups"].append(group)
+        if args.floor_rounds:
+            out["grpc_floor"] = _grpc_floor(args, envoy_dir, proxies)
     return out
+
+
+class _Proxies:
+    """The simulated proxies of one protocol: proxy i's subscriptions, unscoped (the whole
+    environment, one shared list) or scoped (proxy i runs service i, modulo the services),
+    and which of them a change must reach."""
+
+    def __init__(self, envoy_dir: Path, n: int, calls: int) -> None:
+        self.n = n
+        self.whole = [_scale_subscriptions(envoy_dir)] * n
+        self.scoped = _scoped_subscriptions(envoy_dir, n) if calls else None
+        self.egress = json.loads((envoy_dir / "scopes.json").read_bytes())["egress"] if calls else {}
+
+    def subscriptions(self, label: str) -> list[dict]:
+        return self.scoped if label.endswith("-scoped") else self.whole
+
+    def expected(self, label: str, change: str) -> list[int]:
+        """The proxies that hold what `change` changes: all of them unscoped or for a
+        default of the environment's; scoped, those whose service calls the touched one."""
+        if not label.endswith("-scoped") or change == "defaults":
+            return list(range(self.n))
+        touched = "/".join(compile_bench.TOUCHED)
+        return [i for i, subs in enumerate(self.scoped) if touched in self.egress[subs["service"]]]
+
+
+CHANGES = {"routes": "routes", "endpoints": "endpoints", "defaults": "routes"}    # change → the type it changes
 
 
 def _change(repo: Path, change: str, i: int) -> None:
     """One policy's canary weight (routes: every environment's route configuration of its
-    port), or one endpoint's port in `dev` (endpoints: one assignment, in one environment)."""
+    port), one endpoint's port in `dev` (endpoints: one assignment, in one environment),
+    or a request header `dev`'s defaults set (defaults: every virtual host in `dev`)."""
     if change == "routes":
         _set_weight(repo, 60 + i)       # a weight the generator never chose (it picks 0-50)
         return
     import re
     path = repo / "environments" / f"{SCALE_ENV}.yaml"
+    if change == "defaults":
+        path.write_text(re.sub(r"^  defaults: \{timeout: (\d+s).*$",
+                               rf"  defaults: {{timeout: \g<1>, headers: {{request: {{set: {{x-mesh-round: '{i}'}}}}}}}}",
+                               path.read_text(), flags=re.M))
+        return
     path.write_text(re.sub(r'(team-07/svc-0007: \{v1: \["[0-9.]+):\d+', rf"\g<1>:{9000 + i}", path.read_text()))
 
 
-def _scale_round(args, server, url: str, repo: Path, rendered: Path, loads: dict, change: str, i: int) -> dict:
+def _scale_round(args, server, url: str, repo: Path, rendered: Path, loads: dict, proxies: _Proxies,
+                 change: str, i: int) -> dict:
     """Change the repository, compile it, and time from the swap of `rendered/dev`'s new
-    output to each proxy's receipt of the changed type's new version."""
+    output to the receipt of the changed type's new version by each proxy that holds it."""
     _change(repo, change, i)
+    kind = CHANGES[change]
     clock = _RenameClock(rendered, SCALE_ENV)
     cpu_before, _ = _proc_stats(server.pid)
     load_cpu = {label: _proc_stats(process.pid)[0] for label, (process, _) in loads.items()}
@@ -559,10 +650,11 @@ def _scale_round(args, server, url: str, repo: Path, rendered: Path, loads: dict
     finally:
         clock.close()
     t0 = clock.at
-    document = json.loads((rendered / SCALE_ENV / "envoy" / f"{change}.json").read_bytes())
-    for _, parent in loads.values():
-        parent.send(("wait", (TYPE_URLS[change], document["version_info"]), 120))
-    seen = {label: parent.recv()[1] for label, (_, parent) in loads.items()}
+    version = json.loads((rendered / SCALE_ENV / "envoy" / f"{kind}.json").read_bytes())["version_info"]
+    expected = {label: proxies.expected(label, change) for label in loads}
+    for label, (_, parent) in loads.items():
+        parent.send(("wait", TYPE_URLS[kind], t0, expected[label], 120))
+    seen = {label: parent.recv()[1:] for label, (_, parent) in loads.items()}
     time.sleep(1)   # the ACKs
     cpu_after, rss = _proc_stats(server.pid)
     status = _snapshots(url)
@@ -570,18 +662,20 @@ def _scale_round(args, server, url: str, repo: Path, rendered: Path, loads: dict
            "reload_ms": {env: round(s["load_seconds"] * 1000, 1) for env, s in status.items()
                          if s["loaded_unix"] >= t0 - 0.5},
            "server_cpu_s": round(cpu_after - cpu_before, 2),
-           "server_cpu_ms_per_proxy": round((cpu_after - cpu_before) * 1000 / (len(loads) * args.proxies), 2),
            "server_rss_mb": round(rss / 2**20, 1)}
-    for label, times in seen.items():
-        lat = [t - t0 for t in times]
-        row[label] = {"received": len(lat), "p50_s": round(_pct(lat, 0.5), 3),
+    for label, (receipts, others) in seen.items():
+        if not label.endswith("-scoped"):   # the whole environment: the file's own version
+            assert all(v == version for _, v in receipts), (label, change)
+        lat = [t - t0 for t, _ in receipts]
+        row[label] = {"expected": len(expected[label]), "received": len(lat), "others_sent_it": others,
+                      "p50_s": round(_pct(lat, 0.5), 3),
                       "p99_s": round(_pct(lat, 0.99), 3), "max_s": round(max(lat), 3) if lat else None,
                       # the simulated proxies' own process: receiving and parsing is work too
                       "load_generator_cpu_s": round(_proc_stats(loads[label][0].pid)[0] - load_cpu[label], 2)}
     return row
 
 
-def _stream_state_kb(args, rendered: Path, subs: dict, delta: bool) -> float:
+def _stream_state_kb(args, rendered: Path, proxies: _Proxies, label: str) -> float:
     """The Python memory the server holds per connected stream: tracemalloc over a server in
     this process (a ServerThread) while a load worker connects `--trace-proxies` proxies,
     without the snapshot's memoised responses (shared by all; snapshot.py's allocations)."""
@@ -589,7 +683,7 @@ def _stream_state_kb(args, rendered: Path, subs: dict, delta: bool) -> float:
     import tracemalloc
     from compiler.xds.server import Options, ServerThread
 
-    n = args.trace_proxies
+    subs = proxies.subscriptions(label)[:args.trace_proxies]
     with ServerThread(Options(rendered=rendered, grpc_port=0, http_port=0)) as server:
         server.call(gc.collect)
         tracemalloc.start(16)
@@ -597,7 +691,8 @@ def _stream_state_kb(args, rendered: Path, subs: dict, delta: bool) -> float:
         spawn = multiprocessing.get_context("spawn")    # not a fork of a process running gRPC
         parent, child = spawn.Pipe()
         process = spawn.Process(target=_scale_load_worker, args=(
-            server.grpc_address, delta, n, args.connecting, subs, child, args.connections))
+            server.grpc_address, label.startswith("delta"), label.endswith("-scoped"), args.connecting, subs,
+            child, args.connections))
         process.start()
         assert parent.recv()[0] == "connected"
         time.sleep(2)
@@ -608,27 +703,35 @@ def _stream_state_kb(args, rendered: Path, subs: dict, delta: bool) -> float:
         process.join(30)
     shared = [tracemalloc.Filter(False, "*/compiler/xds/snapshot.py", all_frames=True)]
     grown = sum(d.size_diff for d in after.filter_traces(shared).compare_to(before.filter_traces(shared), "filename"))
-    return round(grown / n / 1024, 1)
+    return round(grown / len(subs) / 1024, 1)
 
 
-def _scale_proxies(args, server, address: str, url: str, repo: Path, rendered: Path, subs: dict) -> dict:
+def _connect(address: str, label: str, subs: list[dict], args) -> tuple:
+    """A load process of `label` proxies, connected: (process, pipe, seconds to connect all)."""
+    spawn = multiprocessing.get_context("spawn")    # the parent may have run gRPC in-process
+    parent, child = spawn.Pipe()
+    process = spawn.Process(target=_scale_load_worker, args=(
+        address, label.startswith("delta"), label.endswith("-scoped"), args.connecting, subs, child,
+        args.connections))
+    process.start()
+    message, seconds = parent.recv()
+    assert message == "connected"
+    return process, parent, seconds
+
+
+def _scale_proxies(args, server, address: str, url: str, repo: Path, rendered: Path, proxies: _Proxies,
+                   labels: list[str], first_round: int = 0) -> dict:
+    """`labels`' proxies connected side by side: memory and CPU per proxy; then rounds of
+    changes (numbered from `first_round`, so that every round changes something)."""
     out: dict = {}
     time.sleep(1)
     cpu0, rss0 = _proc_stats(server.pid)
     out["server_rss_idle_mb"] = round(rss0 / 2**20, 1)
     loads = {}
     memory, before = {}, rss0
-    for label, delta in (("delta", True), ("sotw", False)):
-        if label not in args.protocols.split(","):
-            continue
-        parent, child = multiprocessing.Pipe()
-        process = multiprocessing.Process(target=_scale_load_worker,
-                                          args=(address, delta, args.proxies, args.connecting, subs, child,
-                                                args.connections))
+    for label in labels:
         cpu_before, _ = _proc_stats(server.pid)
-        process.start()
-        message, seconds = parent.recv()
-        assert message == "connected"
+        process, parent, seconds = _connect(address, label, proxies.subscriptions(label), args)
         time.sleep(2)           # ACKs processed, buffers drained
         cpu_after, rss = _proc_stats(server.pid)
         memory[label] = {"seconds_to_connect_all": round(seconds, 2),
@@ -641,9 +744,9 @@ def _scale_proxies(args, server, address: str, url: str, repo: Path, rendered: P
     out["connect"] = memory
     rounds = []
     try:
-        for i in range(args.scale_rounds):
-            for change in ("routes", "endpoints"):
-                row = _scale_round(args, server, url, repo, rendered, loads, change, i)
+        for i in range(first_round, first_round + args.scale_rounds):
+            for change in args.changes.split(","):
+                row = _scale_round(args, server, url, repo, rendered, loads, proxies, change, i)
                 rounds.append(row)
                 print("scale round", i, row, flush=True)
     finally:
@@ -651,6 +754,139 @@ def _scale_proxies(args, server, address: str, url: str, repo: Path, rendered: P
             parent.send(("stop",))
             process.join(30)
     out["push_rounds"] = rounds
+    return out
+
+
+# --- the floor: the same bytes sent by a bare grpc.aio server ---------------------
+
+def _floor_worker(envoy_dir: str, port: int, conn) -> None:
+    asyncio.run(_floor_main(Path(envoy_dir), port, conn))
+
+
+async def _floor_main(envoy_dir: Path, port: int, conn) -> None:
+    """An ADS server that does nothing but send: every stream gets each type's whole
+    response on its first request for that type (ACKs are read and dropped), and on
+    ("push", kind) from `conn` every stream gets what meshc sends for a one-route change
+    (Delta: the changed route configuration alone; SotW: all of them), under a new
+    version. The bytes are meshc's own, loaded once; what this costs is gRPC's."""
+    import grpc
+    from envoy.service.discovery.v3 import discovery_pb2 as d
+    from compiler.xds.snapshot import load_snapshot, read_files
+
+    snapshot = load_snapshot(SCALE_ENV, read_files(envoy_dir))
+    kinds = {TYPE_URLS[k]: snapshot.kinds[k] for k in _ORDER}
+    pushed = {"routes": "8080"}     # bench/compile.py's services all listen on 8080
+    writers: dict[str, set[asyncio.Queue]] = {"sotw": set(), "delta": set()}
+    count = 0
+
+    def sotw(typed, version: str) -> bytes:
+        head = d.DiscoveryResponse(version_info=version, type_url=typed.type_url, nonce=version)
+        return head.SerializeToString() + b"".join(r.sotw_field for r in typed.resources.values())
+
+    def delta(typed, version: str, names) -> bytes:
+        head = d.DeltaDiscoveryResponse(system_version_info=version, type_url=typed.type_url, nonce=version)
+        return head.SerializeToString() + b"".join(typed.resources[n].delta_field for n in names)
+
+    first = {"sotw": {url: sotw(t, t.version) for url, t in kinds.items()},
+             "delta": {url: delta(t, t.version, t.resources) for url, t in kinds.items()}}
+    parse = {"sotw": d.DiscoveryRequest.FromString, "delta": d.DeltaDiscoveryRequest.FromString}
+
+    def handler(way: str):
+        async def stream(request_iterator, context) -> None:
+            nonlocal count
+            queue: asyncio.Queue = asyncio.Queue()
+            writers[way].add(queue)
+            count += 1
+
+            async def read() -> None:
+                answered: set[str] = set()
+                async for data in request_iterator:
+                    url = parse[way](data).type_url
+                    if url not in answered:
+                        answered.add(url)
+                        queue.put_nowait(first[way][url])
+            reader = asyncio.create_task(read())
+            try:
+                while True:
+                    await context.write(await queue.get())
+            finally:
+                reader.cancel()
+                writers[way].discard(queue)
+        return grpc.stream_stream_rpc_method_handler(stream)
+
+    server = grpc.aio.server(options=[("grpc.max_send_message_length", 256 << 20)])
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(
+        "envoy.service.discovery.v3.AggregatedDiscoveryService",
+        {"StreamAggregatedResources": handler("sotw"), "DeltaAggregatedResources": handler("delta")})])
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    await server.start()
+    conn.send(("ready", os.getpid()))
+    loop = asyncio.get_running_loop()
+    n = 0
+    while True:
+        command = await loop.run_in_executor(None, conn.recv)
+        if command[0] == "stop":
+            break
+        n += 1
+        kind = command[1]
+        typed, version = snapshot.kinds[kind], f"floor-{n}"
+        bodies = {"sotw": sotw(typed, version), "delta": delta(typed, version, [pushed[kind]])}
+        t0 = time.time()
+        for way, queues in writers.items():
+            for queue in queues:
+                queue.put_nowait(bodies[way])
+        conn.send(("pushed", t0))
+    await server.stop(0)
+
+
+def _grpc_floor(args, envoy_dir: Path, proxies: _Proxies) -> dict:
+    """The first group's unscoped proxies against the floor server: memory per proxy, and
+    `--floor-rounds` one-route pushes timed from the server's first write to each receipt."""
+    from support.backends import free_port
+
+    labels = [label for label in args.protocols.split(";")[0].split(",") if not label.endswith("-scoped")]
+    spawn = multiprocessing.get_context("spawn")
+    parent, child = spawn.Pipe()
+    port = free_port()
+    server = spawn.Process(target=_floor_worker, args=(str(envoy_dir), port, child))
+    server.start()
+    assert parent.recv()[0] == "ready"
+    time.sleep(1)
+    _, before = _proc_stats(server.pid)
+    out: dict = {"server_rss_idle_mb": round(before / 2**20, 1), "connect": {}, "push_rounds": []}
+    loads = {}
+    try:
+        for label in labels:
+            process, pipe, seconds = _connect(f"127.0.0.1:{port}", label, proxies.subscriptions(label), args)
+            time.sleep(2)
+            _, rss = _proc_stats(server.pid)
+            out["connect"][label] = {"seconds_to_connect_all": round(seconds, 2),
+                                     "memory_kb_per_proxy": round((rss - before) / 1024 / args.proxies, 1)}
+            print("floor connected", label, out["connect"][label], flush=True)
+            before = rss
+            loads[label] = (process, pipe)
+        for _ in range(args.floor_rounds):
+            cpu_before, _ = _proc_stats(server.pid)
+            parent.send(("push", "routes"))
+            _, t0 = parent.recv()
+            row = {}
+            for label, (_, pipe) in loads.items():
+                pipe.send(("wait", TYPE_URLS["routes"], t0, list(range(args.proxies)), 120))
+            for label, (_, pipe) in loads.items():
+                receipts, _ = pipe.recv()[1:]
+                lat = [t - t0 for t, _ in receipts]
+                row[label] = {"received": len(lat), "p50_s": round(_pct(lat, 0.5), 3),
+                              "p99_s": round(_pct(lat, 0.99), 3), "max_s": round(max(lat), 3)}
+            time.sleep(1)
+            row["server_cpu_s"] = round(_proc_stats(server.pid)[0] - cpu_before, 2)
+            out["push_rounds"].append(row)
+            print("floor round", row, flush=True)
+    finally:
+        for process, pipe in loads.values():
+            pipe.send(("stop",))
+            process.join(30)
+        parent.send(("stop",))
+        server.join(30)
     return out
 
 
@@ -676,8 +912,17 @@ def main() -> int:
                         help="at scale: proxies of each protocol for the tracemalloc figure (in-process server)")
     parser.add_argument("--connections", type=int, default=0,
                         help="at scale: HTTP/2 connections each protocol's proxies share (0: one per proxy)")
-    parser.add_argument("--protocols", default="delta,sotw",
-                        help="at scale: the simulated proxies, each --proxies strong, connected side by side")
+    parser.add_argument("--protocols", default="delta,sotw;delta-scoped,sotw-scoped",
+                        help="at scale: groups (;) of simulated proxies, each --proxies strong, connected side by "
+                             "side; each group against a server of its own. `-scoped`: proxy i runs service i, modulo the "
+                             "services")
+    parser.add_argument("--calls", type=int, default=10,
+                        help="at scale: the services each service's egress lists (0: none, no scoped proxies)")
+    parser.add_argument("--changes", default="routes,endpoints,defaults",
+                        help="at scale: the changes of a round (routes: a canary weight; endpoints: one "
+                             "endpoint in dev; defaults: a request header dev's defaults set, every virtual host)")
+    parser.add_argument("--floor-rounds", type=int, default=3,
+                        help="at scale: pushes of the bare gRPC floor (0: not run)")
     parser.add_argument("--ready-repeat", type=int, default=3, help="at scale: server starts timed")
     parser.add_argument("--connecting", type=int, default=50,
                         help="at scale: proxies at once waiting for their first responses")
