@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import shutil
 import time
+from dataclasses import replace
 
 import grpc
 import pytest
@@ -17,14 +18,14 @@ import requests
 import yaml
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.listener.v3 import listener_pb2
-from envoy.config.route.v3 import route_pb2
+from envoy.config.route.v3 import route_components_pb2, route_pb2
 from google.protobuf import struct_pb2
 
 from compiler.load import Source
 from compiler.pipeline import compile_source
 from compiler.xds import sample, scope
 from compiler.xds.server import Options, ServerThread
-from compiler.xds.snapshot import TYPE_URLS, SnapshotError, load_snapshot, read_files
+from compiler.xds.snapshot import TYPE_URLS, SnapshotError, load_snapshot, read_files, resource, type_snapshot
 from support.backends import Backend, unique_loopback
 from support.envoy import Envoy
 from test_xds_protocol import Client, DeltaClient
@@ -206,15 +207,17 @@ def test_an_egress_change_moves_what_a_scoped_proxy_holds(served):
 
 
 def test_scopes_json_is_checked_when_its_bytes_change_and_reused_when_they_do_not(tmp_path):
-    """A reload whose scopes.json is the served one's bytes takes the parsed file as it is;
-    one whose bytes differ is read and checked again, so a hand edit after a good load is
-    refused, not served."""
+    """A reload whose scopes.json is the served one's bytes (or another environment's) takes
+    the parsed file as it is; one whose bytes differ is read and checked again, so a hand
+    edit after a good load is refused, not served."""
     rendered = tmp_path / "rendered"
     _render(rendered, "0.0.0.0", ADDRESSES, ["shop/api"])
     files = read_files(rendered / ENV / "envoy")
     first = scope.attach(load_snapshot(ENV, files), files[scope.FILE])
     again = scope.attach(load_snapshot(ENV, files, first), files[scope.FILE], first)
     assert again.scopes.services is first.scopes.services
+    elsewhere = scope.attach(load_snapshot("staging", files), files[scope.FILE], None, [first])
+    assert elsewhere.scopes.services is first.scopes.services     # another environment's, the same bytes
     assert [r.name for r in again.kind_for("shop/web", "clusters").resources.values()] == [API]
     edited = files[scope.FILE].replace(b'"shop/api"', b'"shop/db"', 1)
     assert edited != files[scope.FILE]
@@ -222,6 +225,26 @@ def test_scopes_json_is_checked_when_its_bytes_change_and_reused_when_they_do_no
         scope.attach(load_snapshot(ENV, files, first), edited, first)
     with pytest.raises(SnapshotError, match="scopes.json: not JSON"):
         scope.attach(load_snapshot(ENV, files, first), files[scope.FILE][:-2], first)
+
+
+def test_a_trimmed_route_configuration_is_the_bytes_protobuf_would_write():
+    """A scoped route configuration is spliced: its virtual hosts' bytes between the fields
+    numbered before and after them. The result must be the deterministic serialisation of
+    the configuration with those virtual hosts alone, fields on both sides included."""
+    hosts = [route_components_pb2.VirtualHost(name=f"h{i}", domains=[f"h{i}.example"]) for i in range(3)]
+    whole = route_pb2.RouteConfiguration(name="8080", virtual_hosts=hosts, response_headers_to_remove=["server"])
+    whole.validate_clusters.value = True
+    config = replace(resource("8080", whole), source=b"whole", parts=tuple(
+        (f"h{i}".encode(), h.SerializeToString(deterministic=True)) for i, h in enumerate(hosts)))
+    callee = lambda host: {"clusters": [], "endpoints": [], "listeners": [], "routes": {"8080": [host]}}  # noqa: E731
+    scopes = scope.Scopes({"a/x": ("a/y", "a/z")}, {"a/y": callee("h0"), "a/z": callee("h2")})
+    [trimmed] = scopes.kind("a/x", "routes", type_snapshot("routes", RDS, "v1", {"8080": config})).resources.values()
+    expected = route_pb2.RouteConfiguration()
+    expected.CopyFrom(whole)
+    del expected.virtual_hosts[1]
+    assert trimmed.version == resource("8080", expected).version
+    assert [h["name"] for h in trimmed.json["virtual_hosts"]] == ["h0", "h2"]
+    assert trimmed.json["validate_clusters"] is True
 
 
 def test_a_scoped_envoy_reaches_what_its_service_calls_and_nothing_else(tmp_path):

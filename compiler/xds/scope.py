@@ -20,13 +20,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
+
+from google.protobuf import any_pb2
 
 from compiler.xds import protos
 from compiler.xds.resources import ROUTES, file_version
 from compiler.xds.snapshot import (SCOPED_RESPONSE_BYTES, NamedBodies, Resource, SharedResponses, Snapshot,
-                                   SnapshotError, TypeSnapshot, resource, type_snapshot)
+                                   SnapshotError, TypeSnapshot, packed_resource, type_snapshot,
+                                   written_version)
 
 __all__ = ["FILE", "Scopes", "ScopeError", "attach", "load_scopes"]
 
@@ -63,7 +66,7 @@ class Scopes:
         self._routes = previous._routes if previous is not None else {}  # (name, top, hosts) → Resource
         if previous is not None and previous.services is services and previous.egress is egress:
             self._callees, self._callee_names = previous._callees, previous._callee_names   # the same file
-        self._layout: dict[bytes, tuple[dict[str, int], dict, str]] = {}  # a configuration's hosts by name, its top
+        self._layout: dict[bytes, _Layout] = {}  # by a route configuration's source hash
 
     def kind(self, service: str, kind: str, full: TypeSnapshot) -> TypeSnapshot:
         """`full` as a proxy of `service` receives it (all of it without a scope)."""
@@ -140,39 +143,69 @@ class Scopes:
         """`config` with only the virtual hosts named `hosts`, built once per choice."""
         layout = self._layout.get(config.source)
         if layout is None:
-            top = {k: v for k, v in config.json.items() if k not in ("@type", "virtual_hosts")}
-            layout = self._layout[config.source] = (
-                {host.get("name"): i for i, host in enumerate(config.json.get("virtual_hosts", ()))},
-                top, json.dumps(top, sort_keys=True))
-        positions, top, top_key = layout
-        keep = sorted(positions[n] for n in hosts if n in positions)
+            layout = self._layout[config.source] = _Layout(config)
+        keep = sorted(layout.positions[n] for n in hosts if n in layout.positions)
         if len(keep) == len(config.parts):
             return config
         # Not keyed on the whole configuration: another service's virtual host changing leaves
         # this choice, and so the proxies that make it, as they were.
-        key = (config.name, top_key, tuple(config.parts[i][0] for i in keep))
+        key = (config.name, layout.key, tuple(config.parts[i][0] for i in keep))
         trimmed = self._routes.get(key)
         if trimmed is None:
-            msg = protos.parse_strict(top, protos.message_class(ROUTES))
-            for i in keep:
-                msg.virtual_hosts.add().MergeFromString(config.parts[i][1])
-            shown = {**top, "virtual_hosts": [config.json["virtual_hosts"][i] for i in keep]}
-            trimmed = replace(resource(config.name, msg, shown), parts=tuple(config.parts[i] for i in keep))
+            value = layout.head + b"".join(_virtual_hosts_field(config.parts[i][1]) for i in keep) + layout.tail
+            shown = {**layout.top, "virtual_hosts": [config.json["virtual_hosts"][i] for i in keep]}
+            packed = any_pb2.Any(type_url=config.json["@type"], value=value)
+            trimmed = replace(packed_resource(config.name, packed, shown), parts=tuple(config.parts[i] for i in keep))
             if len(self._routes) > 65536:  # one per distinct choice in use; a bound against churn
                 self._routes.clear()
             self._routes[key] = trimmed
         return trimmed
 
 
-def attach(snapshot: Snapshot, data: bytes | None, previous: Snapshot | None = None) -> Snapshot:
+_VIRTUAL_HOSTS = protos.message_class(ROUTES).DESCRIPTOR.fields_by_name["virtual_hosts"].number
+assert _VIRTUAL_HOSTS < 16, "its tag is one byte"
+
+
+class _Layout:
+    """A route configuration's virtual hosts by name, and the rest of it as the bytes that go
+    before and after its virtual hosts: the deterministic serialisation, fields in number
+    order, of the configuration with any choice of its virtual hosts is head + theirs + tail."""
+
+    __slots__ = ("positions", "top", "key", "head", "tail")
+
+    def __init__(self, config: Resource) -> None:
+        self.positions = {host.get("name"): i for i, host in enumerate(config.json.get("virtual_hosts", ()))}
+        self.top = {k: v for k, v in config.json.items() if k not in ("@type", "virtual_hosts")}
+        self.key = json.dumps(self.top, sort_keys=True)
+        tail = protos.parse_strict(self.top, protos.message_class(ROUTES))
+        head = type(tail)()
+        head.CopyFrom(tail)
+        for field, _ in tail.ListFields():
+            (tail if field.number < _VIRTUAL_HOSTS else head).ClearField(field.name)
+        self.head, self.tail = head.SerializeToString(deterministic=True), tail.SerializeToString(deterministic=True)
+
+
+def _virtual_hosts_field(data: bytes) -> bytes:
+    """`data` (one VirtualHost's bytes) as a RouteConfiguration's virtual_hosts entry."""
+    size, prefix = len(data), bytearray([_VIRTUAL_HOSTS << 3 | 2])  # length-delimited; one tag byte below 16
+    while size > 0x7F:
+        prefix.append(size & 0x7F | 0x80)
+        size >>= 7
+    prefix.append(size)
+    return bytes(prefix) + data
+
+
+def attach(snapshot: Snapshot, data: bytes | None, previous: Snapshot | None = None,
+           others: Sequence[Snapshot] = ()) -> Snapshot:
     """`snapshot` with the scopes of its `envoy/scopes.json` bytes (None: the file is not
-    there); SnapshotError when they do not parse, so the environment keeps what it served."""
+    there); SnapshotError when they do not parse, so the environment keeps what it served.
+    The same bytes in `others` (other environments' snapshots) are read once."""
     before = previous.scopes if previous is not None else None
     changed = None
     if before is not None:
         changed = {kind: _changed(previous.kinds[kind], snapshot.kinds[kind]) for kind in _KINDS}
     try:
-        scopes = load_scopes(data, before, changed)
+        scopes = load_scopes(data, before, changed, [o.scopes for o in others if o.scopes is not None])
     except ScopeError as exc:
         raise SnapshotError(snapshot.env, [f"{FILE}.json: {exc}"]) from None
     return replace(snapshot, scopes=scopes)
@@ -187,12 +220,14 @@ def _changed(before: TypeSnapshot, after: TypeSnapshot) -> frozenset[str]:
 
 
 def load_scopes(data: bytes | None, previous: Scopes | None = None,
-                changed: Mapping[str, frozenset[str]] | None = None) -> Scopes | None:
-    """Parse `envoy/scopes.json` (None when the compiler wrote none: no proxy is scoped)."""
+                changed: Mapping[str, frozenset[str]] | None = None, others: Sequence[Scopes] = ()) -> Scopes | None:
+    """Parse `envoy/scopes.json` (None when the compiler wrote none: no proxy is scoped);
+    the same bytes as `previous`'s or one of `others`' are taken as that one read them."""
     if data is None:
         return None
-    if previous is not None and previous.data == data:     # checked when it was first read
-        return Scopes(previous.egress, previous.services, previous, changed, data)
+    for known in ([previous] if previous is not None else []) + list(others):
+        if known.data == data:     # checked when it was first read
+            return Scopes(known.egress, known.services, previous, changed, data)
     try:
         document = json.loads(data)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -200,7 +235,7 @@ def load_scopes(data: bytes | None, previous: Scopes | None = None,
     if not isinstance(document, dict) or set(document) != {"egress", "services", "version_info"}:
         raise ScopeError("not an object of egress, services and version_info")
     version = document.pop("version_info")
-    if version != file_version(document):
+    if version != written_version(data) and version != file_version(document):
         raise ScopeError(f"version_info {str(version)[:12]}… is not the SHA-256 of the rest of the file: "
                          "edited by hand, or not written by meshc compile")
     egress, services = document["egress"], document["services"]

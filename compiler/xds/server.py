@@ -292,7 +292,8 @@ class Server:
                 continue
             try:
                 previous = known.snapshot if known is not None else None
-                snapshot = scope.attach(load_snapshot(env, files, previous, others), files.get(scope.FILE), previous)
+                snapshot = scope.attach(load_snapshot(env, files, previous, others), files.get(scope.FILE), previous,
+                                        others)
             except SnapshotError as exc:
                 deliver(_Loaded(env, digest, errors=exc.problems))
                 continue

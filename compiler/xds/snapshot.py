@@ -37,7 +37,7 @@ __all__ = [
     "Resource", "Snapshot",
     "SERVED_ORDER", "SnapshotError", "TypeSnapshot", "consistency_errors", "content_version", "environment_dirs",
     "OPTIONAL_FILES", "files_digest",
-    "kind_of", "load_snapshot", "read_files", "resource", "type_snapshot",
+    "kind_of", "load_snapshot", "packed_resource", "read_files", "resource", "type_snapshot", "written_version",
 ]
 
 #: The kinds served: the four files', and the secrets `meshc serve --secrets` reads from disk.
@@ -320,7 +320,7 @@ def _load_kind(kind: str, data: bytes, before: Sequence[TypeSnapshot] = ()) -> T
     items = document.get("resources", [])
     if not isinstance(items, list):
         raise fail("resources is not a list")
-    if version != _written_version(data) and version != content_version(type_url, items):
+    if version != written_version(data) and version != content_version(type_url, items):
         raise fail(f"version_info {version[:12]}… is not the SHA-256 of the rest of "
                    f"the file: edited by hand, or not written by meshc compile")
     known = {r.source: r for typed in before for r in typed.resources.values()}
@@ -571,8 +571,8 @@ def _scalar(value, how: int, what):
 _VERSION_TAIL = b',\n  "version_info": "'
 
 
-def _written_version(data: bytes) -> str:
-    """The version a file written by `resources.discovery_response` has: the SHA-256 of its
+def written_version(data: bytes) -> str:
+    """The version a file written by `resources.versioned_json` has: the SHA-256 of its
     own text before `version_info`, closed as that text was hashed. Read off the bytes, no
     re-serialising; "" for a file laid out otherwise (then `content_version` decides)."""
     cut = data.rfind(_VERSION_TAIL)
@@ -595,11 +595,16 @@ def type_snapshot(kind: str, type_url: str, version: str, resources: Mapping[str
 def resource(name: str, msg, shown: dict | None = None) -> Resource:
     """One resource's wire forms; its `json` is `shown` (the file's own proto3 JSON, already
     parsed; a secret's without its private key), else the message's."""
-    packed = protos.pack(msg)
+    if shown is None:
+        shown = json_format.MessageToDict(msg, preserving_proto_field_name=True)
+    return packed_resource(name, protos.pack(msg), shown)
+
+
+def packed_resource(name: str, packed, shown: dict) -> Resource:
+    """`resource` of a message already packed in an Any (its value the deterministic bytes)."""
     version = hashlib.sha256(packed.value).hexdigest()
     sotw = discovery_pb2.DiscoveryResponse(resources=[packed]).SerializeToString()
     delta = discovery_pb2.DeltaDiscoveryResponse(resources=[discovery_pb2.Resource(
         name=name, version=version, resource=packed)]).SerializeToString()
-    as_json = shown if shown is not None else json_format.MessageToDict(msg, preserving_proto_field_name=True)
-    as_json = {"@type": packed.type_url, **as_json}
-    return Resource(name=name, version=version, json=as_json, sotw_field=sotw, delta_field=delta)
+    return Resource(name=name, version=version, json={"@type": packed.type_url, **shown}, sotw_field=sotw,
+                    delta_field=delta)
