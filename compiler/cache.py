@@ -184,7 +184,7 @@ class Cache:
         return value if isinstance(value, dict) else {}
 
     def put_written(self, out_dir: Path, files: dict[str, dict[str, list]]) -> None:
-        """Record what `out_dir` holds after a write: environment → path → [content key (hex),
+        """Record what `out_dir` holds after a write: environment → path → [content key,
         inode, size, mtime in ns], replacing the record `written` gave (stored at `save`;
         nothing here touches the database, which a saving thread may be using)."""
         self._new_written[_written_key(out_dir)] = orjson.dumps(files)

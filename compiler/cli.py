@@ -194,7 +194,7 @@ def _write_or_check(args, result: CompileResult, cache, out: Path, record: dict 
         print(f"meshc: error: cannot write {out}: {exc.strerror or exc}", file=sys.stderr)
         return EXIT_INVALID
     if record is not None:
-        written = {env: {rel: [files.key(rel).hex(), *stats[env][rel]] for rel in files}
+        written = {env: {rel: [files.key(rel), *stats[env][rel]] for rel in files}
                    for env, files in result.outputs.items()}
         cache.put_written(out, written if every_env else {**record, **written})  # else the others are as they were
     print(f"meshc: compiled {_summary(result)} into {out}", file=sys.stderr)
@@ -211,7 +211,7 @@ def _known(record: dict | None, outputs) -> dict[str, dict[str, tuple]] | None:
         last = record.get(env)
         if isinstance(last, dict):
             known[env] = {rel: tuple(entry[1:]) for rel, entry in last.items()
-                          if rel in files and isinstance(entry, list) and len(entry) == 4 and entry[0] == files.key(rel).hex()}
+                          if rel in files and isinstance(entry, list) and len(entry) == 4 and entry[0] == files.key(rel)}
     return known
 
 

@@ -313,22 +313,22 @@ class Deferred:
         return self.render(*self.args)
 
 
-def content_key(file: OutputFile) -> bytes:
-    """SHA-256 of everything `file_bytes(file)` reads, pieces by their keys: two files with one
-    key have the same bytes (under one compiler: the caller keys it with the fingerprint).
-    Computed without serialising a piece; raises TypeError for a value `file_bytes` could not
-    write either."""
-    h = hashlib.sha256(b"%s\0%s\0" % (file.path.encode(), file.format.encode()))
+def content_key(file: OutputFile) -> str:
+    """What `file_bytes(file)` reads, pieces by their keys, as a string: two files of one path
+    with one key have the same bytes (under one compiler: the caller keys its record with the
+    fingerprint). A file that is one piece (a service's Istio file) is `P` and the piece's key;
+    any other, SHA-256 (hex) of its path, format and content. Computed without serialising a
+    piece; raises TypeError for a value `file_bytes` could not write either."""
     content = file.content
-    if type(content) is list and len(content) == 1 and type(content[0]) is Piece:  # a service's file: as orjson spells it
-        h.update(b"[\0P" + content[0].key.encode() + b"]")
-        return h.digest()
+    if type(content) is list and len(content) == 1 and type(content[0]) is Piece and file.format == "yaml":
+        return "P" + content[0].key  # file_bytes writes its text, whatever the path
+    h = hashlib.sha256(b"%s\0%s\0" % (file.path.encode(), file.format.encode()))
     try:
         h.update(orjson.dumps(content, default=_marked, option=orjson.OPT_SORT_KEYS))
     except orjson.JSONEncodeError:  # an integer beyond 64 bits: the slower walk has no limit
         h.update(b"\0slow")
-        _feed(h.update, file.content)
-    return h.digest()
+        _feed(h.update, content)
+    return h.hexdigest()
 
 
 def _marked(value) -> orjson.Fragment:
@@ -393,7 +393,7 @@ class Rendered(Mapping):
     def __init__(self, files: Mapping[str, OutputFile]):
         self._files = dict(sorted(files.items()))
         self._bytes: dict[str, bytes] = {}
-        self._keys: dict[str, bytes] = {}
+        self._keys: dict[str, str] = {}
 
     def __getitem__(self, path: str) -> bytes:
         data = self._bytes.get(path)
@@ -412,7 +412,7 @@ class Rendered(Mapping):
     def __contains__(self, path) -> bool:
         return path in self._files
 
-    def key(self, path: str) -> bytes:
+    def key(self, path: str) -> str:
         key = self._keys.get(path)
         if key is None:
             key = self._keys[path] = content_key(self._files[path])
