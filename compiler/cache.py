@@ -308,10 +308,10 @@ class _Store(PieceStore):
                 query = f"SELECT key, canonical, text FROM pieces WHERE key IN ({','.join('?' * len(batch))})"
                 found.update((key, (canonical, text)) for key, canonical, text in db.execute(query, batch))
         except sqlite3.Error as exc:
-            raise CacheDamaged(f"{self._path}: {exc}") from exc
+            raise CacheDamaged(f"{self._path}: {exc} (deleting the file starts the cache afresh)") from exc
         missing = [k for k in keys if k not in found]
         if missing:
-            raise CacheDamaged(f"{self._path}: {len(missing)} pieces listed are gone (first {missing[0]})")
+            raise CacheDamaged(f"{self._path}: {len(missing)} pieces it lists are gone (deleting the file starts the cache afresh)")
         return found
 
     def close(self) -> None:

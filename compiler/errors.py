@@ -5,14 +5,14 @@ git, and for bugs.
     MeshcError                      a failure the user can act on: `meshc: error: <message>`
     ├── UsageError                  the command line asks for what cannot be (exit 2)
     │   └── UnknownEnvironment      `--env` names an environment that has no file
+    ├── CacheDamaged                the re-compile cache lost a piece it listed: `meshc compile`
+    │                               compiles again without it; elsewhere, the message says what to delete
     └── gitops.errors.GitOpsError   the GitOps loop (exit 1); its own subtree is drawn there:
                                     RepoError, CompileFailed, PublishError, GitHubError
     SnapshotError (xds.snapshot)    emitted files that do not make a servable snapshot:
                                     `meshc serve` keeps serving the last good one
     ├── ParseError (xds.protos)     one resource failing the strict proto3-JSON parse
     StreamError (xds.stream)        ends one xDS stream with a gRPC status
-    CacheDamaged                    the re-compile cache lost what it listed: the CLI compiles
-                                    again without it
     AssertionError
     └── InconsistentSnapshot        a compiler bug: lowered resources name what is not there
 
@@ -36,7 +36,7 @@ class UnknownEnvironment(UsageError):
     """`--env` named an environment that has no file."""
 
 
-class CacheDamaged(Exception):
+class CacheDamaged(MeshcError):
     """A piece the re-compile cache listed could not be read back (its file damaged, or
     changed by another process): nothing it gave can be trusted for this run."""
 
