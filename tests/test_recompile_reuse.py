@@ -162,3 +162,24 @@ def test_a_piece_gone_from_the_cache_mid_run_means_a_compile_without_it(repo, tm
     code, err = run_cli(["compile", "--repo", str(repo)])
     assert code == 0 and "the re-compile cache is damaged" in err, err
     assert read_tree(repo / "rendered") == _cold(repo, tmp_path)
+
+
+def test_one_environment_compiled_alone_keeps_the_record_of_the_others(repo, tmp_path, monkeypatch):
+    _edit(repo / "environments" / "prod.yaml", '"10.0.0.7:9080"', '"10.0.0.71:9080"')
+    _compile(repo, "--env", "prod")
+    recorded = cache_module.Cache.for_repo(repo)
+    assert sorted(recorded.written(repo / "rendered")) == ["dev", "prod", "staging"]
+    recorded.close()
+    seen = _counting(monkeypatch)
+    _compile(repo)
+    assert seen == {"serialised": [], "read": []}, "every environment as the record has it"
+    assert read_tree(repo / "rendered") == _cold(repo, tmp_path)
+
+
+def test_an_environment_removed_is_pruned_and_forgotten(repo, tmp_path):
+    (repo / "environments" / "staging.yaml").unlink()
+    _compile(repo)
+    assert read_tree(repo / "rendered") == _cold(repo, tmp_path)
+    recorded = cache_module.Cache.for_repo(repo)
+    assert sorted(recorded.written(repo / "rendered")) == ["dev", "prod"]
+    recorded.close()
