@@ -24,7 +24,8 @@ Four tables:
   by SHA-256 of the fingerprint and the directory's path: each file's content
   key (`emit.content_key`) and its inode, size and modification time, so the
   next write can tell a file it would write again unchanged by its stat alone
-  (`emit.write_rendered`'s `known`).
+  (`emit.write_rendered`'s `known`), and a digest of the inputs that compile
+  read, with its diagnostics, so a run with the same inputs compiles nothing.
 
 The fingerprint hashes the compiler's own source and the versions of the
 libraries that shape the output bytes, so any change to either starts over.
@@ -103,8 +104,8 @@ class Cache:
         self.directory = Path(directory)
         self._db: sqlite3.Connection | None = None
         self._store: _Store | None = None
-        self.records: dict[bytes, bytes] = {}
-        self.pieces: dict[str, Piece] = {}  # KEY (hex) → the piece, shared by every unit that has it
+        self._records: dict[bytes, bytes] | None = None  # read on first use (`records`)
+        self._pieces: dict[str, Piece] | None = None
         self._new_units: dict[bytes, bytes] = {}
         self._new_pieces: dict[str, Piece] = {}
         self._new_results: dict[bytes, bytes] = {}
@@ -130,15 +131,36 @@ class Cache:
             # Reads straight from the page cache, for the whole file: at 10,000 services it holds
             # 340 MB, and a map of 256 MB left a third of the pieces to be read through (0.09 s).
             self._db.execute("PRAGMA mmap_size=2147418112")  # SQLite's largest by default
-            self.records = dict(self._db.execute("SELECT key, value FROM units"))
             self._db.execute("CREATE TABLE IF NOT EXISTS written (key BLOB PRIMARY KEY, value BLOB NOT NULL)")
+        except (OSError, sqlite3.Error):
+            self._db, self._records, self._pieces = None, {}, {}
+
+    @property
+    def records(self) -> dict[bytes, bytes]:
+        """Every stored unit and parsed file, key → JSON; read when first asked for (a
+        re-compile that finds nothing changed reads only `written`)."""
+        if self._records is None:
+            self._load()
+        return self._records
+
+    @property
+    def pieces(self) -> dict[str, Piece]:
+        """KEY (hex) → the piece, shared by every unit that has it; listed with `records`."""
+        if self._pieces is None:
+            self._load()
+        return self._pieces
+
+    def _load(self) -> None:
+        try:
+            records = dict(self._db.execute("SELECT key, value FROM units"))
             # Each piece's bytes stay in the file until something serialises or reads it: a
             # re-compile at 10,000 services lists 64,000 pieces (190 MB) and needs a few of them.
             store = self._store = _Store(self.directory / "cache.sqlite")
-            self.pieces = {key: Piece(None, depth, None, bool(many), key=key, store=store)
-                           for key, depth, many in self._db.execute("SELECT key, depth, many FROM pieces")}
-        except (OSError, sqlite3.Error):
-            self._db, self.records, self.pieces = None, {}, {}
+            pieces = {key: Piece(None, depth, None, bool(many), key=key, store=store)
+                      for key, depth, many in self._db.execute("SELECT key, depth, many FROM pieces")}
+        except sqlite3.Error:
+            records, pieces = {}, {}
+        self._records, self._pieces = records, pieces
 
     def units(self, keys: list[bytes], compute, decode) -> list:
         """The value of each key: stored ones as `decode(index, stored JSON with its pieces)`,
@@ -173,7 +195,7 @@ class Cache:
         self._new_results[key] = orjson.dumps(value)
         return value
 
-    def written(self, out_dir: Path) -> dict[str, dict[str, list]]:
+    def written(self, out_dir: Path) -> dict:
         """What this compiler last wrote to `out_dir` (`put_written`'s record), {} when unknown."""
         try:
             row = (self._db.execute("SELECT value FROM written WHERE key = ?", (_written_key(out_dir),)).fetchone()
@@ -183,11 +205,12 @@ class Cache:
             return {}
         return value if isinstance(value, dict) else {}
 
-    def put_written(self, out_dir: Path, files: dict[str, dict[str, list]]) -> None:
-        """Record what `out_dir` holds after a write: environment → path → [content key,
-        inode, size, mtime in ns], replacing the record `written` gave (stored at `save`;
-        nothing here touches the database, which a saving thread may be using)."""
-        self._new_written[_written_key(out_dir)] = orjson.dumps(files)
+    def put_written(self, out_dir: Path, record: dict) -> None:
+        """Record what `out_dir` holds after a write (the CLI's JSON: each file's content key
+        and stat, and the digest of the inputs that made them), replacing the record `written`
+        gave; stored at `save` (nothing here touches the database, which a saving thread may
+        be using)."""
+        self._new_written[_written_key(out_dir)] = orjson.dumps(record)
 
     def get_json(self, key: bytes):
         self._used.add(key)
@@ -236,7 +259,8 @@ class Cache:
         self._new_units, self._new_pieces, self._new_results, self._new_written = {}, {}, {}, {}
         # Keep the cache near the size of one repo: entries this run did not use go once they
         # dominate, and with them every piece no remaining unit refers to.
-        stale = [k for k in self.records if k not in self._used] if len(self.records) > 2 * len(self._used) + PRUNE_SLACK else []
+        records = self._records or {}  # not read: nothing was used, and nothing is pruned
+        stale = [k for k in records if k not in self._used] if len(records) > 2 * len(self._used) + PRUNE_SLACK else []
         try:
             with self._db:
                 self._db.executemany("INSERT OR REPLACE INTO units VALUES (?, ?)", units.items())

@@ -8,17 +8,21 @@ from __future__ import annotations
 
 import argparse
 import gc
+import hashlib
 import importlib
 import os
 import sys
 import threading
+from collections.abc import Mapping
 from pathlib import Path
+
+import orjson
 
 from compiler import __version__
 from compiler.cache import Cache, NoCache
 from compiler.emit import stale_files, write_rendered
 from compiler.errors import CacheDamaged, UsageError
-from compiler.load import source_from_dir
+from compiler.load import Source, source_from_dir
 from compiler.pipeline import CompileResult, compile_source
 
 EXIT_OK, EXIT_INVALID, EXIT_USAGE = 0, 1, 2
@@ -112,10 +116,7 @@ def _repo_and_envs(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-cache", action="store_true", help="ignore and do not update the re-compile cache (kept under ~/.cache/meshc, or $MESHC_CACHE_DIR)")
 
 
-def _compile(args, out: Path | None = None, use_cache: bool = True) -> tuple[CompileResult, threading.Thread, Cache | NoCache, dict | None]:
-    """Compile; → the result, the thread saving the re-compile cache (join it, then close the
-    cache, before exiting), the cache, and its record of what the last write left in `out`
-    (None without a cache), read before the saving thread starts."""
+def _source(args) -> Source:
     repo: Path = args.repo
     if not repo.is_dir():
         raise UsageError(f"--repo {repo}: not a directory")
@@ -125,8 +126,17 @@ def _compile(args, out: Path | None = None, use_cache: bool = True) -> tuple[Com
         raise UsageError(f"cannot read {repo}: {exc.strerror or exc}") from exc
     if not source.environment_paths():
         raise UsageError(f"{repo}: no environments/*.yaml to compile")
-    # validate writes nothing, not even the cache
-    cache = NoCache() if args.no_cache or args.func is run_validate or not use_cache else Cache.for_repo(repo)
+    return source
+
+
+def _compile(args, out: Path | None = None, source: Source | None = None,
+             cache: Cache | NoCache | None = None) -> tuple[CompileResult, threading.Thread, Cache | NoCache, dict | None]:
+    """Compile; → the result, the thread saving the re-compile cache (join it, then close the
+    cache, before exiting), the cache, and its record of what the last write left in `out`
+    (None without a cache), read before the saving thread starts."""
+    source = source or _source(args)
+    if cache is None:  # validate writes nothing, not even the cache
+        cache = NoCache() if args.no_cache or args.func is run_validate else Cache.for_repo(args.repo)
     try:
         result = compile_source(source, args.envs, jobs=getattr(args, "jobs", None), cache=cache, models=False)
     except UsageError:  # --env named no environment
@@ -157,7 +167,7 @@ def run_validate(args) -> int:
 
 def run_compile(args) -> int:
     try:
-        return _run_compile(args, use_cache=True)
+        return _run_compile(args, use_cache=not args.no_cache)
     except CacheDamaged as exc:  # raised before anything was written, or after it was all undone
         print(f"meshc: warning: the re-compile cache is damaged ({exc}); compiling without it", file=sys.stderr)
         return _run_compile(args, use_cache=False)
@@ -165,15 +175,77 @@ def run_compile(args) -> int:
 
 def _run_compile(args, use_cache: bool) -> int:
     out: Path = args.out or args.repo / "rendered"
-    result, saving, cache, record = _compile(args, None if args.check else out, use_cache)
+    source = _source(args)
+    cache = Cache.for_repo(args.repo) if use_cache else NoCache()
+    if not args.check:
+        code = _unchanged(args, out, source, cache)
+        if code is not None:
+            cache.close()
+            return code
+    result, saving, cache, record = _compile(args, None if args.check else out, source, cache)
     try:
-        return _write_or_check(args, result, cache, out, record)
+        return _write_or_check(args, result, cache, out, record, _inputs(source, args.envs))
     finally:
         saving.join()
         cache.close()  # saves what the write recorded
 
 
-def _write_or_check(args, result: CompileResult, cache, out: Path, record: dict | None) -> int:
+def _inputs(source: Source, envs) -> str:
+    """SHA-256 of everything a compile reads: its input files and which environments it compiles
+    (the compiler is the record's key already)."""
+    h = hashlib.sha256(orjson.dumps(sorted(envs) if envs else None))
+    for path in sorted(source.files):
+        data = source.files[path]
+        h.update(b"\n%d %d " % (len(path), len(data)) + path.encode())
+        h.update(data)
+    return h.hexdigest()
+
+
+def _unchanged(args, out: Path, source: Source, cache) -> int | None:
+    """Nothing changed since the last write: the same inputs compiled into `out` (the cache's
+    record says so, by a digest of them) and every file there still has the stat recorded.
+    Then nothing is compiled: the write finds nothing to do (it may still remove what does not
+    belong, which needs no bytes), and the diagnostics of that compile are printed again.
+    → the exit code, or None for a compile (anything differs, or no record)."""
+    record = cache.written(out)
+    if not record or record.get("inputs") != _inputs(source, args.envs):
+        return None
+    try:
+        files = {env: record["files"][env] for env in record["compiled"]}
+        known = {env: {rel: tuple(entry[1:]) for rel, entry in env_files.items()} for env, env_files in files.items()}
+        write_rendered(out, {env: _Recorded(env_files) for env, env_files in files.items()}, prune=not args.envs, known=known)
+    except (_Stale, KeyError, TypeError, ValueError):  # a file differs (or a damaged record): compile
+        return None
+    except OSError as exc:
+        print(f"meshc: error: cannot write {out}: {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_INVALID
+    for line in record["diagnostics"]:
+        print(line, file=sys.stderr)
+    print(f"meshc: compiled {record['summary']} into {out}", file=sys.stderr)
+    return EXIT_OK
+
+
+class _Stale(Exception):
+    """A file the record vouches for is not as recorded: its bytes are needed, so compile."""
+
+
+class _Recorded(Mapping):
+    """The files a record lists, by path; reading one's bytes raises `_Stale`."""
+
+    def __init__(self, files: dict):
+        self._files = files
+
+    def __getitem__(self, path: str) -> bytes:
+        raise _Stale(path)
+
+    def __iter__(self):
+        return iter(self._files)
+
+    def __len__(self) -> int:
+        return len(self._files)
+
+
+def _write_or_check(args, result: CompileResult, cache, out: Path, record: dict | None, inputs: str) -> int:
     if not result.ok:
         errors = sum(1 for d in result.diagnostics if d.is_error)
         print(f"meshc: {errors} error{'s' * (errors != 1)}; nothing written", file=sys.stderr)
@@ -194,11 +266,21 @@ def _write_or_check(args, result: CompileResult, cache, out: Path, record: dict 
         print(f"meshc: error: cannot write {out}: {exc.strerror or exc}", file=sys.stderr)
         return EXIT_INVALID
     if record is not None:
-        written = {env: {rel: [files.key(rel), *stats[env][rel]] for rel in files}
-                   for env, files in result.outputs.items()}
-        cache.put_written(out, written if every_env else {**record, **written})  # else the others are as they were
+        _record(cache, out, record, result, stats, inputs, every_env)
     print(f"meshc: compiled {_summary(result)} into {out}", file=sys.stderr)
     return EXIT_OK
+
+
+def _record(cache, out: Path, last: dict, result: CompileResult, stats, inputs: str, every_env: bool) -> None:
+    """What this write left in `out`, for the next one: each file's content key and stat (the
+    other environments' as they were, unless this compile pruned them), and what `_unchanged`
+    needs to stand in for this compile (its inputs' digest, diagnostics and summary)."""
+    files = {env: {rel: [env_files.key(rel), *stats[env][rel]] for rel in env_files}
+             for env, env_files in result.outputs.items()}
+    if not every_env and isinstance(last.get("files"), dict):
+        files = {**last["files"], **files}
+    cache.put_written(out, {"inputs": inputs, "compiled": sorted(result.outputs), "files": files,
+                            "diagnostics": [d.render() for d in result.diagnostics], "summary": _summary(result)})
 
 
 def _known(record: dict | None, outputs) -> dict[str, dict[str, tuple]] | None:
@@ -208,7 +290,7 @@ def _known(record: dict | None, outputs) -> dict[str, dict[str, tuple]] | None:
         return None
     known = {}
     for env, files in outputs.items():
-        last = record.get(env)
+        last = (record.get("files") or {}).get(env)
         if isinstance(last, dict):
             known[env] = {rel: tuple(entry[1:]) for rel, entry in last.items()
                           if rel in files and isinstance(entry, list) and len(entry) == 4 and entry[0] == files.key(rel)}

@@ -15,6 +15,7 @@ import shutil
 import pytest
 
 import compiler.cache as cache_module
+import compiler.cli as cli
 import compiler.emit as emit
 
 from golden import read_tree, run_cli
@@ -168,7 +169,7 @@ def test_one_environment_compiled_alone_keeps_the_record_of_the_others(repo, tmp
     _edit(repo / "environments" / "prod.yaml", '"10.0.0.7:9080"', '"10.0.0.71:9080"')
     _compile(repo, "--env", "prod")
     recorded = cache_module.Cache.for_repo(repo)
-    assert sorted(recorded.written(repo / "rendered")) == ["dev", "prod", "staging"]
+    assert sorted(recorded.written(repo / "rendered")["files"]) == ["dev", "prod", "staging"]
     recorded.close()
     seen = _counting(monkeypatch)
     _compile(repo)
@@ -181,5 +182,55 @@ def test_an_environment_removed_is_pruned_and_forgotten(repo, tmp_path):
     _compile(repo)
     assert read_tree(repo / "rendered") == _cold(repo, tmp_path)
     recorded = cache_module.Cache.for_repo(repo)
-    assert sorted(recorded.written(repo / "rendered")) == ["dev", "prod"]
+    assert sorted(recorded.written(repo / "rendered")["files"]) == ["dev", "prod"]
     recorded.close()
+
+
+def _compiles(monkeypatch) -> list:
+    """Each time the CLI runs the pipeline."""
+    calls = []
+    real = cli.compile_source
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(cli, "compile_source", counting)
+    return calls
+
+
+def test_the_same_inputs_again_compile_nothing_and_say_what_the_compile_said(repo, tmp_path, monkeypatch):
+    _edit(repo / "policies" / "bookinfo" / "ratings.yaml", "split: {v1: 80, v2: 20}", "split: {v1: 75, v2: 25}")
+    first = run_cli(["compile", "--repo", str(repo)])
+    calls = _compiles(monkeypatch)
+    again = run_cli(["compile", "--repo", str(repo)])
+    assert calls == [] and again == first
+    assert read_tree(repo / "rendered") == _cold(repo, tmp_path)
+
+
+def test_the_same_inputs_with_a_file_changed_on_disk_compile_again(repo, tmp_path, monkeypatch):
+    listeners = repo / "rendered" / "dev" / "envoy" / "listeners.json"
+    listeners.write_bytes(listeners.read_bytes() + b" ")
+    calls = _compiles(monkeypatch)
+    _compile(repo)
+    assert calls == [1]
+    assert read_tree(repo / "rendered") == _cold(repo, tmp_path)
+
+
+def test_the_same_inputs_with_a_stray_file_remove_it_without_compiling(repo, tmp_path, monkeypatch):
+    (repo / "rendered" / "prod" / "envoy" / "stray.json").write_bytes(b"{}\n")
+    (repo / "rendered" / "prod" / "notes.txt").write_bytes(b"hello\n")
+    calls = _compiles(monkeypatch)
+    _compile(repo)
+    assert calls == []
+    assert read_tree(repo / "rendered") == _cold(repo, tmp_path)
+
+
+def test_other_environments_or_inputs_compile(repo, tmp_path, monkeypatch):
+    calls = _compiles(monkeypatch)
+    _compile(repo, "--env", "dev")
+    assert calls == [1], "another selection of environments is another compile"
+    (repo / "environments" / "dev.yaml").write_text((repo / "environments" / "dev.yaml").read_text() + "\n# a comment\n")
+    _compile(repo)
+    assert calls == [1, 1]
+    assert read_tree(repo / "rendered") == _cold(repo, tmp_path)
