@@ -1,7 +1,13 @@
 """Emission: the one YAML and one JSON serializer, and atomic writes of `rendered/`.
 
-A leaf: it owns the types it serialises (`OutputFile`, `Lowered`, `Piece`) and imports
-nothing from the compiler, so every stage may use it.
+A leaf: it owns the types it serialises (`OutputFile`, `Lowered`, `Piece`, `Deferred`,
+`Rendered`) and imports nothing from the compiler, so every stage may use it.
+
+Nothing is serialised before it is read: an environment's files are a `Rendered`
+mapping that makes a file's bytes when first asked, each file has a `content_key`
+computed without serialising it (pieces by their keys), and a piece may hold its bytes
+in a `PieceStore` (the cache) until then. So a re-compile that knows a file is
+unchanged (`write_rendered`'s `known`) neither builds nor reads it.
 
 YAML goes through libyaml's C emitter (PyYAML's CSafeDumper): sorted keys,
 block style, LF, a final newline. PyYAML resolves scalars by YAML 1.1, so

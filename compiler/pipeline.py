@@ -8,7 +8,7 @@
     publish | serve          (callers: cli, gitops, xds read what this returns)
 
 Nothing here reads or writes files: `compile_source` takes a `Source` and returns
-the files' bytes. The cache (`Cache`, or `NoCache`) is handed to the two stages
+the files, by path, as `emit.Rendered` mappings (bytes, each made when first read). The cache (`Cache`, or `NoCache`) is handed to the two stages
 that read it, behind one seam each.
 """
 
