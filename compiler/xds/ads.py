@@ -70,13 +70,12 @@ async def _serve(hub: Hub, stream_cls, protocol: str, kind: str | None,
     protocol state only (a route configuration pushed to a thousand proxies is 770 KB
     each, which a loop variable would keep alive until the stream's next event)."""
     queue = _Inbox()
-    woken = False   # a wake-up is queued; the hub counts it among the pushes due until written
+    woken = False
 
     def wake() -> None:
         nonlocal woken
         if not woken:           # coalesce: one pending wake-up sees the latest snapshot
             woken = True
-            hub.pushes.woken()
             queue.put_nowait(_WAKE)
 
     async def read() -> None:
@@ -89,11 +88,10 @@ async def _serve(hub: Hub, stream_cls, protocol: str, kind: str | None,
 
     stream = stream_cls(hub, protocol, wake, kind=kind, peer=context.peer())
     reader = asyncio.create_task(read())
-    pushing = False     # writing what a wake-up produced
     try:
         while (item := await queue.get()) is not None:
             if item is _WAKE:
-                woken, pushing = False, True
+                woken = False
                 responses = stream.on_snapshot()
             else:
                 responses = stream.on_request(item)
@@ -101,14 +99,9 @@ async def _serve(hub: Hub, stream_cls, protocol: str, kind: str | None,
             responses.reverse()
             while responses:
                 await context.write(responses.pop())
-            if pushing:
-                pushing = False
-                hub.pushes.done()
     except StreamError as exc:
         await context.abort(exc.code, exc.message)
     finally:
-        for _ in range(woken + pushing):    # the stream ends owing them: not due any more
-            hub.pushes.done()
         reader.cancel()
         stream.close()
 

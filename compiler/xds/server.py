@@ -44,10 +44,6 @@ __all__ = ["Options", "Server", "ServerThread"]
 
 log = logging.getLogger("meshc.xds")
 
-#: The longest a reload holds back the next environment's parse for the pushes of the one
-#: just published (a proxy that does not read keeps its push unwritten).
-PUSH_WAIT = 1.0
-
 
 @dataclass(frozen=True)
 class Options:
@@ -255,35 +251,16 @@ class Server:
                         for s in self.hub.cache.envs()}
                 # Each environment is published as soon as it is loaded, not after the others.
                 loop = asyncio.get_running_loop()
-                await asyncio.to_thread(self._load_changed, seen, lambda loaded: self._deliver(loop, loaded))
+                await asyncio.to_thread(self._load_changed, seen,
+                                        lambda loaded: loop.call_soon_threadsafe(self._apply, loaded))
                 if not self._reload_again:
                     return
         finally:
             self._reloading = False
 
-    def _deliver(self, loop: asyncio.AbstractEventLoop, loaded: _Loaded) -> None:
-        """Worker thread: apply `loaded` on the event loop; after a publication, wait (at most
-        PUSH_WAIT seconds) until the pushes it caused are written, so that parsing the next
-        environment does not take the CPU from them."""
-        applied: Future = Future()
-
-        def apply() -> None:
-            try:
-                self._apply(loaded)
-            finally:
-                applied.set_result(None)
-        try:
-            loop.call_soon_threadsafe(apply)
-            applied.result(timeout=PUSH_WAIT)
-        except (RuntimeError, TimeoutError):    # the loop is closing, or busy: go on
-            return
-        if loaded.snapshot is not None:
-            self.hub.pushes.idle.wait(PUSH_WAIT)
-
     def _load_changed(self, seen: dict[str, _Seen], deliver: Callable[[_Loaded], None]) -> None:
         """Worker thread: read every environment, parse those whose bytes changed, and hand each
-        result to `deliver` (which puts it on the event loop, and returns once the pushes of
-        a publication are written) as soon as it is there.
+        result to `deliver` (which puts it on the event loop) as soon as it is there.
 
         Files whose digest is the served snapshot's are not parsed again; if the
         environment's last load was refused they come back as `restored` (the bad

@@ -33,7 +33,6 @@ istiod's `ShouldRespond`):
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -46,7 +45,7 @@ from compiler.xds.metrics import Metrics
 from compiler.xds.proxies import Nack, Proxies, ProxyStatus
 from compiler.xds.snapshot import SERVED_ORDER, TYPE_URLS, WILDCARD_KINDS, Resource, TypeSnapshot, kind_of
 
-__all__ = ["DeltaStream", "Hub", "Pushes", "SotwStream", "StreamError", "node_service"]
+__all__ = ["DeltaStream", "Hub", "SotwStream", "StreamError", "node_service"]
 
 log = logging.getLogger("meshc.xds")
 
@@ -66,45 +65,15 @@ class StreamError(Exception):
         self.message = message
 
 
-class Pushes:
-    """Streams woken by a publication that have not yet written what it sent them.
-
-    The server's loader waits until none is left (`idle`) before it parses the next
-    environment, so that the parse does not compete with pushes already due for the CPU.
-    `woken` and `done` are called on the event loop, one `done` for each `woken`;
-    `idle` may be waited on from any thread."""
-
-    __slots__ = ("_due", "idle")
-
-    def __init__(self) -> None:
-        self._due = 0
-        self.idle = threading.Event()
-        self.idle.set()
-
-    def woken(self) -> None:
-        self._due += 1
-        self.idle.clear()
-
-    def done(self) -> None:
-        self._due -= 1
-        if not self._due:
-            self.idle.set()
-
-    def __len__(self) -> int:
-        return self._due
-
-
 @dataclass(frozen=True)
 class Hub:
-    """What every stream shares: the snapshots, the proxy registry, the metrics, the pushes
-    still being written, and one copy of each distinct set of subscribed names (a thousand
-    proxies of one service ask for the same few thousand names: one set and its strings,
-    not a thousand)."""
+    """What every stream shares: the snapshots, the proxy registry, the metrics, and one
+    copy of each distinct set of subscribed names (a thousand proxies of one service ask for
+    the same few thousand names: one set and its strings, not a thousand)."""
 
     cache: Cache
     proxies: Proxies
     metrics: Metrics
-    pushes: Pushes = field(default_factory=Pushes, repr=False)
     _names: dict = field(default_factory=dict, repr=False)
 
     SHARED_SETS = 4096  # distinct subscriptions remembered; past it the oldest is forgotten (still correct)
