@@ -211,17 +211,18 @@ def _unchanged(args, out: Path, source: Source, cache) -> int | None:
     if not record or record.get("inputs") != _inputs(source, args.envs):
         return None
     try:
+        diagnostics, summary = [str(line) for line in record["diagnostics"]], str(record["summary"])
         files = {env: record["files"][env] for env in record["compiled"]}
         known = {env: {rel: tuple(entry[1:]) for rel, entry in env_files.items()} for env, env_files in files.items()}
         write_rendered(out, {env: _Recorded(env_files) for env, env_files in files.items()}, prune=not args.envs, known=known)
-    except (_Stale, KeyError, TypeError, ValueError):  # a file differs (or a damaged record): compile
+    except (_Stale, KeyError, TypeError, ValueError, AttributeError):  # a file differs (or a damaged record): compile
         return None
     except OSError as exc:
         print(f"meshc: error: cannot write {out}: {exc.strerror or exc}", file=sys.stderr)
         return EXIT_INVALID
-    for line in record["diagnostics"]:
+    for line in diagnostics:
         print(line, file=sys.stderr)
-    print(f"meshc: compiled {record['summary']} into {out}", file=sys.stderr)
+    print(f"meshc: compiled {summary} into {out}", file=sys.stderr)
     return EXIT_OK
 
 

@@ -234,3 +234,15 @@ def test_other_environments_or_inputs_compile(repo, tmp_path, monkeypatch):
     _compile(repo)
     assert calls == [1, 1]
     assert read_tree(repo / "rendered") == _cold(repo, tmp_path)
+
+
+def test_a_damaged_record_means_a_compile(repo, tmp_path, monkeypatch):
+    cache = cache_module.Cache.for_repo(repo)
+    record = cache.written(repo / "rendered")
+    del record["summary"]
+    cache.put_written(repo / "rendered", record)
+    cache.close()
+    calls = _compiles(monkeypatch)
+    _compile(repo)
+    assert calls == [1]
+    assert read_tree(repo / "rendered") == _cold(repo, tmp_path)
