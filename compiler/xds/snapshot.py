@@ -16,15 +16,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
-import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from google.protobuf import json_format
-from google.protobuf.descriptor import FieldDescriptor
 from envoy.service.discovery.v3 import discovery_pb2
 
 from compiler.xds import protos
@@ -365,10 +362,10 @@ def _parse_resource(kind: str, type_url: str, cls, item, source: bytes,
         raise protos.ParseError(f"has @type {item.get('@type')!r}")
     hosts = item.get("virtual_hosts") if kind == "routes" else None
     if not isinstance(hosts, list):
-        msg = _parse_strict({k: v for k, v in item.items() if k != "@type"}, cls)
+        msg = protos.parse_strict({k: v for k, v in item.items() if k != "@type"}, cls)
         own: tuple = ()
     else:
-        msg = _parse_strict({k: v for k, v in item.items() if k not in ("@type", "virtual_hosts")}, cls)
+        msg = protos.parse_strict({k: v for k, v in item.items() if k not in ("@type", "virtual_hosts")}, cls)
         own = tuple(_virtual_host(host, parts) for host in hosts)
         for _, data in own:
             msg.virtual_hosts.add().MergeFromString(data)
@@ -385,187 +382,8 @@ def _virtual_host(host, parts: Mapping[bytes, bytes]) -> tuple[bytes, bytes]:
     if data is None:
         if not isinstance(host, dict):
             raise protos.ParseError("a virtual host is not a JSON object")
-        data = _parse_strict(host, protos.message_class(_VIRTUAL_HOST)).SerializeToString(deterministic=True)
+        data = protos.parse_strict(host, protos.message_class(_VIRTUAL_HOST)).SerializeToString(deterministic=True)
     return key, data
-
-
-# --- the strict parse, fast path ---------------------------------------------------
-# json_format.ParseDict is pure Python and rebuilds its per-message lookup tables for every
-# message it converts: it was three quarters of a cold load (1.7 s per environment at 1,000
-# services). `_fast` converts what meshc emits (proto field names; plain scalars, enum
-# names, Duration, wrappers, Any, string-keyed maps of messages) with tables built once per
-# message type, and gives up on anything else. Then `protos.parse_strict` decides, so a
-# document the fast path takes becomes the message json_format would make of it (the same
-# setters in the same order), and one it refuses gets json_format's own error.
-
-class _Slow(Exception):
-    """Not a case the fast path takes: json_format decides."""
-
-
-_STRING, _INT, _BOOL, _DOUBLE, _ENUM, _MESSAGE, _MAP, _OTHER = range(8)
-_REGULAR, _WRAPPER, _DURATION, _ANY = range(4)
-_INTS = frozenset({FieldDescriptor.CPPTYPE_INT32, FieldDescriptor.CPPTYPE_INT64,
-                   FieldDescriptor.CPPTYPE_UINT32, FieldDescriptor.CPPTYPE_UINT64})
-_OTHER_WELL_KNOWN = frozenset({"google.protobuf.Struct", "google.protobuf.Value", "google.protobuf.ListValue",
-                               "google.protobuf.Timestamp", "google.protobuf.FieldMask"})
-# As json_format checks strings (`_UNPAIRED_SURROGATE_PATTERN`).
-_UNPAIRED_SURROGATE = re.compile("[\ud800-\udbff](?![\udc00-\udfff])|(?<![\ud800-\udbff])[\udc00-\udfff]")
-_TABLES: dict[type, dict[str, tuple]] = {}      # message class → field name → spec
-
-
-def _parse_strict(document: dict, cls) -> object:
-    """`protos.parse_strict(document, cls)`, the same message or the same ParseError."""
-    msg = cls()
-    try:
-        _fast(document, msg, 0)
-    except Exception:   # noqa: BLE001 - _Slow, or a value upb refuses: json_format decides
-        return protos.parse_strict(document, cls)
-    return msg
-
-
-def _table(cls) -> dict[str, tuple]:
-    table = _TABLES.get(cls)
-    if table is None:
-        table = _TABLES[cls] = {f.name: _spec(f) for f in cls.DESCRIPTOR.fields}
-    return table
-
-
-def _spec(field) -> tuple:
-    """(name, how, what, repeated, oneof) of one field, for `_fast`."""
-    oneof = field.containing_oneof.name if field.containing_oneof is not None else None
-    how, what = _OTHER, None
-    message = field.message_type
-    if message is not None and message.GetOptions().map_entry:
-        key, value = message.fields_by_name["key"], message.fields_by_name["value"]
-        if key.type == FieldDescriptor.TYPE_STRING and value.message_type is not None:
-            what = _message_kind(value.message_type)
-            how = _MAP if what is not None else _OTHER
-    elif message is not None:
-        what = _message_kind(message)
-        how = _MESSAGE if what is not None else _OTHER
-    elif field.type == FieldDescriptor.TYPE_ENUM:
-        how = _ENUM
-        what = ({v.name: v.number for v in field.enum_type.values}, frozenset(field.enum_type.values_by_number))
-    elif field.cpp_type in _INTS:
-        how = _INT
-    elif field.cpp_type == FieldDescriptor.CPPTYPE_DOUBLE:
-        how = _DOUBLE
-    elif field.cpp_type == FieldDescriptor.CPPTYPE_BOOL:
-        how = _BOOL
-    elif field.type == FieldDescriptor.TYPE_STRING:
-        how = _STRING
-    return field.name, how, what, field.is_repeated, oneof
-
-
-def _message_kind(descriptor) -> tuple | None:
-    """How `_fast_message` sets a message of this type; None: it does not."""
-    name = descriptor.full_name
-    if descriptor.file.name == "google/protobuf/wrappers.proto":   # json_format's _IsWrapperMessage
-        value = _spec(descriptor.fields_by_name["value"])
-        return (_WRAPPER, value[1], value[2])
-    if name == "google.protobuf.Duration":
-        return (_DURATION,)
-    if name == "google.protobuf.Any":
-        return (_ANY,)
-    if name in _OTHER_WELL_KNOWN:
-        return None
-    return (_REGULAR,)
-
-
-def _fast(document, msg, depth: int, skip: str = "") -> None:
-    """Set `msg` from a JSON object as json_format does, or raise (see `_parse_strict`)."""
-    if type(document) is not dict or depth > 64:
-        raise _Slow
-    table = _TABLES.get(type(msg)) or _table(type(msg))
-    oneofs = None
-    for key, value in document.items():
-        if key == skip:
-            continue
-        spec = table.get(key)
-        if spec is None or value is None:
-            raise _Slow
-        name, how, what, repeated, oneof = spec
-        if oneof is not None:
-            if oneofs is None:
-                oneofs = {oneof}
-            elif oneof in oneofs:
-                raise _Slow
-            else:
-                oneofs.add(oneof)
-        if how == _MAP:
-            if type(value) is not dict:
-                raise _Slow
-            entries = getattr(msg, name)
-            for entry, item in value.items():
-                if _UNPAIRED_SURROGATE.search(entry):
-                    raise _Slow
-                _fast_message(item, entries[entry], what, depth + 1)
-        elif repeated:
-            if type(value) is not list:
-                raise _Slow
-            field = getattr(msg, name)
-            if how == _MESSAGE:
-                for item in value:
-                    if item is None:
-                        raise _Slow
-                    _fast_message(item, field.add(), what, depth + 1)
-            else:
-                for item in value:
-                    field.append(_scalar(item, how, what))
-        elif how == _MESSAGE:
-            sub = getattr(msg, name)
-            sub.SetInParent()
-            _fast_message(value, sub, what, depth + 1)
-        else:
-            setattr(msg, name, _scalar(value, how, what))
-
-
-def _fast_message(value, msg, kind: tuple, depth: int) -> None:
-    tag = kind[0]
-    if tag == _REGULAR:
-        _fast(value, msg, depth)
-    elif tag == _WRAPPER:
-        msg.value = _scalar(value, kind[1], kind[2])
-    elif tag == _DURATION:
-        if type(value) is not str:
-            raise _Slow
-        msg.FromJsonString(value)
-    else:       # Any: its message converted, then serialised as json_format does it
-        url = value.get("@type") if type(value) is dict else None
-        if type(url) is not str:
-            raise _Slow
-        cls = protos.message_class(url)
-        if _message_kind(cls.DESCRIPTOR) != (_REGULAR,):
-            raise _Slow
-        inner = cls()
-        _fast(value, inner, depth, skip="@type")
-        msg.value = inner.SerializeToString()
-        msg.type_url = url
-
-
-def _scalar(value, how: int, what):
-    kind = type(value)
-    if how == _STRING:
-        if kind is str and not _UNPAIRED_SURROGATE.search(value):
-            return value
-    elif how == _INT:
-        if kind is int:
-            return value
-        if kind is str and " " not in value:    # 64-bit integers are strings in proto3 JSON
-            return int(value)                   # as json_format reads them; ValueError: it decides
-    elif how == _ENUM:
-        names, numbers = what
-        if kind is str and value in names:
-            return names[value]
-        if kind is int and value in numbers:
-            return value
-    elif how == _BOOL:
-        if kind is bool:
-            return value
-    elif how == _DOUBLE:
-        if kind is int or (kind is float and math.isfinite(value)):
-            return float(value)
-    raise _Slow
 
 
 _VERSION_TAIL = b',\n  "version_info": "'
