@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -53,6 +54,22 @@ def test_rest_response_then_304_when_current(server):
     # A client this server never answered (e.g. after a restart) gets a full answer.
     fresh = discover(server, "clusters", node_id="r9", version_info=doc["version_info"])
     assert fresh.status_code == 200
+
+
+def test_the_first_poll_builds_the_rest_view_off_the_event_loop(tmp_path, monkeypatch):
+    """Until a REST client polls, no REST view is built; the first poll builds it on a
+    worker thread, so the event loop (every gRPC stream) does not wait for it."""
+    from compiler.xds import server as server_module
+    built_on = []
+    build = server_module.RestView.build
+    monkeypatch.setattr(server_module.RestView, "build", classmethod(
+        lambda cls, *args: built_on.append(threading.get_ident()) or build(*args)))
+    sample.write_snapshot(tmp_path, ENV, resources())
+    with ServerThread(Options(rendered=tmp_path, grpc_port=0, http_port=0)) as server:
+        assert built_on == []
+        assert discover(server, "clusters").status_code == 200
+        loop_thread = server.call(threading.get_ident)
+        assert len(built_on) == 1 and built_on[0] != loop_thread
 
 
 def test_rest_rewrites_ads_config_sources(server):

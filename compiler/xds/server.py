@@ -379,14 +379,19 @@ class Server:
 class _LazyRest:
     """An environment's `RestView`, built on first use rather than at every load: a server
     whose proxies are all on gRPC never needs one, and building it costs a third of what
-    parsing the snapshot does. Built once, under a lock (the event loop answering a poll and
-    the loader thread may both ask); the first build marks REST as in use (`used`), so the
-    loader builds the views of later loads before a poll waits for them."""
+    parsing the snapshot does. Built once, under a lock (a poll's worker thread, the loader
+    thread and, for a view published while a poll waited, the event loop may all ask); the
+    first build marks REST as in use (`used`), so the loader builds the views of later loads
+    before a poll waits for them."""
 
     def __init__(self, snapshot, source: dict, used: threading.Event) -> None:
         self._snapshot, self._source, self._used = snapshot, source, used
         self._view: RestView | None = None
         self._lock = threading.Lock()
+
+    @property
+    def built(self) -> bool:
+        return self._view is not None
 
     def view(self) -> RestView:
         with self._lock:
