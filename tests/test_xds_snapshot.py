@@ -511,3 +511,21 @@ def test_an_any_without_a_type_is_a_problem_not_a_traceback(tmp_path, res):
     hcm(res).clear()
     [problem] = problems(tmp_path, res)
     assert problem.startswith("listeners.json: resources[0]: ") and "has no known @type" in problem
+
+
+def test_shared_responses_stay_within_their_bound_and_an_oversized_one_evicts_nothing():
+    from compiler.xds.snapshot import SharedResponses
+    shared = SharedResponses(limit=100)
+    built = []
+
+    def body(size: int, tag: bytes):
+        return lambda: built.append(tag) or tag * size
+
+    for i in range(4):
+        shared.get(i, body(30, b"%d" % i))
+    assert shared.get(3, body(30, b"x")) == b"3" * 30          # kept: not built again
+    assert shared.get(0, body(30, b"y")) == b"y" * 30          # the oldest went first
+    assert shared.get("big", body(200, b"b")) == b"b" * 200    # larger than the bound: not kept ...
+    assert shared.get(3, body(30, b"z")) == b"3" * 30          # ... and what was kept stays
+    assert shared.get("big", body(200, b"c")) == b"c" * 200
+    assert built == [b"0", b"1", b"2", b"3", b"y", b"b", b"c"]

@@ -144,11 +144,12 @@ class SharedResponses:
         body = self._bodies.get(key)
         if body is None:
             body = build()
+            if len(body) > self.limit:  # kept by nobody: what is kept stays
+                return body
             while self._bodies and self._size + len(body) > self.limit:
                 self._size -= len(self._bodies.pop(next(iter(self._bodies))))
-            if len(body) <= self.limit:
-                self._bodies[key] = body
-                self._size += len(body)
+            self._bodies[key] = body
+            self._size += len(body)
         return body
 
 
