@@ -55,6 +55,7 @@ from compiler.emit import Piece, PieceStore
 from compiler.errors import CacheDamaged
 
 PRUNE_SLACK = 1000  # unused entries tolerated beyond twice this run's
+READ_WAIT = 60  # seconds a read of pieces waits out the save thread's write lock
 RESULTS_KEPT = 64  # `value` results kept, the latest stored
 WRITTEN_KEPT = 4  # output directories whose last write is remembered
 
@@ -316,7 +317,10 @@ class _Store(PieceStore):
 
     def _connection(self) -> sqlite3.Connection:
         if self._db is None:
-            self._db = sqlite3.connect(f"file:{self._path}?mode=ro", uri=True, timeout=5, check_same_thread=False)
+            # The save thread may hold the write lock for as long as a large save takes (it
+            # waits for nothing of ours): waited out, not taken for a damaged cache.
+            self._db = sqlite3.connect(f"file:{self._path}?mode=ro", uri=True, timeout=READ_WAIT,
+                                       check_same_thread=False)
             self._db.execute("PRAGMA mmap_size=2147418112")
         return self._db
 

@@ -136,6 +136,31 @@ def test_a_unit_whose_piece_is_gone_is_computed_again(example_repo, tmp_path, mo
     assert computed == [], "the recomputed units were stored again"
 
 
+def test_a_read_of_pieces_waits_for_a_save_in_progress_instead_of_calling_the_cache_damaged(
+        example_repo, tmp_path):
+    """Pieces are read through a connection of their own while the save thread may hold the
+    write lock: a save that takes a while is waited out, not reported as damage."""
+    import threading
+    import time
+    cache_dir = tmp_path / "cache"
+    _compile(example_repo, cache_dir)
+    with sqlite3.connect(cache_dir / "cache.sqlite") as db:
+        key = db.execute("SELECT key FROM pieces LIMIT 1").fetchone()[0]
+    store = cache_module._Store(cache_dir / "cache.sqlite")
+    writer = sqlite3.connect(cache_dir / "cache.sqlite", isolation_level=None, check_same_thread=False)
+    writer.execute("BEGIN EXCLUSIVE")       # what a large save holds until it commits
+    releasing = threading.Timer(1.0, lambda: writer.execute("COMMIT"))
+    releasing.start()
+    started = time.monotonic()
+    try:
+        canonical, text = store.one(key)
+    finally:
+        releasing.join()
+        writer.close()
+        store.close()
+    assert text and time.monotonic() - started >= 0.9
+
+
 def test_cli_keeps_its_cache_outside_the_repo(example_repo):
     before = {p for p in example_repo.rglob("*") if "rendered" not in p.parts}
     code, _ = run_cli(["compile", "--repo", str(example_repo)])
