@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import math
 import os
 import re
 import stat
@@ -356,7 +357,12 @@ class _Builder:
             if tag == _CORE + "int":
                 return _int(text)
             if tag == _CORE + "float":
-                return _float(text)
+                number = _float(text)
+                if not math.isfinite(number):   # .nan passes every min/max; neither JSON nor Envoy has either
+                    self.diags.error("yaml.number", f"{_shown(text)} is not a finite number, which no field takes; "
+                                     "quote it if it is a string", self.span(node))
+                    return None
+                return number
         except _TooLarge:
             self.diags.error("yaml.number", f"integer {_shown(text)} has more than {MAX_INT_DIGITS} digits; no field takes a number this large", self.span(node))
             return None

@@ -96,7 +96,7 @@ RULES = [
     ("bad-ingress-tls-credential", "schema.missing-field"),
     ("bad-ingress-https-without-tls", "ingress.https-without-tls"),
     ("bad-egress-unknown", "egress.unknown"),
-    ("bad-percent-nan", "schema.value"),
+    ("bad-number-not-finite", "yaml.number"),
 ]
 # More than one code: each of a case's errors is a different way to miss a target.
 MANY_CODES = {
