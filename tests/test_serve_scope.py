@@ -128,8 +128,11 @@ def test_a_scoped_proxy_receives_only_what_its_service_calls(served):
     whole.send(type_url=RDS, resource_names=["8080"])
     assert _virtual_hosts(whole.recv()) == {"8080": ["api.shop.svc.cluster.local:8080", "other.shop.svc.cluster.local:8080",
                                                      "web.shop.svc.cluster.local:8080"]}
+    nobody = Client(channel)
+    nobody.send(node=_node("shop/nobody"), type_url=CDS)      # a service the snapshot does not know
+    assert len(_names(nobody.recv(), cluster_pb2.Cluster)) == 4
     proxies = requests.get(f"{server.http_url}/debug/proxies", timeout=5).json()
-    assert {p["service"] for p in proxies} == {"shop/web", ""}
+    assert {(p["service"], p["scoped"]) for p in proxies} == {("shop/web", True), ("", False), ("shop/nobody", False)}
 
 
 def test_proxies_of_two_scoped_services_in_step_each_get_their_own(tmp_path):

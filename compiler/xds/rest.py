@@ -261,7 +261,14 @@ class HttpServer:
                          "text/plain; version=0.0.4; charset=utf-8")
 
     def _debug_proxies(self) -> _Response:
-        return _json(200, [p.as_json() for p in self.hub.proxies.all()])
+        """Every proxy, and whether it is scoped: its service has an egress in the snapshot it
+        is served (else it receives the whole environment)."""
+        out = []
+        for proxy in self.hub.proxies.all():
+            state = self.hub.cache.get(proxy.env)
+            scopes = state.snapshot.scopes if state is not None and state.snapshot is not None else None
+            out.append({**proxy.as_json(), "scoped": bool(proxy.service and scopes and proxy.service in scopes.egress)})
+        return _json(200, out)
 
     def _debug_snapshots(self) -> _Response:
         return _json(200, self._status_page())
