@@ -184,7 +184,17 @@ def _check_retry_on(value) -> str | None:
     return _not_one_of(value, RETRY_ON) + ", or an HTTP status code (100-599)"
 
 
+def _check_tls(value) -> str | None:
+    # Istio's validation refuses MUTUAL with neither a credentialName nor certificate files
+    # ("client certificate required for mutual tls"), and a policy names no files: a proxy
+    # gets the client certificate by SDS under the credential's name.
+    if isinstance(value, dict) and value.get("mode") == "MUTUAL" and not value.get("credentialName"):
+        return "mode MUTUAL needs `credentialName`: the Kubernetes secret with the client's certificate and key"
+    return None
+
+
 CHECKS: dict[str, Callable[[object], str | None]] = {
+    "tls": _check_tls,
     "duration": _check_duration,
     "retry_on": _check_retry_on,
     "header_value": _check_header_value,
@@ -405,6 +415,7 @@ SPEC = {
     },
     "tls": {
         "type": "dict",
+        "check_with": "tls",
         "schema": {
             "mode": {"type": "string", "required": True, "allowed": TLS_MODES},
             "credentialName": {"type": "string", "regex": DNS1123_SUBDOMAIN, "meta": {"what": "a Kubernetes secret name"}},

@@ -97,6 +97,7 @@ RULES = [
     ("bad-ingress-https-without-tls", "ingress.https-without-tls"),
     ("bad-egress-unknown", "egress.unknown"),
     ("bad-number-not-finite", "yaml.number"),
+    ("bad-tls-mutual-without-credential", "schema.value"),
 ]
 # More than one code: each of a case's errors is a different way to miss a target.
 MANY_CODES = {

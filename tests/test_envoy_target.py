@@ -346,13 +346,6 @@ def test_simple_with_credential_name_only_verifies_the_server():
     assert upstream == {"auto_sni": True, "auto_san_validation": True}
 
 
-def test_mutual_without_credential_name_is_an_error():
-    # Not yet a `bad-*` golden case: tests/test_bad_inputs.py lists every bad-* case with its
-    # code, so a new one goes in with an entry there.
-    lowered = lower(service(tls=Tls(TlsMode.MUTUAL)))
-    assert codes(lowered) == [("envoy.tls-mutual-without-credential", Severity.ERROR)]
-
-
 # --- consistency ----------------------------------------------------------------------------
 
 def test_an_inconsistent_snapshot_is_a_compiler_bug(monkeypatch):

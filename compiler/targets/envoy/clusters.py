@@ -179,7 +179,7 @@ def _http_options(pool: ConnectionPool, policy_tls: Tls | None, h2: bool) -> dic
 
 
 def _diagnostics(service: Service) -> list[dict]:
-    problems = tls.diagnostics(service)
+    problems = []
     policies = [("the service", (), service.policy), *_own_policies(service)]
     for what, path, policy in policies:
         if policy.load_balancer is not None and policy.load_balancer.simple is SimpleLb.PASSTHROUGH:

@@ -10,8 +10,8 @@ https://www.envoyproxy.io/docs/envoy/latest/api-v3/extensions/transport_sockets/
 
 from __future__ import annotations
 
-from compiler.model import Port, Protocol, Service, Tls, TlsMode
-from compiler.targets.envoy.common import UPSTREAM_TLS, problem, sds_secret, span_of
+from compiler.model import Port, Protocol, Tls, TlsMode
+from compiler.targets.envoy.common import UPSTREAM_TLS, sds_secret
 
 #: Istio's "system" CA: the OS trust bundle, used for SIMPLE without a credentialName.
 SYSTEM_CA = "/etc/ssl/certs/ca-certificates.crt"
@@ -44,20 +44,6 @@ def cluster_socket(shared: dict | None, tls: Tls | None, fqdn: str, port: Port, 
     return {**shared, "typed_config": {**shared["typed_config"], "sni": sni}}
 
 
-def diagnostics(service: Service) -> list[dict]:
-    """What the Envoy target cannot express about this service's TLS settings, the service's own and
-    those of its versions' and ports' policies (`common.problem` dicts)."""
-    settings = [(("tls",), service.tls)]
-    settings += [(("versions", v.name, "policy", "tls"), v.policy.tls) for v in service.versions if v.policy]
-    settings += [(("ports", i, "policy", "tls"), p.policy.tls) for i, p in enumerate(service.ports) if p.policy]
-    return [problem(
-        "envoy.tls-mutual-without-credential",
-        f"{service.key}: tls mode MUTUAL needs `credentialName` for the Envoy target "
-        "(the client certificate is delivered by SDS under that name)",
-        span_of(service, *path, "mode"))
-        for path, tls in settings if tls is not None and tls.mode is TlsMode.MUTUAL and not tls.credential_name]
-
-
 def is_h2(port: Port) -> bool:
     return port.protocol in _H2
 
@@ -86,6 +72,7 @@ def _simple_or_mutual(tls: Tls, h2: bool) -> dict:
             "validation_context_sds_secret_config": sds_secret(f"kubernetes://{tls.credential_name}-cacert"),
         }
     else:
+        assert tls.mode is TlsMode.SIMPLE, "MUTUAL without credentialName is refused by the schema"
         common["validation_context"] = {"trusted_ca": {"filename": SYSTEM_CA},
                                         **_san_matchers(tls.subject_alt_names)}
     context: dict = {"common_tls_context": common}
