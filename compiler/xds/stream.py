@@ -332,8 +332,8 @@ class SotwStream(_Stream):
                 return []       # none of them: Envoy would refuse an answer without its secret
         nonce = self._next_nonce()
         names = None if watch.wildcard else watch.names
-        body = typed.shared.get((typed.version, nonce, names), lambda: typed.sotw_body(names) + discovery_pb2.DiscoveryResponse(
-            nonce=nonce).SerializeToString())
+        body = typed.shared.get((typed.version, nonce, names), lambda: typed.sotw_body(names)
+                                + discovery_pb2.DiscoveryResponse(nonce=nonce).SerializeToString())
         count = len(typed.resources) if watch.wildcard else len(watch.names & typed.resources.keys())
         self._sent(kind, watch, nonce, typed.version, push, count)
         return [body]
