@@ -928,6 +928,8 @@ def main() -> int:
                         help="at scale: proxies at once waiting for their first responses")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "serve.json")
     args = parser.parse_args()
+    if not args.calls and "-scoped" in args.protocols:
+        parser.error("scoped proxies need --calls: with none, no service has an egress to scope them by")
     results: dict = {"cpus": os.cpu_count(), "load_average_start": os.getloadavg()}
     if args.only != "scale":
         results.update(_sample_run(args))
